@@ -1,0 +1,68 @@
+# sarcnode: two commands on a fresh machine.
+#   make demo   - create .venv, install, run the node on embedded defaults against a generated study
+#   make test   - install what the tests need (Debian peers when root), run the suite
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+CONSTRAINTS := requirements/constraints.txt
+STAMP := $(VENV)/.installed
+# Debian packages the tests run against for real (see tests/peers.py).
+DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl
+
+.PHONY: all venv demo test test-fast lint typecheck peers bench lock clean
+
+all: venv
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (sarcnode needs Python 3.11)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# torch first, pinned by the constraints file, so that no later resolution pulls
+# a newer torch with gigabytes of CUDA packages; then the project itself.
+$(STAMP): $(PY) pyproject.toml $(CONSTRAINTS)
+	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+# Real peers for the integration tests. Installed only when running as root
+# (CI and the developer machines are); otherwise say what is missing.
+peers:
+	@missing=""; for p in $(DEBIAN_PEERS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "peers: all installed"; \
+	elif [ "$$(id -u)" = "0" ]; then \
+	  echo "peers: installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else echo "peers: not root, cannot install:$$missing (tests needing them will skip, or fail under CI=true)"; fi
+
+test: venv peers
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not integration and not postgres"
+
+lint: venv
+	$(PY) -m ruff check node pipelines models tests bench
+	$(PY) -m ruff format --check node pipelines models tests bench
+	$(PY) -m mypy
+
+demo: venv
+	$(PY) -m node.demo
+
+bench: venv peers
+	$(PY) bench/ingest.py
+
+# Re-resolve the pinned set from a clean venv (run when pyproject's ranges change).
+lock:
+	rm -rf /tmp/sarcnode-lock && $(PYTHON) -m venv /tmp/sarcnode-lock
+	/tmp/sarcnode-lock/bin/pip install -q torch==2.13.0
+	/tmp/sarcnode-lock/bin/pip install -q -e '.[dev]'
+	( head -5 $(CONSTRAINTS); /tmp/sarcnode-lock/bin/pip freeze --exclude-editable | grep -v '^torch==' ) > $(CONSTRAINTS).new
+	mv $(CONSTRAINTS).new $(CONSTRAINTS)
+
+clean:
+	rm -rf $(VENV) var/demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,327 @@
+"""Typed node settings: one YAML file, environment overrides, validated once.
+
+The node reads its configuration in ``main()`` (never at import time) and
+passes the resulting :class:`Settings` down. Precedence, highest first:
+
+1. environment variables ``SARCNODE_<SECTION>__<KEY>`` (e.g.
+   ``SARCNODE_DICOM__PORT=11113``), so a container or systemd unit can change
+   one value without editing the file;
+2. the YAML file named by ``--config`` or ``SARCNODE_CONFIG``;
+3. the embedded defaults below (SQLite and folders under ``./var/sarcnode``).
+
+Unknown keys are errors, so a typo in the file is reported instead of being
+silently ignored. Relative paths are taken relative to the working directory
+the node is started in, as Orthanc does.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from node.dicom.validate import validate_ae_title
+
+ENV_PREFIX = "SARCNODE_"
+CONFIG_ENV = "SARCNODE_CONFIG"
+
+#: Storage SOP classes accepted by default: the MR family the pipelines read.
+DEFAULT_STORAGE_CLASSES = [
+    "MRImageStorage",
+    "EnhancedMRImageStorage",
+    "LegacyConvertedEnhancedMRImageStorage",
+]
+
+#: Transfer syntaxes accepted as received: uncompressed, deflate, RLE, JPEG,
+#: JPEG-LS, JPEG 2000 and HTJ2K. Pixel data is decoded later, by the pipelines.
+DEFAULT_TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old scanners)
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless P14
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+]
+
+
+class _Section(BaseModel):
+    """Base for config sections: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Section):
+    """DICOM TLS for the Storage SCP (PS3.15 B.1 secure transport).
+
+    With ``enabled`` every association must be TLS; plain TCP is refused at the
+    handshake. With ``ca`` set, the SCU must present a certificate signed by it.
+    """
+
+    enabled: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_cert: bool = True
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TLSSettings:
+        if self.enabled:
+            missing = [n for n in ("cert", "key") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"TLS is enabled but {' and '.join(missing)} not set")
+            if self.require_client_cert and self.ca is None:
+                raise ValueError("require_client_cert needs 'ca' (the CA that signs client certs)")
+            for name in ("cert", "key", "ca"):
+                path = getattr(self, name)
+                if path is not None and not Path(path).is_file():
+                    raise ValueError(f"TLS {name} file not found: {path}")
+        return self
+
+
+class DicomSettings(_Section):
+    """The node's DICOM identity and what its Storage SCP accepts."""
+
+    ae_title: str = "SARCNODE"
+    bind: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=1, le=65535)] = 11112
+    allowed_calling_aes: list[str] = Field(
+        default_factory=list,
+        description="Empty: accept every calling AE. Non-empty: only these (default-deny).",
+    )
+    allowed_peers: list[str] = Field(
+        default_factory=list,
+        description="Optional IP addresses or networks (CIDR) allowed to connect; empty: any.",
+    )
+    require_called_ae: bool = Field(
+        True, description="Refuse associations addressed to another AE title."
+    )
+    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    max_pdu_size: Annotated[int, Field(ge=0)] = 0
+    network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    storage_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_STORAGE_CLASSES))
+    transfer_syntaxes: list[str] = Field(default_factory=lambda: list(DEFAULT_TRANSFER_SYNTAXES))
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        ok, reason = validate_ae_title(value)
+        if not ok:
+            raise ValueError(reason)
+        return value.strip()
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _calling_aes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            ok, reason = validate_ae_title(value)
+            if not ok:
+                raise ValueError(f"{value!r}: {reason}")
+        return [v.strip() for v in values]
+
+    @field_validator("allowed_peers")
+    @classmethod
+    def _peers(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not an IP address or network") from exc
+        return values
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IP address") from exc
+        return value
+
+    @field_validator("storage_sop_classes")
+    @classmethod
+    def _sop_classes(cls, values: list[str]) -> list[str]:
+        from node.dicom.validate import resolve_sop_class
+
+        if not values:
+            raise ValueError("at least one storage SOP class is needed")
+        for value in values:
+            ok, reason = resolve_sop_class(value)
+            if not ok:
+                raise ValueError(reason)
+        return values
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _transfer_syntaxes(cls, values: list[str]) -> list[str]:
+        from pydicom.uid import UID
+
+        if not values:
+            raise ValueError("at least one transfer syntax is needed")
+        for value in values:
+            if not UID(value).is_transfer_syntax:
+                raise ValueError(f"{value!r} is not a known transfer syntax UID")
+        return values
+
+
+class StorageSettings(_Section):
+    """Where received instances live, and how much disk must stay free."""
+
+    root: Path = Path("var/sarcnode")
+    min_free_mb: Annotated[int, Field(ge=0)] = 1024
+    fsync: bool = Field(True, description="fsync each file and its folder before answering.")
+
+
+class DatabaseSettings(_Section):
+    """The index and audit database. ``None``: SQLite under the storage root."""
+
+    url: str | None = None
+    echo: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {exc}") from exc
+        if url.get_backend_name() not in {"sqlite", "postgresql"}:
+            raise ValueError(f"backend {url.get_backend_name()!r}: use sqlite or postgresql")
+        return value
+
+
+class SchedulerSettings(_Section):
+    """Timing of the background tick that watches series for stability."""
+
+    series_stable_seconds: Annotated[float, Field(gt=0)] = 30.0
+    tick_seconds: Annotated[float, Field(gt=0)] = 2.0
+
+
+class LoggingSettings(_Section):
+    """Log level and optional file (stderr always)."""
+
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    file: Path | None = None
+
+
+class Settings(BaseSettings):
+    """The whole node configuration, validated at once."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment beats the file; the file (passed as init kwargs) beats defaults."""
+        return (env_settings, init_settings)
+
+    @property
+    def database_url(self) -> str:
+        """The effective database URL (SQLite under the storage root by default)."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.storage.root / 'sarcnode.db').resolve()}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` names every bad field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown key"
+        problems.append(f"{where}: {message}")
+    return problems
+
+
+def resolve_config_path(path: Path | None) -> Path | None:
+    """The file to read: ``--config``, else ``$SARCNODE_CONFIG``, else none (defaults)."""
+    if path is not None:
+        return path
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Read and validate the node configuration.
+
+    Parameters
+    ----------
+    path
+        YAML file; ``None`` means ``$SARCNODE_CONFIG`` or the embedded defaults.
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, or one or more fields are invalid
+        (every bad field is listed, by its dotted name).
+    """
+    path = resolve_config_path(path)
+    source = str(path) if path else "embedded defaults"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(source, [f"cannot read config file: {exc.strerror}"]) from exc
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(source, [f"not valid YAML: {exc}"]) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(source, ["top level must be a mapping of sections"])
+        data = loaded
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(source, _format_errors(exc)) from exc
