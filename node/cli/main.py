@@ -1,0 +1,536 @@
+"""The ``sarcnode`` command: run the node and answer the admin's questions.
+
+Every list command prints a rich table, or with ``--json`` one JSON array on
+stdout. Commands read the database directly, so they work while ``serve``
+runs (SQLite in WAL mode, or PostgreSQL). Exit codes: 0 ok, 1 the answer is
+"no" (broken audit chain, failed echo, node down), 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from node import __version__
+from node.audit.trail import os_actor, record, verify
+from node.config import ConfigError, Settings, load_settings, resolve_config_path
+from node.db.models import Association, AuditEvent, Delivery, Instance, Job, Series, Study
+from node.db.session import Database
+
+app = typer.Typer(
+    name="sarcnode",
+    help="sarcnode: DICOM node for sarcoma-MRI AI. Not for clinical use with demo models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+audit_app = typer.Typer(help="The audit trail: list events, verify the hash chain.")
+config_app = typer.Typer(help="Check or show the node configuration.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+app.add_typer(config_app, name="config")
+
+out = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config", "-c", envvar="SARCNODE_CONFIG", help="YAML config file (default: embedded)."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON array on stdout.")]
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]config error[/red] in {exc.source}:")
+        for problem in exc.problems:
+            err.print(f"  - {problem}")
+        raise typer.Exit(2) from exc
+
+
+def _db(settings: Settings) -> Database:
+    return Database(settings.database_url, echo=settings.database.echo)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z") if value else None
+
+
+def _emit(rows: list[dict[str, Any]], as_json: bool, title: str, columns: list[str]) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(rows, default=str) + "\n")
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
+    out.print(table)
+
+
+_REL_RE = re.compile(r"^(\d+)\s*([smhd])$")
+
+
+def parse_since(value: str) -> datetime:
+    """``30m``, ``2h``, ``7d`` (ago) or an ISO date/time (UTC) to naive UTC."""
+    m = _REL_RE.match(value.strip())
+    if m:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m[2]]
+        return datetime.now(UTC).replace(tzinfo=None) - timedelta(**{unit: int(m[1])})
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise typer.BadParameter(f"{value!r}: use e.g. 30m, 2h, 7d or 2026-11-23T10:00") from exc
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
+) -> None:
+    if version:
+        out.print(f"sarcnode {__version__}")
+        raise typer.Exit(0)
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the node: Storage SCP, storage, audit, scheduler tick (until SIGTERM)."""
+    from node.logs import setup_logging
+    from node.service import Node
+
+    settings = _settings(config)
+    setup_logging(settings.logging.level, settings.logging.file)
+    Node(settings).run_forever()
+
+
+@app.command()
+def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Is the node up, what does it hold, how much disk is left."""
+    from node.dicom.echo import echo
+    from node.service import heartbeat_path
+
+    settings = _settings(config)
+    db = _db(settings)
+    hb_file = heartbeat_path(settings)
+    heartbeat: dict[str, Any] = {}
+    if hb_file.is_file():
+        try:
+            heartbeat = json.loads(hb_file.read_text())
+        except (OSError, ValueError):
+            heartbeat = {}
+    scp_up = False
+    scp_detail = "not running (no heartbeat)"
+    if heartbeat and not settings.dicom.tls.enabled:
+        host = "127.0.0.1" if settings.dicom.bind in ("0.0.0.0", "::") else settings.dicom.bind
+        res = echo(
+            host,
+            settings.dicom.port,
+            settings.dicom.ae_title,
+            calling_ae="SARCNODE-CLI",
+            timeout_s=5,
+        )
+        scp_up, scp_detail = res.ok, res.detail
+    elif heartbeat:
+        try:
+            os.kill(int(heartbeat["pid"]), 0)
+            scp_up, scp_detail = True, "process alive (TLS: C-ECHO not attempted)"
+        except (OSError, KeyError, ValueError):
+            scp_detail = "heartbeat file present but process is gone"
+    with db.session() as s:
+        counts = {
+            "studies": s.scalar(select(func.count()).select_from(Study)),
+            "series": s.scalar(select(func.count()).select_from(Series)),
+            "instances": s.scalar(select(func.count()).select_from(Instance)),
+            "series_receiving": s.scalar(
+                select(func.count()).select_from(Series).where(Series.state == "receiving")
+            ),
+            "series_stable": s.scalar(
+                select(func.count()).select_from(Series).where(Series.state == "stable")
+            ),
+            "associations_open": s.scalar(
+                select(func.count()).select_from(Association).where(Association.state == "open")
+            ),
+            "jobs_queued": s.scalar(
+                select(func.count()).select_from(Job).where(Job.state == "queued")
+            ),
+            "deliveries_pending": s.scalar(
+                select(func.count()).select_from(Delivery).where(Delivery.state == "pending")
+            ),
+            "last_received_at": _iso(s.scalar(select(func.max(Instance.received_at)))),
+        }
+    usage = shutil.disk_usage(settings.storage.root) if settings.storage.root.exists() else None
+    info = {
+        "scp_up": scp_up,
+        "scp": scp_detail,
+        "ae_title": settings.dicom.ae_title,
+        "port": settings.dicom.port,
+        "pid": heartbeat.get("pid"),
+        "heartbeat_at": heartbeat.get("heartbeat_at"),
+        "database": db.safe_url(),
+        "storage_root": str(settings.storage.root.resolve()),
+        "disk_free_mb": round(usage.free / 2**20) if usage else None,
+        "disk_floor_mb": settings.storage.min_free_mb,
+        **counts,
+    }
+    db.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps([info], default=str) + "\n")
+    else:
+        table = Table(title="sarcnode status", show_header=False)
+        for key, value in info.items():
+            table.add_row(key, str(value))
+        out.print(table)
+    raise typer.Exit(0 if scp_up else 1)
+
+
+@app.command()
+def studies(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """List received studies with series and instance counts."""
+    settings = _settings(config)
+    db = _db(settings)
+    with db.session() as s:
+        q = (
+            select(
+                Study,
+                func.count(func.distinct(Series.id)),
+                func.coalesce(func.sum(Series.instance_count), 0),
+            )
+            .join(Series, Series.study_id == Study.id, isouter=True)
+            .group_by(Study.id)
+            .order_by(Study.last_received_at.desc())
+        )
+        rows = [
+            {
+                "study_instance_uid": st.study_instance_uid,
+                "patient_id": st.patient_id,
+                "patient_name": st.patient_name,
+                "study_date": st.study_date,
+                "accession_number": st.accession_number,
+                "study_description": st.study_description,
+                "series": n_series,
+                "instances": int(n_inst),
+                "first_received_at": _iso(st.first_received_at),
+                "last_received_at": _iso(st.last_received_at),
+            }
+            for st, n_series, n_inst in s.execute(q).all()
+        ]
+    db.dispose()
+    _emit(
+        rows,
+        as_json,
+        "Studies",
+        [
+            "study_instance_uid",
+            "patient_id",
+            "study_date",
+            "study_description",
+            "series",
+            "instances",
+            "last_received_at",
+        ],
+    )
+
+
+@app.command()
+def series(
+    config: ConfigOpt = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List series with counts, arrival times and stability."""
+    settings = _settings(config)
+    db = _db(settings)
+    with db.session() as s:
+        q = select(Series, Study.study_instance_uid).join(Study).order_by(Series.first_received_at)
+        if study:
+            q = q.where(Study.study_instance_uid == study)
+        rows = [
+            {
+                "series_instance_uid": se.series_instance_uid,
+                "study_instance_uid": study_uid,
+                "modality": se.modality,
+                "series_number": se.series_number,
+                "series_description": se.series_description,
+                "instances": se.instance_count,
+                "duplicates": se.duplicate_count,
+                "state": se.state,
+                "reopened": se.reopened_count,
+                "first_received_at": _iso(se.first_received_at),
+                "last_received_at": _iso(se.last_received_at),
+                "stable_at": _iso(se.stable_at),
+            }
+            for se, study_uid in s.execute(q).all()
+        ]
+    db.dispose()
+    _emit(
+        rows,
+        as_json,
+        "Series",
+        [
+            "series_instance_uid",
+            "modality",
+            "series_description",
+            "instances",
+            "duplicates",
+            "state",
+            "reopened",
+            "last_received_at",
+        ],
+    )
+
+
+@app.command()
+def instances(
+    config: ConfigOpt = None,
+    series_uid: Annotated[str | None, typer.Option("--series", help="Series Instance UID.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List stored instances (file path, transfer syntax, size, checksum)."""
+    settings = _settings(config)
+    db = _db(settings)
+    with db.session() as s:
+        q = (
+            select(Instance, Series.series_instance_uid)
+            .join(Series)
+            .order_by(Series.id, Instance.instance_number, Instance.id)
+        )
+        if series_uid:
+            q = q.where(Series.series_instance_uid == series_uid)
+        rows = [
+            {
+                "sop_instance_uid": i.sop_instance_uid,
+                "series_instance_uid": se_uid,
+                "sop_class_uid": i.sop_class_uid,
+                "instance_number": i.instance_number,
+                "transfer_syntax_uid": i.transfer_syntax_uid,
+                "path": i.path,
+                "size_bytes": i.size_bytes,
+                "sha256": i.sha256,
+                "duplicates": i.duplicate_count,
+                "received_at": _iso(i.received_at),
+            }
+            for i, se_uid in s.execute(q).all()
+        ]
+    db.dispose()
+    _emit(
+        rows,
+        as_json,
+        "Instances",
+        ["sop_instance_uid", "instance_number", "transfer_syntax_uid", "size_bytes", "received_at"],
+    )
+
+
+@app.command()
+def associations(
+    config: ConfigOpt = None,
+    limit: Annotated[int, typer.Option(help="Newest N.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """List inbound associations: who, accepted or why rejected, what they brought."""
+    settings = _settings(config)
+    db = _db(settings)
+    with db.session() as s:
+        rows = [
+            {
+                "id": a.id,
+                "calling_ae": a.calling_ae,
+                "called_ae": a.called_ae,
+                "peer": f"{a.peer_ip}:{a.peer_port}",
+                "tls": a.tls,
+                "tls_peer": a.tls_peer,
+                "state": a.state,
+                "reason": a.reason,
+                "stored": a.instances_stored,
+                "duplicates": a.duplicates,
+                "failures": a.failures,
+                "started_at": _iso(a.started_at),
+                "ended_at": _iso(a.ended_at),
+            }
+            for a in s.scalars(select(Association).order_by(Association.id.desc()).limit(limit))
+        ]
+    db.dispose()
+    _emit(
+        rows,
+        as_json,
+        "Associations",
+        [
+            "id",
+            "calling_ae",
+            "peer",
+            "tls",
+            "state",
+            "reason",
+            "stored",
+            "duplicates",
+            "failures",
+            "started_at",
+        ],
+    )
+
+
+@audit_app.callback(invoke_without_command=True)
+def audit(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    since: Annotated[
+        str | None, typer.Option(help="Only events after this: 30m, 2h, 7d or an ISO time.")
+    ] = None,
+    action: Annotated[str | None, typer.Option(help="Only this action (prefix match).")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest N events.")] = 200,
+    as_json: JsonOpt = False,
+) -> None:
+    """List audit events, newest last."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = config
+        return
+    settings = _settings(config)
+    db = _db(settings)
+    with db.session() as s:
+        q = select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
+        if since:
+            q = q.where(AuditEvent.ts >= parse_since(since))
+        if action:
+            q = q.where(AuditEvent.action.startswith(action))
+        if study:
+            q = q.where(AuditEvent.study_instance_uid == study)
+        rows = [
+            {
+                "seq": e.seq,
+                "ts": _iso(e.ts),
+                "actor": e.actor,
+                "actor_ip": e.actor_ip,
+                "action": e.action,
+                "outcome": e.outcome,
+                "study_instance_uid": e.study_instance_uid,
+                "series_instance_uid": e.series_instance_uid,
+                "sop_instance_uid": e.sop_instance_uid,
+                "detail": json.loads(e.detail),
+            }
+            for e in reversed(s.scalars(q).all())
+        ]
+    db.dispose()
+    _emit(
+        rows,
+        as_json,
+        "Audit trail",
+        ["seq", "ts", "actor", "action", "outcome", "series_instance_uid", "detail"],
+    )
+
+
+@audit_app.command("verify")
+def audit_verify(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """Check the audit hash chain; exit 1 and name the first broken event."""
+    settings = _settings(config or ctx.obj)
+    db = _db(settings)
+    with db.session() as s:
+        result = verify(s)
+    if result.ok:
+        with db.session() as s:
+            record(s, "audit.verified", actor=os_actor(), detail={"events": result.checked})
+        out.print(f"audit chain intact: {result.checked} events verified")
+        db.dispose()
+        return
+    with db.session() as s:
+        record(
+            s,
+            "audit.verify_failed",
+            actor=os_actor(),
+            outcome="failed",
+            detail={"broken_seq": result.broken_seq, "reason": result.reason},
+        )
+    db.dispose()
+    err.print(
+        f"[red]audit chain BROKEN[/red] at event seq {result.broken_seq}: {result.reason} "
+        f"({result.checked} events before it verified)"
+    )
+    raise typer.Exit(1)
+
+
+@app.command("echo")
+def echo_cmd(
+    host: Annotated[str, typer.Argument(help="Peer host or IP.")],
+    port: Annotated[int, typer.Argument(help="Peer DICOM port.")],
+    ae: Annotated[str, typer.Argument(help="Peer AE title (called AE).")],
+    calling_ae: Annotated[str, typer.Option(help="Our AE title.")] = "SARCNODE",
+    timeout: Annotated[float, typer.Option(help="Seconds.")] = 10.0,
+    tls_ca: Annotated[Path | None, typer.Option(help="CA to trust (enables TLS).")] = None,
+    tls_cert: Annotated[Path | None, typer.Option(help="Client certificate.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="Client key.")] = None,
+) -> None:
+    """C-ECHO a DICOM peer (is the PACS reachable, does it accept our AE title?)."""
+    from node.dicom.echo import echo
+
+    res = echo(
+        host,
+        port,
+        ae,
+        calling_ae=calling_ae,
+        timeout_s=timeout,
+        tls_ca=tls_ca,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+    )
+    (out if res.ok else err).print(f"{ae}@{host}:{port}: {res.detail}")
+    raise typer.Exit(0 if res.ok else 1)
+
+
+@config_app.command("check")
+def config_check(
+    path: Annotated[Path | None, typer.Argument(help="File to check (default: --config).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Validate a config file; list every bad field by name and exit 2 if any."""
+    target = path or resolve_config_path(config)
+    settings = _settings(target)
+    out.print(f"{target or 'embedded defaults'}: OK")
+    out.print(
+        f"  AE title {settings.dicom.ae_title} on {settings.dicom.bind}:{settings.dicom.port}"
+        f"{' (TLS)' if settings.dicom.tls.enabled else ''}"
+    )
+    out.print(
+        f"  storage {settings.storage.root.resolve()}; database {_mask(settings.database_url)}"
+    )
+
+
+def _mask(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None) -> None:
+    """Print the effective configuration (file + environment + defaults) as JSON."""
+    settings = _settings(config)
+    data = json.loads(settings.model_dump_json())
+    data["database"]["effective_url"] = _mask(settings.database_url)
+    if data["database"].get("url"):
+        data["database"]["url"] = _mask(data["database"]["url"])
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

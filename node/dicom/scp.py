@@ -1,0 +1,361 @@
+"""The Storage SCP: C-ECHO and C-STORE over plain TCP or DICOM TLS.
+
+Association policy (calling-AE allow-list, called AE title, peer IP) is decided
+in one ``EVT_REQUESTED`` handler that rejects with the standard A-ASSOCIATE-RJ
+reason and records an audit event. Every C-STORE goes through
+:meth:`StorageSCP._handle_store`, the single place that turns a
+:class:`~node.dicom.status.ServiceError` into a failure status with an Error
+Comment, logs it (no PHI) and audits it. Success is answered only after
+:meth:`node.store.ingest.Ingestor.store` has written and indexed the instance.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import ssl
+import threading
+import weakref
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy import update
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.audit.trail import record
+from node.config import DicomSettings
+from node.db.models import Association, utcnow
+from node.db.session import Database
+from node.dicom.status import SUCCESS, IndexFailure, ServiceError
+from node.dicom.validate import sop_class_uid
+from node.store.ingest import Ingestor, Peer
+
+log = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+_RJ_CALLING_AE = (0x01, 0x01, 0x03)
+_RJ_CALLED_AE = (0x01, 0x01, 0x07)
+_RJ_NO_REASON = (0x01, 0x01, 0x01)
+
+
+@dataclass
+class _AssocInfo:
+    row_id: int | None
+    peer: Peer
+
+
+def build_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
+    """The server TLS context from ``dicom.tls`` (None when TLS is off)."""
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert tls.cert is not None and tls.key is not None  # guaranteed by TLSSettings
+    ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    if tls.ca is not None:
+        ctx.load_verify_locations(cafile=str(tls.ca))
+    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
+    return ctx
+
+
+class StorageSCP:
+    """The node's DICOM listener; start with :meth:`start`, stop with :meth:`stop`."""
+
+    def __init__(self, settings: DicomSettings, db: Database, ingestor: Ingestor) -> None:
+        self.settings = settings
+        self.db = db
+        self.ingestor = ingestor
+        self._assocs: weakref.WeakKeyDictionary[PynetAssociation, _AssocInfo] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+        self._networks = [ipaddress.ip_network(p, strict=False) for p in settings.allowed_peers]
+        self._server: ThreadedAssociationServer | None = None
+        self.ae = self._build_ae()
+
+    def _build_ae(self) -> AE:
+        s = self.settings
+        ae = AE(ae_title=s.ae_title)
+        ae.maximum_associations = s.max_associations
+        ae.maximum_pdu_size = s.max_pdu_size
+        ae.network_timeout = s.network_timeout_s
+        ae.acse_timeout = s.acse_timeout_s
+        ae.dimse_timeout = s.dimse_timeout_s
+        # Called-AE and calling-AE checks happen in _on_requested (audited).
+        ae.require_called_aet = False
+        ae.add_supported_context(Verification)
+        for name in s.storage_sop_classes:
+            ae.add_supported_context(sop_class_uid(name), s.transfer_syntaxes)
+        return ae
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        """Start listening (non-blocking): the server runs in its own thread."""
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_REJECTED, self._on_rejected_by_limit),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_C_ECHO, self._handle_echo),
+            (evt.EVT_C_STORE, self._handle_store),
+        ]
+        self._server = self.ae.start_server(
+            (self.settings.bind, self.settings.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=build_ssl_context(self.settings),
+        )
+        log.info(
+            "storage SCP %s listening on %s:%d%s",
+            self.settings.ae_title,
+            self.settings.bind,
+            self.settings.port,
+            " (TLS)" if self.settings.tls.enabled else "",
+        )
+
+    def stop(self) -> None:
+        """Stop accepting and close the listener."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- association events -------------------------------------------------
+
+    @staticmethod
+    def _on_conn_open(event: Event) -> None:
+        # Without TCP_NODELAY every C-STORE response waits on Nagle + delayed ACK.
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _policy_reason(
+        self, calling: str, called: str, ip: str
+    ) -> tuple[tuple[int, int, int], str] | None:
+        """Why this association must be refused, or None to let it through."""
+        s = self.settings
+        if self._networks:
+            try:
+                addr = ipaddress.ip_address(ip)
+            except ValueError:
+                return _RJ_NO_REASON, f"peer address {ip!r} is not an IP address"
+            if not any(addr in net for net in self._networks):
+                return _RJ_NO_REASON, f"peer {ip} is not in dicom.allowed_peers"
+        if s.allowed_calling_aes and calling not in s.allowed_calling_aes:
+            return _RJ_CALLING_AE, f"calling AE {calling!r} is not in dicom.allowed_calling_aes"
+        if s.require_called_ae and called != s.ae_title:
+            return _RJ_CALLED_AE, f"called AE {called!r} is not this node ({s.ae_title})"
+        return None
+
+    def _on_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        called = assoc.requestor.primitive.called_ae_title.strip()
+        ip, port = assoc.requestor.address, assoc.requestor.port
+        verdict = self._policy_reason(calling, called, ip)
+        if verdict is None:
+            return
+        (result, source, diagnostic), reason = verdict
+        log.warning("refusing association from %s (%s): %s", calling, ip, reason)
+        assoc.acse.send_reject(result, source, diagnostic)
+        self._write_association(
+            calling, called, ip, port, state="rejected", reason=reason, tls=self._tls_peer(assoc)
+        )
+
+    def _on_rejected_by_limit(self, event: Event) -> None:
+        # pynetdicom rejects by itself only when max_associations is reached.
+        assoc = event.assoc
+        reason = f"maximum associations ({self.settings.max_associations}) reached"
+        log.warning("refusing association from %s: %s", assoc.requestor.address, reason)
+        self._write_association(
+            assoc.requestor.ae_title.strip(),
+            assoc.requestor.primitive.called_ae_title.strip(),
+            assoc.requestor.address,
+            assoc.requestor.port,
+            state="rejected",
+            reason=reason,
+            tls=self._tls_peer(assoc),
+        )
+
+    @staticmethod
+    def _tls_peer(assoc: PynetAssociation) -> tuple[bool, str | None]:
+        sock = assoc.dul.socket.socket if assoc.dul.socket else None
+        if not isinstance(sock, ssl.SSLSocket):
+            return False, None
+        cert = sock.getpeercert() or {}
+        subject = dict(x[0] for x in cert.get("subject", ()))  # type: ignore[misc]
+        return True, subject.get("commonName")
+
+    def _write_association(
+        self,
+        calling: str,
+        called: str,
+        ip: str,
+        port: int,
+        *,
+        state: str,
+        reason: str | None,
+        tls: tuple[bool, str | None],
+    ) -> int | None:
+        try:
+            with self.db.session() as s:
+                row = Association(
+                    calling_ae=calling[:16],
+                    called_ae=called[:16],
+                    peer_ip=ip,
+                    peer_port=port,
+                    tls=tls[0],
+                    tls_peer=tls[1],
+                    state=state,
+                    reason=reason,
+                    started_at=utcnow(),
+                    instances_stored=0,
+                    duplicates=0,
+                    failures=0,
+                )
+                s.add(row)
+                s.flush()
+                record(
+                    s,
+                    "association.rejected" if state == "rejected" else "association.accepted",
+                    actor=f"ae:{calling}",
+                    actor_ip=ip,
+                    outcome="refused" if state == "rejected" else "ok",
+                    detail={
+                        "association": row.id,
+                        "called_ae": called,
+                        "tls": tls[0],
+                        "tls_peer": tls[1],
+                        **({"reason": reason} if reason else {}),
+                    },
+                )
+                return row.id
+        except SQLAlchemyError:
+            log.exception("cannot record association from %s", ip)
+            return None
+
+    def _on_accepted(self, event: Event) -> None:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        called = assoc.requestor.primitive.called_ae_title.strip()
+        ip, port = assoc.requestor.address, assoc.requestor.port
+        row_id = self._write_association(
+            calling, called, ip, port, state="open", reason=None, tls=self._tls_peer(assoc)
+        )
+        with self._lock:
+            self._assocs[assoc] = _AssocInfo(row_id, Peer(row_id, calling, ip))
+        log.info("association %s accepted from %s (%s:%d)", row_id, calling, ip, port)
+
+    def _on_closed(self, event: Event) -> None:
+        with self._lock:
+            info = self._assocs.pop(event.assoc, None)
+        if info is None or info.row_id is None:
+            return
+        state = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        try:
+            with self.db.session() as s:
+                s.execute(
+                    update(Association)
+                    .where(Association.id == info.row_id)
+                    .values(state=state, ended_at=utcnow())
+                )
+                row = s.get(Association, info.row_id)
+                record(
+                    s,
+                    f"association.{state}",
+                    actor=info.peer.actor,
+                    actor_ip=info.peer.ip,
+                    outcome="ok" if state == "released" else "warning",
+                    detail={
+                        "association": info.row_id,
+                        "stored": row.instances_stored if row else None,
+                        "duplicates": row.duplicates if row else None,
+                        "failures": row.failures if row else None,
+                    },
+                )
+        except SQLAlchemyError:
+            log.exception("cannot record end of association %s", info.row_id)
+        log.info("association %s %s", info.row_id, state)
+
+    def _peer(self, assoc: PynetAssociation) -> Peer:
+        with self._lock:
+            info = self._assocs.get(assoc)
+        if info is not None:
+            return info.peer
+        return Peer(None, assoc.requestor.ae_title.strip(), assoc.requestor.address)
+
+    # -- DIMSE services -------------------------------------------------------
+
+    @staticmethod
+    def _handle_echo(event: Event) -> int:
+        return SUCCESS
+
+    def _handle_store(self, event: Event) -> Dataset:
+        """C-STORE: store and index, or answer a failure status with its reason."""
+        req = event.request
+        peer = self._peer(event.assoc)
+        status = Dataset()
+        try:
+            self.ingestor.store(
+                command_sop_class_uid=str(req.AffectedSOPClassUID),
+                command_sop_instance_uid=str(req.AffectedSOPInstanceUID),
+                file_meta=event.file_meta,
+                dataset=req.DataSet.getbuffer(),
+                peer=peer,
+            )
+        except ServiceError as exc:
+            status.Status = exc.status
+            status.ErrorComment = exc.error_comment
+            self._audit_failure(peer, str(req.AffectedSOPInstanceUID), exc)
+            return status
+        except Exception as exc:
+            log.exception("unexpected error storing an instance from %s", peer.calling_ae)
+            err = IndexFailure(f"internal error: {type(exc).__name__}")
+            status.Status = err.status
+            status.ErrorComment = err.error_comment
+            self._audit_failure(peer, str(req.AffectedSOPInstanceUID), err)
+            return status
+        status.Status = SUCCESS
+        return status
+
+    def _audit_failure(self, peer: Peer, command_sop_uid: str, exc: ServiceError) -> None:
+        log.warning(
+            "C-STORE from %s refused with 0x%04X (%s): %s",
+            peer.calling_ae,
+            exc.status,
+            exc.kind,
+            exc.reason,
+        )
+        try:
+            with self.db.session() as s:
+                if peer.association_id is not None:
+                    s.execute(
+                        update(Association)
+                        .where(Association.id == peer.association_id)
+                        .values(failures=Association.failures + 1)
+                    )
+                record(
+                    s,
+                    "instance.refused",
+                    actor=peer.actor,
+                    actor_ip=peer.ip,
+                    outcome="failed",
+                    # The command's UID is untrusted: kept only in the detail, as text.
+                    detail={
+                        "status": f"0x{exc.status:04X}",
+                        "kind": exc.kind,
+                        "reason": exc.reason,
+                        "command_sop_instance_uid": command_sop_uid[:128],
+                    },
+                )
+        except SQLAlchemyError:
+            log.exception("cannot audit a refused instance (database unavailable)")

@@ -1,0 +1,135 @@
+"""``sarcnode serve``: the long-running node, wired in one place.
+
+Start-up order: database (migrated), storage root (partial files from a crash
+removed), Storage SCP, then the scheduler tick that marks quiet series stable
+and refreshes the heartbeat file the CLI's ``status`` reads. SIGTERM and
+SIGINT stop it cleanly; ``kill -9`` loses nothing that was answered Success,
+because the SCP answers only after the file and its row are committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from node.audit.trail import record
+from node.config import Settings
+from node.db.session import Database
+from node.dicom.scp import StorageSCP
+from node.store.files import InstanceFiles
+from node.store.ingest import Ingestor, mark_stable_series
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT = "run/serve.json"
+
+
+def heartbeat_path(settings: Settings) -> Path:
+    """Where ``serve`` writes its heartbeat (pid, ports, last tick)."""
+    return settings.storage.root / HEARTBEAT
+
+
+class Node:
+    """The running service: SCP, storage, database and the tick."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.db = Database(settings.database_url, echo=settings.database.echo)
+        self.files = InstanceFiles(settings.storage.root, fsync=settings.storage.fsync)
+        self.ingestor = Ingestor(self.db, self.files, min_free_mb=settings.storage.min_free_mb)
+        self.scp = StorageSCP(settings.dicom, self.db, self.ingestor)
+        self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.started_at = datetime.now(UTC)
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        """Recover, open the SCP, start the tick, and audit the start."""
+        removed = self.files.clean_tmp()
+        with self.db.session() as s:
+            record(
+                s,
+                "node.started",
+                actor="node",
+                detail={
+                    "pid": os.getpid(),
+                    "ae_title": self.settings.dicom.ae_title,
+                    "port": self.settings.dicom.port,
+                    "tls": self.settings.dicom.tls.enabled,
+                    "partial_files_removed": removed,
+                },
+            )
+        self.scp.start()
+        self.scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=self.settings.scheduler.tick_seconds,
+            id="tick",
+            max_instances=1,
+            coalesce=True,
+        )
+        self.scheduler.start()
+        self.tick()
+
+    def tick(self) -> None:
+        """One scheduler tick: mark stable series, refresh the heartbeat."""
+        try:
+            stable = mark_stable_series(self.db, self.settings.scheduler.series_stable_seconds)
+            for uid in stable:
+                log.info("series %s is stable", uid)
+        except Exception:
+            log.exception("scheduler tick failed")
+        self._write_heartbeat()
+
+    def _write_heartbeat(self) -> None:
+        path = heartbeat_path(self.settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "started_at": self.started_at.isoformat(),
+                    "heartbeat_at": datetime.now(UTC).isoformat(),
+                    "ae_title": self.settings.dicom.ae_title,
+                    "bind": self.settings.dicom.bind,
+                    "port": self.settings.dicom.port,
+                    "tls": self.settings.dicom.tls.enabled,
+                    "tick_seconds": self.settings.scheduler.tick_seconds,
+                }
+            )
+        )
+        tmp.replace(path)
+
+    def stop(self) -> None:
+        """Stop the tick and the SCP, audit the stop, close the database."""
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=False)
+        self.scp.stop()
+        with self.db.session() as s:
+            record(s, "node.stopped", actor="node", detail={"pid": os.getpid()})
+        heartbeat_path(self.settings).unlink(missing_ok=True)
+        self.db.dispose()
+
+    def run_forever(self) -> None:
+        """Start, then block until SIGTERM/SIGINT, then stop."""
+
+        def _signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("signal %d: stopping", signum)
+            self._stop.set()
+
+        signal.signal(signal.SIGTERM, _signal)
+        signal.signal(signal.SIGINT, _signal)
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()

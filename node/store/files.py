@@ -1,0 +1,107 @@
+"""Instance files on disk: layout by UID, written atomically.
+
+Layout: ``<root>/dicom/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``. Every
+UID is validated before it becomes a path part, and the final path is checked
+to lie under the root (defence in depth). A file is written to
+``<root>/tmp``, flushed and fsynced, renamed into place and its folder
+fsynced, so after a crash a path either holds a complete file or nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from node.dicom.status import CannotUnderstand, OutOfResources
+from node.dicom.validate import validate_uid
+
+
+class InstanceFiles:
+    """The instance folder tree under one storage root."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root.resolve()
+        self.fsync = fsync
+        self.dicom_dir = self.root / "dicom"
+        self.tmp_dir = self.root / "tmp"
+        self.dicom_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """The path of an instance relative to the root, after validating each UID.
+
+        Raises
+        ------
+        CannotUnderstand
+            A UID is missing or not a valid DICOM UID (so not a safe path part).
+        """
+        for name, value in (
+            ("StudyInstanceUID", study_uid),
+            ("SeriesInstanceUID", series_uid),
+            ("SOPInstanceUID", sop_uid),
+        ):
+            ok, reason = validate_uid(value)
+            if not ok:
+                raise CannotUnderstand(f"{name} {reason}")
+        rel = Path("dicom") / study_uid / series_uid / f"{sop_uid}.dcm"
+        final = (self.root / rel).resolve()
+        if not final.is_relative_to(self.dicom_dir):
+            raise CannotUnderstand("instance path escapes the storage root")
+        return rel
+
+    def free_mb(self) -> float:
+        """Free space on the storage volume, in MiB."""
+        return shutil.disk_usage(self.root).free / (1024 * 1024)
+
+    def write(self, rel: Path, chunks: list[bytes | memoryview]) -> tuple[int, str]:
+        """Write ``chunks`` to ``rel`` atomically; return (size in bytes, sha256 hex).
+
+        Raises
+        ------
+        OutOfResources
+            The file could not be written (disk full, permissions, I/O error).
+        """
+        final = self.root / rel
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with tmp.open("wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp.replace(final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutOfResources(f"cannot write instance: {exc.strerror or exc}") from exc
+        return size, digest.hexdigest()
+
+    def remove(self, rel: Path) -> None:
+        """Remove a file written for an instance that could not be indexed."""
+        (self.root / rel).unlink(missing_ok=True)
+
+    def clean_tmp(self) -> int:
+        """Remove partial files left by a crash; return how many were removed."""
+        removed = 0
+        for part in self.tmp_dir.glob("*.part"):
+            part.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
