@@ -1,0 +1,81 @@
+"""Configuration: defaults, file, environment overrides, and named errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.config import ConfigError, load_settings
+from tests.conftest import SARCNODE, run_cli
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_embedded_defaults_use_sqlite_under_the_storage_root(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SARCNODE_CONFIG", raising=False)
+    settings = load_settings(None)
+    assert settings.dicom.allowed_calling_aes == []
+    assert settings.database_url.startswith("sqlite:///")
+    assert settings.database_url.endswith(str(Path("var/sarcnode/sarcnode.db")))
+
+
+def test_env_override_beats_the_file_and_keeps_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, "dicom:\n  port: 11112\n  ae_title: FILEAE\n")
+    monkeypatch.setenv("SARCNODE_DICOM__PORT", "11113")
+    settings = load_settings(path)
+    assert settings.dicom.port == 11113
+    assert settings.dicom.ae_title == "FILEAE"
+
+
+def test_config_env_var_selects_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write(tmp_path, "dicom:\n  ae_title: FROMENV\n")
+    monkeypatch.setenv("SARCNODE_CONFIG", str(path))
+    assert load_settings(None).dicom.ae_title == "FROMENV"
+
+
+def test_every_bad_field_is_named(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "dicom:\n  port: 70000\n  ae_title: THIS_AE_TITLE_IS_TOO_LONG\n"
+        "  allowed_calling_aes: ['OK', 'BAD\\\\AE']\n  prot: 1\n"
+        "database:\n  url: mysql://x\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = "\n".join(info.value.problems)
+    for field in ("dicom.port", "dicom.ae_title", "dicom.allowed_calling_aes", "dicom.prot",
+                  "database.url"):
+        assert field in text, text
+    assert "unknown key" in text
+
+
+def test_bad_yaml_and_missing_file_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "dicom: [unclosed"))
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_settings(tmp_path / "nope.yaml")
+
+
+def test_tls_enabled_without_files_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"dicom\.tls"):
+        load_settings(write(tmp_path, "dicom:\n  tls:\n    enabled: true\n"))
+
+
+def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
+    good = write(tmp_path, "dicom:\n  port: 11150\n")
+    assert run_cli(good, "config", "check").returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dicom:\n  port: -1\nstorage:\n  min_free_mb: lots\n")
+    proc = run_cli(bad, "config", "check", check=False)
+    assert proc.returncode == 2
+    assert "dicom.port" in proc.stderr and "storage.min_free_mb" in proc.stderr
+    assert Path(SARCNODE).exists()
