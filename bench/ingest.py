@@ -2,7 +2,8 @@
 
 What it measures: N instances (default 500) of 512x512 16-bit MR, Explicit VR
 Little Endian (~0.5 MiB each, one study, one series), sent by dcmtk's
-/usr/bin/storescu on loopback to
+/usr/bin/storescu (with TCP_NODELAY=1: with Nagle on the sender, storescu ->
+storescp took 1.7 to 5.2 s for 500 files instead of 0.75 s) on loopback to
 
 (a) sarcnode serve: each instance fsynced, indexed in SQLite and audited
     before the Success response;
@@ -180,7 +181,8 @@ def send(ae: str, port: int, dirs: list[Path]) -> tuple[float, int]:
     """One storescu per folder, all at once: wall seconds until all exit, failures."""
     argv = [STORESCU, "-aec", ae, "127.0.0.1", str(port), "+sd"]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([*argv, str(d)], stderr=subprocess.PIPE) for d in dirs]
+    env = {**os.environ, "TCP_NODELAY": "1"}  # sender-side Nagle adds 40 ms stalls at random
+    procs = [subprocess.Popen([*argv, str(d)], env=env, stderr=subprocess.PIPE) for d in dirs]
     outs = [p.communicate(timeout=900)[1] for p in procs]
     elapsed = time.perf_counter() - t0
     for p, err in zip(procs, outs, strict=True):
@@ -228,7 +230,8 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="sarcnode-bench-"))
     cpus = len(os.sched_getaffinity(0))
-    print(f"sarcnode ingest bench: {args.n} x 512x512 uint16 MR (Explicit VR LE), loopback")
+    print(f"sarcnode ingest bench: {args.n} x 512x512 uint16 MR (Explicit VR LE), loopback,")
+    print("sender /usr/bin/storescu with TCP_NODELAY=1, each receiver fresh on empty storage")
     print(
         f"machine: {platform.node()}, {cpus} CPUs (nproc), {platform.machine()}, "
         f"Python {platform.python_version()}, tmp {root}"

@@ -158,7 +158,8 @@ class StorageSCP:
 
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.ae_title.strip()
+        # requestor.ae_title is only filled in during negotiation, after this event.
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
         called = assoc.requestor.primitive.called_ae_title.strip()
         ip, port = assoc.requestor.address, assoc.requestor.port
         verdict = self._policy_reason(calling, called, ip)
@@ -167,6 +168,9 @@ class StorageSCP:
         (result, source, diagnostic), reason = verdict
         log.warning("refusing association from %s (%s): %s", calling, ip, reason)
         assoc.acse.send_reject(result, source, diagnostic)
+        # As pynetdicom's own rejection path does: wait until the A-ASSOCIATE-RJ
+        # has gone out before the server closes the socket.
+        assoc.kill()
         self._write_association(
             calling, called, ip, port, state="rejected", reason=reason, tls=self._tls_peer(assoc)
         )
@@ -177,7 +181,7 @@ class StorageSCP:
         reason = f"maximum associations ({self.settings.max_associations}) reached"
         log.warning("refusing association from %s: %s", assoc.requestor.address, reason)
         self._write_association(
-            assoc.requestor.ae_title.strip(),
+            assoc.requestor.primitive.calling_ae_title.strip(),
             assoc.requestor.primitive.called_ae_title.strip(),
             assoc.requestor.address,
             assoc.requestor.port,
