@@ -138,7 +138,8 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     scp_up = False
     scp_detail = "not running (no heartbeat)"
     if heartbeat and not settings.dicom.tls.enabled:
-        host = "127.0.0.1" if settings.dicom.bind in ("0.0.0.0", "::") else settings.dicom.bind
+        wildcard = settings.dicom.bind in ("0.0.0.0", "::")  # noqa: S104 - reading, not binding
+        host = "127.0.0.1" if wildcard else settings.dicom.bind
         res = echo(
             host,
             settings.dicom.port,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)

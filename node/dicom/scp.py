@@ -18,12 +18,15 @@ import ssl
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.sop_class import Verification
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
@@ -48,6 +51,13 @@ _RJ_NO_REASON = (0x01, 0x01, 0x01)
 class _AssocInfo:
     row_id: int | None
     peer: Peer
+
+
+def _rq(assoc: PynetAssociation) -> A_ASSOCIATE:
+    """The peer's A-ASSOCIATE-RQ (always present once the association is requested)."""
+    primitive = assoc.requestor.primitive
+    assert primitive is not None
+    return primitive
 
 
 def build_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
@@ -99,7 +109,7 @@ class StorageSCP:
 
     def start(self) -> None:
         """Start listening (non-blocking): the server runs in its own thread."""
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
@@ -134,7 +144,7 @@ class StorageSCP:
     @staticmethod
     def _on_conn_open(event: Event) -> None:
         # Without TCP_NODELAY every C-STORE response waits on Nagle + delayed ACK.
-        sock = event.assoc.dul.socket.socket
+        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -159,8 +169,8 @@ class StorageSCP:
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
         # requestor.ae_title is only filled in during negotiation, after this event.
-        calling = assoc.requestor.primitive.calling_ae_title.strip()
-        called = assoc.requestor.primitive.called_ae_title.strip()
+        calling = _rq(assoc).calling_ae_title.strip()
+        called = _rq(assoc).called_ae_title.strip()
         ip, port = assoc.requestor.address, assoc.requestor.port
         verdict = self._policy_reason(calling, called, ip)
         if verdict is None:
@@ -181,8 +191,8 @@ class StorageSCP:
         reason = f"maximum associations ({self.settings.max_associations}) reached"
         log.warning("refusing association from %s: %s", assoc.requestor.address, reason)
         self._write_association(
-            assoc.requestor.primitive.calling_ae_title.strip(),
-            assoc.requestor.primitive.called_ae_title.strip(),
+            _rq(assoc).calling_ae_title.strip(),
+            _rq(assoc).called_ae_title.strip(),
             assoc.requestor.address,
             assoc.requestor.port,
             state="rejected",
@@ -250,7 +260,7 @@ class StorageSCP:
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc
         calling = assoc.requestor.ae_title.strip()
-        called = assoc.requestor.primitive.called_ae_title.strip()
+        called = _rq(assoc).called_ae_title.strip()
         ip, port = assoc.requestor.address, assoc.requestor.port
         row_id = self._write_association(
             calling, called, ip, port, state="open", reason=None, tls=self._tls_peer(assoc)
@@ -305,7 +315,8 @@ class StorageSCP:
 
     def _handle_store(self, event: Event) -> Dataset:
         """C-STORE: store and index, or answer a failure status with its reason."""
-        req = event.request
+        req = cast(C_STORE, event.request)
+        assert req.DataSet is not None  # pynetdicom only calls us with a data set
         peer = self._peer(event.assoc)
         status = Dataset()
         try:

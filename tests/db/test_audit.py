@@ -24,14 +24,23 @@ def db(db_url: str) -> Database:
 def fill(db: Database, n: int = 5) -> None:
     for i in range(n):
         with db.session() as s:
-            record(s, "test.event", actor="os:tester", detail={"i": i},
-                   study_instance_uid=f"1.2.3.{i}")
+            record(
+                s, "test.event", actor="os:tester", detail={"i": i}, study_instance_uid=f"1.2.3.{i}"
+            )
 
 
 def test_migrations_create_every_table(db: Database) -> None:
     tables = set(inspect(db.engine).get_table_names())
-    assert {"studies", "series", "instances", "associations", "audit_events", "jobs",
-            "deliveries", "alembic_version"} <= tables
+    assert {
+        "studies",
+        "series",
+        "instances",
+        "associations",
+        "audit_events",
+        "jobs",
+        "deliveries",
+        "alembic_version",
+    } <= tables
 
 
 def test_intact_chain_verifies(db: Database) -> None:
@@ -70,10 +79,17 @@ def test_rehashed_edit_still_breaks_the_next_link(db: Database) -> None:
         ev = s.query(AuditEvent).filter_by(seq=2).one()
         ev.actor = "os:mallory"
         ev.hash = event_hash(
-            seq=ev.seq, ts=ev.ts, actor=ev.actor, actor_ip=ev.actor_ip, action=ev.action,
-            outcome=ev.outcome, study_instance_uid=ev.study_instance_uid,
-            series_instance_uid=ev.series_instance_uid, sop_instance_uid=ev.sop_instance_uid,
-            detail=ev.detail, prev_hash=ev.prev_hash,
+            seq=ev.seq,
+            ts=ev.ts,
+            actor=ev.actor,
+            actor_ip=ev.actor_ip,
+            action=ev.action,
+            outcome=ev.outcome,
+            study_instance_uid=ev.study_instance_uid,
+            series_instance_uid=ev.series_instance_uid,
+            sop_instance_uid=ev.sop_instance_uid,
+            detail=ev.detail,
+            prev_hash=ev.prev_hash,
         )
     with db.session() as s:
         result = verify(s)
@@ -82,8 +98,9 @@ def test_rehashed_edit_still_breaks_the_next_link(db: Database) -> None:
 
 def test_audit_verify_cli_exits_nonzero_and_names_the_event(tmp_path: Path, db_url: str) -> None:
     config = tmp_path / "node.yaml"
-    config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "s")},
-                                      "database": {"url": db_url}}))
+    config.write_text(
+        yaml.safe_dump({"storage": {"root": str(tmp_path / "s")}, "database": {"url": db_url}})
+    )
     database = Database(db_url)
     fill(database, 4)
     assert run_cli(config, "audit", "verify").returncode == 0

@@ -28,14 +28,31 @@ TS_GROUPS = {
 }
 
 
-def storescu(node: NodeProcess, *paths: Path | str, options: tuple[str, ...] = (),
-             calling: str = "SCANNER1", called: str | None = None) -> subprocess.CompletedProcess[str]:
+def storescu(
+    node: NodeProcess,
+    *paths: Path | str,
+    options: tuple[str, ...] = (),
+    calling: str = "SCANNER1",
+    called: str | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Send files with dcmtk's storescu (by full path: the venv shadows the name)."""
     exe = require(DCMTK_STORESCU, "dcmtk storescu")
     return subprocess.run(
-        [exe, *options, "-aet", calling, "-aec", called or node.ae_title, "127.0.0.1",
-         str(node.port), *map(str, paths)],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            exe,
+            *options,
+            "-aet",
+            calling,
+            "-aec",
+            called or node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            *map(str, paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -105,7 +122,9 @@ def test_real_t1_series_and_nine_transfer_syntaxes_are_stored_and_listed(
         copy = pydicom.dcmread(storage / row["path"])
         assert copy.PixelData == original.PixelData
     reference = pydicom.dcmread(ts_dir / "1.dcm").pixel_array
-    jp2 = pydicom.dcmread(storage / stored[pydicom.dcmread(ts_dir / "9.dcm").SOPInstanceUID]["path"])
+    jp2 = pydicom.dcmread(
+        storage / stored[pydicom.dcmread(ts_dir / "9.dcm").SOPInstanceUID]["path"]
+    )
     assert (jp2.pixel_array == reference).all()  # compressed data decodes after storage
 
     # No patient name or ID in the service's log lines.

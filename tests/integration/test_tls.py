@@ -14,36 +14,98 @@ pytestmark = pytest.mark.integration
 
 
 def openssl(*args: str) -> None:
-    subprocess.run([require(OPENSSL, "openssl"), *args], check=True, capture_output=True,
-                   timeout=60)
+    subprocess.run(
+        [require(OPENSSL, "openssl"), *args], check=True, capture_output=True, timeout=60
+    )
 
 
 def make_pki(folder: Path) -> dict[str, Path]:
     """A CA, a server certificate and two client certificates (one from a rogue CA)."""
     folder.mkdir()
-    p = {name: folder / name for name in (
-        "ca.key", "ca.pem", "server.key", "server.pem", "client.key", "client.pem",
-        "rogue-ca.key", "rogue-ca.pem", "rogue.key", "rogue.pem")}
+    p = {
+        name: folder / name
+        for name in (
+            "ca.key",
+            "ca.pem",
+            "server.key",
+            "server.pem",
+            "client.key",
+            "client.pem",
+            "rogue-ca.key",
+            "rogue-ca.pem",
+            "rogue.key",
+            "rogue.pem",
+        )
+    }
     for ca in ("ca", "rogue-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                "-subj", f"/CN=sarcnode test {ca}", "-keyout", str(p[f"{ca}.key"]),
-                "-out", str(p[f"{ca}.pem"]))
-    for name, ca, cn in (("server", "ca", "127.0.0.1"), ("client", "ca", "SCANNER1"),
-                         ("rogue", "rogue-ca", "ROGUE")):
+        openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN=sarcnode test {ca}",
+            "-keyout",
+            str(p[f"{ca}.key"]),
+            "-out",
+            str(p[f"{ca}.pem"]),
+        )
+    for name, ca, cn in (
+        ("server", "ca", "127.0.0.1"),
+        ("client", "ca", "SCANNER1"),
+        ("rogue", "rogue-ca", "ROGUE"),
+    ):
         csr = folder / f"{name}.csr"
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                "-keyout", str(p[f"{name}.key"]), "-out", str(csr))
-        openssl("x509", "-req", "-in", str(csr), "-CA", str(p[f"{ca}.pem"]),
-                "-CAkey", str(p[f"{ca}.key"]), "-CAcreateserial", "-days", "2",
-                "-out", str(p[f"{name}.pem"]))
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={cn}",
+            "-keyout",
+            str(p[f"{name}.key"]),
+            "-out",
+            str(csr),
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(csr),
+            "-CA",
+            str(p[f"{ca}.pem"]),
+            "-CAkey",
+            str(p[f"{ca}.key"]),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            str(p[f"{name}.pem"]),
+        )
     return p
 
 
 def send(node: NodeProcess, file: Path, *tls: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [require(DCMTK_STORESCU, "dcmtk storescu"), *tls, "-aet", "SCANNER1", "-aec",
-         node.ae_title, "127.0.0.1", str(node.port), str(file)],
-        capture_output=True, text=True, timeout=60, check=False,
+        [
+            require(DCMTK_STORESCU, "dcmtk storescu"),
+            *tls,
+            "-aet",
+            "SCANNER1",
+            "-aec",
+            node.ae_title,
+            "127.0.0.1",
+            str(node.port),
+            str(file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -51,19 +113,43 @@ def test_tls_association_works_and_plain_or_untrusted_ones_are_refused(
     node_factory, tmp_path: Path
 ) -> None:
     pki = make_pki(tmp_path / "pki")
-    node = node_factory({"dicom": {"tls": {
-        "enabled": True, "cert": str(pki["server.pem"]), "key": str(pki["server.key"]),
-        "ca": str(pki["ca.pem"]), "require_client_cert": True}}})
+    node = node_factory(
+        {
+            "dicom": {
+                "tls": {
+                    "enabled": True,
+                    "cert": str(pki["server.pem"]),
+                    "key": str(pki["server.key"]),
+                    "ca": str(pki["ca.pem"]),
+                    "require_client_cert": True,
+                }
+            }
+        }
+    )
     node.start()
     files = sorted(shared_data("sts-raw", "STS_001", "MR_T1", "image").iterdir())
 
-    ok = send(node, files[0], "+tls", str(pki["client.key"]), str(pki["client.pem"]),
-              "+cf", str(pki["ca.pem"]))
+    ok = send(
+        node,
+        files[0],
+        "+tls",
+        str(pki["client.key"]),
+        str(pki["client.pem"]),
+        "+cf",
+        str(pki["ca.pem"]),
+    )
     assert ok.returncode == 0, ok.stderr
     plain = send(node, files[1])
     assert plain.returncode != 0
-    rogue = send(node, files[2], "+tls", str(pki["rogue.key"]), str(pki["rogue.pem"]),
-                 "+cf", str(pki["ca.pem"]))
+    rogue = send(
+        node,
+        files[2],
+        "+tls",
+        str(pki["rogue.key"]),
+        str(pki["rogue.pem"]),
+        "+cf",
+        str(pki["ca.pem"]),
+    )
     assert rogue.returncode != 0
 
     [series] = node.json("series")

@@ -52,8 +52,13 @@ def test_every_bad_field_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     text = "\n".join(info.value.problems)
-    for field in ("dicom.port", "dicom.ae_title", "dicom.allowed_calling_aes", "dicom.prot",
-                  "database.url"):
+    for field in (
+        "dicom.port",
+        "dicom.ae_title",
+        "dicom.allowed_calling_aes",
+        "dicom.prot",
+        "database.url",
+    ):
         assert field in text, text
     assert "unknown key" in text
 

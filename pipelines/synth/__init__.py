@@ -1,0 +1,1 @@
+"""Synthetic MR studies for demos and tests (no real patient data)."""
