@@ -219,3 +219,20 @@ def test_late_instance_reopens_a_stable_series(node: NodeProcess) -> None:
     [series] = node.json("series")
     assert (series["state"], series["instances"], series["reopened"]) == ("receiving", 11, 1)
     assert node.json("audit", "--action", "series.reopened")
+
+
+def test_association_limit_rejects_the_extra_one_and_audits_it(node_factory) -> None:
+    node = node_factory({"dicom": {"max_associations": 2}})
+    node.start()
+    ae = AE(ae_title="SCANNER1")
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    held = [ae.associate("127.0.0.1", node.port, ae_title=node.ae_title) for _ in range(2)]
+    try:
+        assert all(a.is_established for a in held)
+        extra = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+        assert extra.is_rejected
+    finally:
+        for a in held:
+            a.release()
+    event = node.json("audit", "--action", "association.rejected")[-1]
+    assert "maximum associations (2)" in event["detail"]["reason"]
