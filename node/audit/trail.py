@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from node.db.models import AuditEvent, utcnow
@@ -87,7 +87,7 @@ def record(
     series_instance_uid: str | None = None,
     sop_instance_uid: str | None = None,
     detail: dict[str, Any] | None = None,
-) -> AuditEvent:
+) -> int:
     """Append one event in the caller's transaction (so it commits with the change it records).
 
     Parameters
@@ -101,6 +101,11 @@ def record(
         ``ok``, ``refused``, ``failed`` or ``warning``.
     detail
         Extra facts. Must not hold patient name, ID or birth date.
+
+    Returns
+    -------
+    int
+        The event's sequence number.
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
@@ -123,10 +128,8 @@ def record(
         "detail": detail_text,
         "prev_hash": prev_hash,
     }
-    event = AuditEvent(**fields, hash=event_hash(**fields))
-    session.add(event)
-    session.flush()
-    return event
+    session.execute(insert(AuditEvent).values(**fields, hash=event_hash(**fields)))
+    return seq
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,9 @@
 Layout: ``<root>/dicom/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``. Every
 UID is validated before it becomes a path part, and the final path is checked
 to lie under the root (defence in depth). A file is written to
-``<root>/tmp``, flushed and fsynced, renamed into place and its folder
-fsynced, so after a crash a path either holds a complete file or nothing.
+``<root>/tmp``, flushed and fsynced (:meth:`InstanceFiles.stage`), then
+renamed into place and its folder fsynced (:meth:`InstanceFiles.place`), so
+after a crash a path either holds a complete file or nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +14,20 @@ import hashlib
 import os
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from node.dicom.status import CannotUnderstand, OutOfResources
 from node.dicom.validate import validate_uid
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A complete, fsynced temporary file waiting to be placed."""
+
+    path: Path
+    size: int
+    sha256: str
 
 
 class InstanceFiles:
@@ -56,15 +67,14 @@ class InstanceFiles:
         """Free space on the storage volume, in MiB."""
         return shutil.disk_usage(self.root).free / (1024 * 1024)
 
-    def write(self, rel: Path, chunks: list[bytes | memoryview]) -> tuple[int, str]:
-        """Write ``chunks`` to ``rel`` atomically; return (size in bytes, sha256 hex).
+    def stage(self, chunks: list[bytes | memoryview]) -> Staged:
+        """Write ``chunks`` to a temporary file, flushed and fsynced.
 
         Raises
         ------
         OutOfResources
             The file could not be written (disk full, permissions, I/O error).
         """
-        final = self.root / rel
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         size = 0
@@ -77,14 +87,31 @@ class InstanceFiles:
                 fh.flush()
                 if self.fsync:
                     os.fsync(fh.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp.replace(final)
-            if self.fsync:
-                _fsync_dir(final.parent)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise OutOfResources(f"cannot write instance: {exc.strerror or exc}") from exc
-        return size, digest.hexdigest()
+        return Staged(tmp, size, digest.hexdigest())
+
+    def place(self, staged: Staged, rel: Path) -> None:
+        """Rename a staged file to ``rel`` and fsync its folder (atomic on POSIX).
+
+        Raises
+        ------
+        OutOfResources
+            The folder could not be created or the rename failed.
+        """
+        final = self.root / rel
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staged.path.replace(final)
+            if self.fsync:
+                _fsync_dir(final.parent)
+        except OSError as exc:
+            raise OutOfResources(f"cannot place instance: {exc.strerror or exc}") from exc
+
+    def discard(self, staged: Staged) -> None:
+        """Remove a staged file that was not placed (no-op once placed)."""
+        staged.path.unlink(missing_ok=True)
 
     def remove(self, rel: Path) -> None:
         """Remove a file written for an instance that could not be indexed."""

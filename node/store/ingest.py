@@ -1,8 +1,9 @@
 """Store one received instance: validate, write, index, track its series.
 
-The order is the node's promise to the sender: the file is on disk (fsynced
-and renamed) and its row, its series' tracking and the audit event are
-committed before :meth:`Ingestor.store` returns, and only then does the SCP
+The order is the node's promise to the sender: the file is written and
+fsynced to a temporary path, then in one transaction the duplicate check, the
+rename into place, the row, the series' tracking and the audit event are
+committed, all before :meth:`Ingestor.store` returns, and only then does the SCP
 answer Success. Any failure raises a :class:`~node.dicom.status.ServiceError`
 that the SCP turns into a failure status.
 """
@@ -15,12 +16,13 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import write_file_meta_info
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -28,7 +30,7 @@ from node.audit.trail import record
 from node.db.models import Association, Instance, Series, Study, utcnow
 from node.db.session import Database
 from node.dicom.status import CannotUnderstand, DataSetMismatch, IndexFailure, OutOfResources
-from node.store.files import InstanceFiles
+from node.store.files import InstanceFiles, Staged
 
 log = logging.getLogger(__name__)
 
@@ -191,37 +193,96 @@ class Ingestor:
         rel = self.files.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        if self._mark_duplicate(header, peer):
-            return StoreOutcome.DUPLICATE
-        size, sha256 = self.files.write(rel, [meta, dataset])
-        try:
-            # DUPLICATE here means another association committed the same
-            # instance between the check above and this transaction.
-            return self._index(header, rel, size, sha256, str(file_meta.TransferSyntaxUID), peer)
-        except SQLAlchemyError as exc:
-            self.files.remove(rel)
-            raise IndexFailure(f"database error: {type(exc).__name__}") from exc
-
-    def _mark_duplicate(self, header: Header, peer: Peer) -> bool:
-        """Count a re-sent instance without rewriting its file; True if it was one."""
+        staged = self.files.stage([meta, dataset])
+        placed: list[Path] = []
         try:
             with self.db.session() as s:
-                inst = s.scalar(
-                    select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
+                return self._index(
+                    s, header, rel, staged, str(file_meta.TransferSyntaxUID), peer, placed
                 )
-                if inst is None:
-                    return False
-                self._count_duplicate(s, inst, header, peer)
-                return True
         except SQLAlchemyError as exc:
+            for path in placed:  # placed, but its row did not commit: leave no orphan
+                self.files.remove(path)
             raise IndexFailure(f"database error: {type(exc).__name__}") from exc
+        finally:
+            self.files.discard(staged)
+
+    def _index(
+        self,
+        s: Session,
+        header: Header,
+        rel: Path,
+        staged: Staged,
+        ts_uid: str,
+        peer: Peer,
+        placed: list[Path],
+    ) -> StoreOutcome:
+        """In one transaction: count a duplicate, or place the file and index it."""
+        now = utcnow()
+        existing = s.execute(
+            select(Instance.id, Instance.series_id).where(
+                Instance.sop_instance_uid == header.sop_instance_uid
+            )
+        ).first()
+        if existing is not None:
+            self._count_duplicate(s, existing.id, existing.series_id, header, peer)
+            return StoreOutcome.DUPLICATE
+        # Placed while the transaction holds the write lock, so a concurrent
+        # duplicate cannot replace the file of the instance being indexed.
+        self.files.place(staged, rel)
+        placed.append(rel)
+        study_id = self._upsert_study(s, header, now)
+        series_id = self._upsert_series(s, header, study_id, now, peer)
+        s.execute(
+            insert(Instance).values(
+                sop_instance_uid=header.sop_instance_uid,
+                sop_class_uid=header.sop_class_uid,
+                series_id=series_id,
+                instance_number=header.instance_number,
+                transfer_syntax_uid=ts_uid,
+                path=rel.as_posix(),
+                size_bytes=staged.size,
+                sha256=staged.sha256,
+                received_at=now,
+                association_id=peer.association_id,
+                duplicate_count=0,
+            )
+        )
+        if peer.association_id is not None:
+            s.execute(
+                update(Association)
+                .where(Association.id == peer.association_id)
+                .values(instances_stored=Association.instances_stored + 1)
+            )
+        record(
+            s,
+            "instance.stored",
+            actor=peer.actor,
+            actor_ip=peer.ip,
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            detail={
+                "sop_class": header.sop_class_uid,
+                "transfer_syntax": ts_uid,
+                "bytes": staged.size,
+            },
+        )
+        return StoreOutcome.STORED
 
     @staticmethod
-    def _count_duplicate(s: Session, inst: Instance, header: Header, peer: Peer) -> None:
-        inst.duplicate_count += 1
+    def _count_duplicate(
+        s: Session, instance_id: int, series_id: int, header: Header, peer: Peer
+    ) -> None:
+        """Count a re-sent instance; its stored file is kept as it is."""
+        s.execute(
+            update(Instance)
+            .where(Instance.id == instance_id)
+            .values(duplicate_count=Instance.duplicate_count + 1)
+        )
         s.execute(
             update(Series)
-            .where(Series.id == inst.series_id)
+            .where(Series.id == series_id)
             .values(duplicate_count=Series.duplicate_count + 1)
         )
         if peer.association_id is not None:
@@ -230,116 +291,84 @@ class Ingestor:
                 .where(Association.id == peer.association_id)
                 .values(duplicates=Association.duplicates + 1)
             )
+        times = s.scalar(select(Instance.duplicate_count).where(Instance.id == instance_id))
         record(
             s,
             "instance.duplicate",
             actor=peer.actor,
             actor_ip=peer.ip,
-            outcome="ok",
             study_instance_uid=header.study_instance_uid,
             series_instance_uid=header.series_instance_uid,
             sop_instance_uid=header.sop_instance_uid,
-            detail={"times_received": inst.duplicate_count + 1},
+            detail={"times_received": (times or 0) + 1},
         )
 
-    def _index(
-        self, header: Header, rel: Path, size: int, sha256: str, ts_uid: str, peer: Peer
-    ) -> StoreOutcome:
-        now = utcnow()
-        with self.db.session() as s:
-            existing = s.scalar(
-                select(Instance).where(Instance.sop_instance_uid == header.sop_instance_uid)
-            )
-            if existing is not None:
-                self._count_duplicate(s, existing, header, peer)
-                return StoreOutcome.DUPLICATE
-            study = self._upsert_study(s, header, now)
-            series = self._upsert_series(s, header, study, now, peer)
-            s.add(
-                Instance(
-                    sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    series_id=series.id,
-                    instance_number=header.instance_number,
-                    transfer_syntax_uid=ts_uid,
-                    path=rel.as_posix(),
-                    size_bytes=size,
-                    sha256=sha256,
-                    received_at=now,
-                    association_id=peer.association_id,
-                    duplicate_count=0,
+    @staticmethod
+    def _upsert_study(s: Session, header: Header, now: datetime) -> int:
+        study_id = s.scalar(
+            select(Study.id).where(Study.study_instance_uid == header.study_instance_uid)
+        )
+        if study_id is not None:
+            s.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
+            return int(study_id)
+        return int(
+            s.execute(
+                insert(Study)
+                .values(
+                    study_instance_uid=header.study_instance_uid,
+                    patient_id=header.patient_id,
+                    patient_name=header.patient_name,
+                    study_date=header.study_date,
+                    accession_number=header.accession_number,
+                    study_description=header.study_description,
+                    first_received_at=now,
+                    last_received_at=now,
                 )
-            )
-            series.instance_count += 1
-            series.last_received_at = now
-            if peer.association_id is not None:
+                .returning(Study.id)
+            ).scalar_one()
+        )
+
+    @staticmethod
+    def _upsert_series(s: Session, header: Header, study_id: int, now: datetime, peer: Peer) -> int:
+        row = s.execute(
+            select(
+                Series.id,
+                Series.state,
+                Series.instance_count,
+                Series.stable_at,
+                Series.reopened_count,
+            ).where(Series.series_instance_uid == header.series_instance_uid)
+        ).first()
+        if row is None:
+            return int(
                 s.execute(
-                    update(Association)
-                    .where(Association.id == peer.association_id)
-                    .values(instances_stored=Association.instances_stored + 1)
-                )
-            record(
-                s,
-                "instance.stored",
-                actor=peer.actor,
-                actor_ip=peer.ip,
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                sop_instance_uid=header.sop_instance_uid,
-                detail={
-                    "sop_class": header.sop_class_uid,
-                    "transfer_syntax": ts_uid,
-                    "bytes": size,
-                },
+                    insert(Series)
+                    .values(
+                        series_instance_uid=header.series_instance_uid,
+                        study_id=study_id,
+                        modality=header.modality,
+                        series_number=header.series_number,
+                        series_description=header.series_description,
+                        instance_count=1,
+                        duplicate_count=0,
+                        first_received_at=now,
+                        last_received_at=now,
+                        state="receiving",
+                        reopened_count=0,
+                    )
+                    .returning(Series.id)
+                ).scalar_one()
             )
-        return StoreOutcome.STORED
-
-    @staticmethod
-    def _upsert_study(s: Session, header: Header, now: datetime) -> Study:
-        study = s.scalar(select(Study).where(Study.study_instance_uid == header.study_instance_uid))
-        if study is None:
-            study = Study(
-                study_instance_uid=header.study_instance_uid,
-                patient_id=header.patient_id,
-                patient_name=header.patient_name,
-                study_date=header.study_date,
-                accession_number=header.accession_number,
-                study_description=header.study_description,
-                first_received_at=now,
-                last_received_at=now,
-            )
-            s.add(study)
-            s.flush()
-        else:
-            study.last_received_at = now
-        return study
-
-    @staticmethod
-    def _upsert_series(
-        s: Session, header: Header, study: Study, now: datetime, peer: Peer
-    ) -> Series:
-        series = s.scalar(
-            select(Series).where(Series.series_instance_uid == header.series_instance_uid)
-        )
-        if series is None:
-            series = Series(
-                series_instance_uid=header.series_instance_uid,
-                study_id=study.id,
-                modality=header.modality,
-                series_number=header.series_number,
-                series_description=header.series_description,
-                instance_count=0,
-                duplicate_count=0,
-                first_received_at=now,
-                last_received_at=now,
-                state="receiving",
-                reopened_count=0,
-            )
-            s.add(series)
-            s.flush()
-        elif series.state == "stable":
-            series.state = "receiving"
-            series.reopened_count += 1
+        values: dict[str, Any] = {
+            "instance_count": Series.instance_count + 1,
+            "last_received_at": now,
+        }
+        if row.state == "stable":
+            values |= {
+                "state": "receiving",
+                "reopened_count": row.reopened_count + 1,
+                "stable_at": None,
+            }
             record(
                 s,
                 "series.reopened",
@@ -348,13 +377,13 @@ class Ingestor:
                 study_instance_uid=header.study_instance_uid,
                 series_instance_uid=header.series_instance_uid,
                 detail={
-                    "instances_before": series.instance_count,
-                    "stable_since": series.stable_at,
-                    "reopened_count": series.reopened_count,
+                    "instances_before": row.instance_count,
+                    "stable_since": row.stable_at,
+                    "reopened_count": row.reopened_count + 1,
                 },
             )
-            series.stable_at = None
-        return series
+        s.execute(update(Series).where(Series.id == row.id).values(**values))
+        return int(row.id)
 
 
 def mark_stable_series(db: Database, stable_seconds: float) -> list[str]:
