@@ -109,7 +109,8 @@ def record(
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-    head = session.execute(
+    conn = session.connection()  # Core statements: skip the ORM execution layer
+    head = conn.execute(
         select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
     ).first()
     seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS)
@@ -128,7 +129,7 @@ def record(
         "detail": detail_text,
         "prev_hash": prev_hash,
     }
-    session.execute(insert(AuditEvent).values(**fields, hash=event_hash(**fields)))
+    conn.execute(insert(AuditEvent).values(**fields, hash=event_hash(**fields)))
     return seq
 
 

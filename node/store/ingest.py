@@ -219,11 +219,15 @@ class Ingestor:
     ) -> StoreOutcome:
         """In one transaction: count a duplicate, or place the file and index it."""
         now = utcnow()
-        existing = s.execute(
-            select(Instance.id, Instance.series_id).where(
-                Instance.sop_instance_uid == header.sop_instance_uid
+        existing = (
+            s.connection()
+            .execute(
+                select(Instance.id, Instance.series_id).where(
+                    Instance.sop_instance_uid == header.sop_instance_uid
+                )
             )
-        ).first()
+            .first()
+        )
         if existing is not None:
             self._count_duplicate(s, existing.id, existing.series_id, header, peer)
             return StoreOutcome.DUPLICATE
@@ -233,7 +237,7 @@ class Ingestor:
         placed.append(rel)
         study_id = self._upsert_study(s, header, now)
         series_id = self._upsert_series(s, header, study_id, now, peer)
-        s.execute(
+        s.connection().execute(
             insert(Instance).values(
                 sop_instance_uid=header.sop_instance_uid,
                 sop_class_uid=header.sop_class_uid,
@@ -249,7 +253,7 @@ class Ingestor:
             )
         )
         if peer.association_id is not None:
-            s.execute(
+            s.connection().execute(
                 update(Association)
                 .where(Association.id == peer.association_id)
                 .values(instances_stored=Association.instances_stored + 1)
@@ -275,23 +279,25 @@ class Ingestor:
         s: Session, instance_id: int, series_id: int, header: Header, peer: Peer
     ) -> None:
         """Count a re-sent instance; its stored file is kept as it is."""
-        s.execute(
+        s.connection().execute(
             update(Instance)
             .where(Instance.id == instance_id)
             .values(duplicate_count=Instance.duplicate_count + 1)
         )
-        s.execute(
+        s.connection().execute(
             update(Series)
             .where(Series.id == series_id)
             .values(duplicate_count=Series.duplicate_count + 1)
         )
         if peer.association_id is not None:
-            s.execute(
+            s.connection().execute(
                 update(Association)
                 .where(Association.id == peer.association_id)
                 .values(duplicates=Association.duplicates + 1)
             )
-        times = s.scalar(select(Instance.duplicate_count).where(Instance.id == instance_id))
+        times = s.connection().scalar(
+            select(Instance.duplicate_count).where(Instance.id == instance_id)
+        )
         record(
             s,
             "instance.duplicate",
@@ -305,14 +311,17 @@ class Ingestor:
 
     @staticmethod
     def _upsert_study(s: Session, header: Header, now: datetime) -> int:
-        study_id = s.scalar(
+        study_id = s.connection().scalar(
             select(Study.id).where(Study.study_instance_uid == header.study_instance_uid)
         )
         if study_id is not None:
-            s.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
+            s.connection().execute(
+                update(Study).where(Study.id == study_id).values(last_received_at=now)
+            )
             return int(study_id)
         return int(
-            s.execute(
+            s.connection()
+            .execute(
                 insert(Study)
                 .values(
                     study_instance_uid=header.study_instance_uid,
@@ -325,23 +334,29 @@ class Ingestor:
                     last_received_at=now,
                 )
                 .returning(Study.id)
-            ).scalar_one()
+            )
+            .scalar_one()
         )
 
     @staticmethod
     def _upsert_series(s: Session, header: Header, study_id: int, now: datetime, peer: Peer) -> int:
-        row = s.execute(
-            select(
-                Series.id,
-                Series.state,
-                Series.instance_count,
-                Series.stable_at,
-                Series.reopened_count,
-            ).where(Series.series_instance_uid == header.series_instance_uid)
-        ).first()
+        row = (
+            s.connection()
+            .execute(
+                select(
+                    Series.id,
+                    Series.state,
+                    Series.instance_count,
+                    Series.stable_at,
+                    Series.reopened_count,
+                ).where(Series.series_instance_uid == header.series_instance_uid)
+            )
+            .first()
+        )
         if row is None:
             return int(
-                s.execute(
+                s.connection()
+                .execute(
                     insert(Series)
                     .values(
                         series_instance_uid=header.series_instance_uid,
@@ -357,7 +372,8 @@ class Ingestor:
                         reopened_count=0,
                     )
                     .returning(Series.id)
-                ).scalar_one()
+                )
+                .scalar_one()
             )
         values: dict[str, Any] = {
             "instance_count": Series.instance_count + 1,
@@ -382,7 +398,7 @@ class Ingestor:
                     "reopened_count": row.reopened_count + 1,
                 },
             )
-        s.execute(update(Series).where(Series.id == row.id).values(**values))
+        s.connection().execute(update(Series).where(Series.id == row.id).values(**values))
         return int(row.id)
 
 

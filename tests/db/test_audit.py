@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,11 @@ def test_audit_verify_cli_exits_nonzero_and_names_the_event(tmp_path: Path, db_u
     database = Database(db_url)
     fill(database, 4)
     assert run_cli(config, "audit", "verify").returncode == 0
+    recent = json.loads(run_cli(config, "audit", "--since", "1h", "--json").stdout)
+    assert [e["action"] for e in recent][:4] == ["test.event"] * 4
+    assert (
+        json.loads(run_cli(config, "audit", "--since", "2099-01-01T00:00", "--json").stdout) == []
+    )
     with database.engine.begin() as conn:
         conn.execute(text("UPDATE audit_events SET detail = :d WHERE seq = 2"), {"d": '{"i":99}'})
     database.dispose()

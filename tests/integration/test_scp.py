@@ -111,6 +111,10 @@ def test_real_t1_series_and_nine_transfer_syntaxes_are_stored_and_listed(
     assert series[t1_uid]["instances"] == 40
     assert series[t1_uid]["series_description"] == "AXIAL SE T1 - RESEARCH"
     assert series[ts_uid]["instances"] == 9
+    studies = {s["study_instance_uid"]: s for s in node.json("studies")}
+    t1_study = pydicom.dcmread(next(t1.iterdir()), stop_before_pixels=True).StudyInstanceUID
+    assert (studies[t1_study]["series"], studies[t1_study]["instances"]) == (1, 40)
+    assert sum(s["instances"] for s in studies.values()) == 49
 
     # Stored as received: each file keeps its own transfer syntax, pixels intact.
     stored = {i["sop_instance_uid"]: i for i in node.json("instances", "--series", ts_uid)}
