@@ -68,6 +68,23 @@ def event_hash(
     return hashlib.sha256("\x1f".join(fields).encode("utf-8")).hexdigest()
 
 
+def stored_event_hash(ev: AuditEvent) -> str:
+    """The hash a stored event's current column values give (what verify compares)."""
+    return event_hash(
+        seq=ev.seq,
+        ts=ev.ts,
+        actor=ev.actor,
+        actor_ip=ev.actor_ip,
+        action=ev.action,
+        outcome=ev.outcome,
+        study_instance_uid=ev.study_instance_uid,
+        series_instance_uid=ev.series_instance_uid,
+        sop_instance_uid=ev.sop_instance_uid,
+        detail=ev.detail,
+        prev_hash=ev.prev_hash,
+    )
+
+
 def os_actor() -> str:
     """The OS user, as the actor of events caused by an admin command."""
     try:
@@ -169,20 +186,7 @@ def verify(session: Session) -> VerifyResult:
             )
         if ev.prev_hash != prev_hash:
             return VerifyResult(checked, ev.seq, "previous-hash link does not match")
-        recomputed = event_hash(
-            seq=ev.seq,
-            ts=ev.ts,
-            actor=ev.actor,
-            actor_ip=ev.actor_ip,
-            action=ev.action,
-            outcome=ev.outcome,
-            study_instance_uid=ev.study_instance_uid,
-            series_instance_uid=ev.series_instance_uid,
-            sop_instance_uid=ev.sop_instance_uid,
-            detail=ev.detail,
-            prev_hash=ev.prev_hash,
-        )
-        if recomputed != ev.hash:
+        if stored_event_hash(ev) != ev.hash:
             return VerifyResult(checked, ev.seq, "content does not match its hash (edited)")
         prev_hash, expected_seq, checked = ev.hash, expected_seq + 1, checked + 1
     return VerifyResult(checked)

@@ -37,7 +37,7 @@ from node.db.models import Association, utcnow
 from node.db.session import Database
 from node.dicom.status import SUCCESS, IndexFailure, ServiceError
 from node.dicom.validate import sop_class_uid
-from node.store.ingest import Ingestor, Peer
+from node.store.ingest import Ingestor, Peer, bump_association_counter
 
 log = logging.getLogger(__name__)
 
@@ -352,12 +352,7 @@ class StorageSCP:
         )
         try:
             with self.db.session() as s:
-                if peer.association_id is not None:
-                    s.execute(
-                        update(Association)
-                        .where(Association.id == peer.association_id)
-                        .values(failures=Association.failures + 1)
-                    )
+                bump_association_counter(s, peer.association_id, "failures")
                 record(
                     s,
                     "instance.refused",

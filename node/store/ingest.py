@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -105,6 +105,36 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return int(value) if value not in (None, "") else None
     except (TypeError, ValueError):
         return None
+
+
+def bump_association_counter(
+    s: Session,
+    association_id: int | None,
+    counter: Literal["instances_stored", "duplicates", "failures"],
+) -> None:
+    """Add one to an association's counter (no-op for instances stored outside one)."""
+    if association_id is None:
+        return
+    column = getattr(Association, counter)
+    s.connection().execute(
+        update(Association).where(Association.id == association_id).values({column: column + 1})
+    )
+
+
+def _audit_instance(
+    s: Session, action: str, peer: Peer, header: Header, detail: dict[str, Any], *, sop: bool = True
+) -> None:
+    """Audit an event about ``header``'s instance (or only its series, ``sop=False``)."""
+    record(
+        s,
+        action,
+        actor=peer.actor,
+        actor_ip=peer.ip,
+        study_instance_uid=header.study_instance_uid,
+        series_instance_uid=header.series_instance_uid,
+        sop_instance_uid=header.sop_instance_uid if sop else None,
+        detail=detail,
+    )
 
 
 def read_header(preamble_and_meta: bytes, dataset: bytes | memoryview) -> Header:
@@ -252,25 +282,13 @@ class Ingestor:
                 duplicate_count=0,
             )
         )
-        if peer.association_id is not None:
-            s.connection().execute(
-                update(Association)
-                .where(Association.id == peer.association_id)
-                .values(instances_stored=Association.instances_stored + 1)
-            )
-        record(
+        bump_association_counter(s, peer.association_id, "instances_stored")
+        _audit_instance(
             s,
             "instance.stored",
-            actor=peer.actor,
-            actor_ip=peer.ip,
-            study_instance_uid=header.study_instance_uid,
-            series_instance_uid=header.series_instance_uid,
-            sop_instance_uid=header.sop_instance_uid,
-            detail={
-                "sop_class": header.sop_class_uid,
-                "transfer_syntax": ts_uid,
-                "bytes": staged.size,
-            },
+            peer,
+            header,
+            {"sop_class": header.sop_class_uid, "transfer_syntax": ts_uid, "bytes": staged.size},
         )
         return StoreOutcome.STORED
 
@@ -385,18 +403,17 @@ class Ingestor:
                 "reopened_count": row.reopened_count + 1,
                 "stable_at": None,
             }
-            record(
+            _audit_instance(
                 s,
                 "series.reopened",
-                actor=peer.actor,
-                actor_ip=peer.ip,
-                study_instance_uid=header.study_instance_uid,
-                series_instance_uid=header.series_instance_uid,
-                detail={
+                peer,
+                header,
+                {
                     "instances_before": row.instance_count,
                     "stable_since": row.stable_at,
                     "reopened_count": row.reopened_count + 1,
                 },
+                sop=False,
             )
         s.connection().execute(update(Series).where(Series.id == row.id).values(**values))
         return int(row.id)

@@ -73,25 +73,13 @@ def test_deleted_event_is_named(db: Database) -> None:
 
 def test_rehashed_edit_still_breaks_the_next_link(db: Database) -> None:
     """An attacker who recomputes the edited row's own hash breaks the link after it."""
-    from node.audit.trail import event_hash
+    from node.audit.trail import stored_event_hash
 
     fill(db)
     with db.session() as s:
         ev = s.query(AuditEvent).filter_by(seq=2).one()
         ev.actor = "os:mallory"
-        ev.hash = event_hash(
-            seq=ev.seq,
-            ts=ev.ts,
-            actor=ev.actor,
-            actor_ip=ev.actor_ip,
-            action=ev.action,
-            outcome=ev.outcome,
-            study_instance_uid=ev.study_instance_uid,
-            series_instance_uid=ev.series_instance_uid,
-            sop_instance_uid=ev.sop_instance_uid,
-            detail=ev.detail,
-            prev_hash=ev.prev_hash,
-        )
+        ev.hash = stored_event_hash(ev)
     with db.session() as s:
         result = verify(s)
     assert result.broken_seq == 3
