@@ -17,6 +17,7 @@ import socket
 import ssl
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -60,12 +61,41 @@ def _rq(assoc: PynetAssociation) -> A_ASSOCIATE:
     return primitive
 
 
-def build_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
+class AuditedTLSContext(ssl.SSLContext):
+    """Server TLS context that reports failed handshakes before re-raising.
+
+    pynetdicom wraps each accepted socket in the server's accept loop, where
+    socketserver drops an ``SSLError`` silently; a plain-TCP client or a
+    certificate from an unknown CA would leave no trace. ``on_failure`` gets
+    the peer address and the reason so the SCP can log and audit it.
+    """
+
+    on_failure: Callable[[str, str], None] | None = None
+
+    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        """Wrap and handshake; on failure call ``on_failure`` and re-raise."""
+        try:
+            peer = str(sock.getpeername()[0])
+        except OSError:
+            peer = "unknown"
+        try:
+            return super().wrap_socket(sock, *args, **kwargs)
+        except (ssl.SSLError, OSError) as exc:
+            if self.on_failure is not None:
+                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                self.on_failure(peer, str(reason))
+            raise
+
+
+def build_ssl_context(
+    settings: DicomSettings, on_failure: Callable[[str, str], None] | None = None
+) -> ssl.SSLContext | None:
     """The server TLS context from ``dicom.tls`` (None when TLS is off)."""
     tls = settings.tls
     if not tls.enabled:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx = AuditedTLSContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.on_failure = on_failure
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     assert tls.cert is not None and tls.key is not None  # guaranteed by TLSSettings
     ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
@@ -123,7 +153,7 @@ class StorageSCP:
             (self.settings.bind, self.settings.port),
             block=False,
             evt_handlers=handlers,
-            ssl_context=build_ssl_context(self.settings),
+            ssl_context=build_ssl_context(self.settings, self._on_tls_failure),
         )
         log.info(
             "storage SCP %s listening on %s:%d%s",
@@ -184,6 +214,21 @@ class StorageSCP:
         self._write_association(
             calling, called, ip, port, state="rejected", reason=reason, tls=self._tls_peer(assoc)
         )
+
+    def _on_tls_failure(self, ip: str, reason: str) -> None:
+        log.warning("TLS handshake from %s failed: %s", ip, reason)
+        try:
+            with self.db.session() as s:
+                record(
+                    s,
+                    "association.tls_failed",
+                    actor=f"ip:{ip}",
+                    actor_ip=ip,
+                    outcome="refused",
+                    detail={"reason": reason},
+                )
+        except SQLAlchemyError:
+            log.exception("cannot audit a failed TLS handshake from %s", ip)
 
     def _on_rejected_by_limit(self, event: Event) -> None:
         # pynetdicom rejects by itself only when max_associations is reached.

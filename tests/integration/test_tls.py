@@ -156,3 +156,7 @@ def test_tls_association_works_and_plain_or_untrusted_ones_are_refused(
     assert series["instances"] == 1  # only the TLS-authenticated instance got in
     accepted = [a for a in node.json("associations") if a["state"] != "rejected"]
     assert [(a["tls"], a["tls_peer"]) for a in accepted] == [(True, "SCANNER1")]
+    failed = node.json("audit", "--action", "association.tls_failed")
+    assert len(failed) == 2  # the plain connection and the rogue certificate
+    assert all(e["outcome"] == "refused" and e["actor_ip"] == "127.0.0.1" for e in failed)
+    assert any("CERTIFICATE" in e["detail"]["reason"].upper() for e in failed)
