@@ -1,0 +1,1 @@
+"""Loading: DICOM folders and research image files to volumes; sequence roles."""
