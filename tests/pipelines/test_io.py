@@ -197,3 +197,26 @@ def test_role_rules_are_validated_when_loaded(tmp_path: Path) -> None:
 )
 def test_default_rules_on_common_protocol_names(attrs: dict, role: str) -> None:
     assert load_role_rules(RULES).classify(attrs) == role
+
+
+def test_rtstruct_gtv_matches_the_ibsi_voxel_mask_volume_on_both_sequences() -> None:
+    """The IBSI set ships STS_001's GTV_Mass as a voxel mask: an independent reference."""
+    import SimpleITK as sitk
+
+    from pipelines.io.rtstruct import ContourError, rtstruct_mask
+
+    reference = sitk.ReadImage(str(shared_data("sts-t1-cropped", "STS_001", "MR_T1_mask.nii.gz")))
+    ref_ml = sitk.GetArrayFromImage(reference).sum() * np.prod(reference.GetSpacing()) / 1000
+    base = shared_data("sts-raw", "STS_001")
+    rules = load_role_rules(RULES)
+    for ref in scan(base).series:
+        folder = "MR_T1" if rules.classify(ref.attributes) == "T1" else "MR_T2FS"
+        image = load_series(ref)
+        mask = rtstruct_mask(base / folder / "mask" / "1-1.dcm", image, "GTV_Mass")
+        array = sitk.GetArrayFromImage(mask)
+        ml = array.sum() * np.prod(image.GetSpacing()) / 1000
+        assert ml == pytest.approx(ref_ml, rel=0.05), folder
+        assert mask.GetSize() == image.GetSize()
+        assert len(np.unique(np.nonzero(array)[0])) == 20  # 20 contoured slices
+        with pytest.raises(ContourError, match="no ROI named 'GTV_Tumour'"):
+            rtstruct_mask(base / folder / "mask" / "1-1.dcm", image, "GTV_Tumour")
