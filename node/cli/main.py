@@ -37,7 +37,12 @@ app = typer.Typer(
 )
 audit_app = typer.Typer(help="The audit trail: list events, verify the hash chain.")
 config_app = typer.Typer(help="Check or show the node configuration.", no_args_is_help=True)
+synth_app = typer.Typer(
+    help="Synthetic sarcoma MRI (paired T1 / FS-T2 DICOM + truth masks). Not patient data.",
+    no_args_is_help=True,
+)
 app.add_typer(audit_app, name="audit")
+app.add_typer(synth_app, name="synth")
 app.add_typer(config_app, name="config")
 
 out = Console()
@@ -526,6 +531,33 @@ def config_show(config: ConfigOpt = None) -> None:
     if data["database"].get("url"):
         data["database"]["url"] = _mask(data["database"]["url"])
     sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
+@synth_app.command("study")
+def synth_study(
+    folder: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder.")],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same study).")] = 0,
+) -> None:
+    """Write one synthetic study: dicom/T1, dicom/T2FS, masks/*.nii.gz, truth.json."""
+    from pipelines.synth.study import write_study
+
+    truth = write_study(folder, seed)
+    out.print(f"{truth['case_id']}: {folder / 'dicom'} (T1, T2FS); masks in {folder / 'masks'}")
+
+
+@synth_app.command("cohort")
+def synth_cohort(
+    folder: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of studies.")] = 20,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    images: Annotated[bool, typer.Option(help="Write images (else only clinical.csv).")] = True,
+) -> None:
+    """Write a cohort: cases/<id>/ studies, clinical.csv (PFS, covariates, oracle_lp)."""
+    from pipelines.synth.cohort import write_cohort
+
+    cases = write_cohort(folder, n, seed, images=images)
+    events = sum(c.event for c in cases)
+    out.print(f"{len(cases)} cases ({events} events) in {folder}; see {folder / 'clinical.csv'}")
 
 
 def main() -> None:
