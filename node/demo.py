@@ -2,7 +2,7 @@
 
 Starts ``sarcnode serve`` with the embedded defaults (SQLite and folders under
 ``var/demo``), plays a scanner with dcmtk's ``storescu`` (pynetdicom's SCU when
-dcmtk is not installed) sending a generated phantom study and, when
+dcmtk is not installed) sending a synthetic sarcoma study (T1 + FS-T2) and, when
 ``../shared/data`` is present, the real STS_001 T1 + FS-T2 study, waits for the
 series to become stable, prints what the admin CLI shows, verifies the audit
 chain and stops. Exit 0 only if every sent instance is stored and indexed.
@@ -85,7 +85,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def main() -> int:
     """Run the demo; return the process exit code."""
-    from pipelines.synth.phantom import write_phantom_series
+    from pipelines.synth.study import write_study
 
     shutil.rmtree(DEMO, ignore_errors=True)
     DEMO.mkdir(parents=True)
@@ -112,8 +112,12 @@ def main() -> int:
         time.sleep(0.2)
     try:
         print(f"== node SARCNODE listening on 127.0.0.1:{port}")
-        sent = _send(write_phantom_series(DEMO / "scanner" / "phantom", seed=1), port)
-        print(f"== scanner sent {sent} instances of a generated phantom study")
+        truth = write_study(DEMO / "scanner" / "synthetic", seed=1)
+        sent = _send(DEMO / "scanner" / "synthetic" / "dicom", port)
+        print(
+            f"== scanner sent {sent} instances of synthetic study {truth['case_id']} "
+            "(T1 + FS-T2, pipelines/synth)"
+        )
         if STS_001.exists():
             n = _send(STS_001 / "MR_T1" / "image", port) + _send(
                 STS_001 / "MR_T2FS" / "image", port
