@@ -120,6 +120,24 @@ class NodeProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def storescu_cmd(
+        self, *options: str, calling: str = "SCANNER1", called: str | None = None
+    ) -> list[str]:
+        """dcmtk storescu (by full path) addressed to this node; append the files."""
+        from tests.peers import DCMTK_STORESCU, require
+
+        exe = require(DCMTK_STORESCU, "dcmtk storescu")
+        return [
+            exe,
+            *options,
+            "-aet",
+            calling,
+            "-aec",
+            called or self.ae_title,
+            "127.0.0.1",
+            str(self.port),
+        ]
+
     def log(self) -> str:
         """Everything serve printed so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

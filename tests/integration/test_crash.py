@@ -11,7 +11,6 @@ import pytest
 
 from tests.conftest import NodeProcess
 from tests.dicomgen import write_series
-from tests.peers import DCMTK_STORESCU, require
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +19,6 @@ KILL_AFTER = 40
 
 
 def test_every_success_survives_kill_9_mid_transfer(node_factory, tmp_path: Path) -> None:
-    exe = require(DCMTK_STORESCU, "dcmtk storescu")
     datasets = write_series(tmp_path / "study", N_SENT, size=128)
     uid_of = {
         tmp_path / "study" / f"{i:04d}.dcm": ds.SOPInstanceUID for i, ds in enumerate(datasets)
@@ -28,17 +26,7 @@ def test_every_success_survives_kill_9_mid_transfer(node_factory, tmp_path: Path
     node: NodeProcess = node_factory()
     node.start()
 
-    cmd = [
-        exe,
-        "-v",
-        "-aet",
-        "SCANNER1",
-        "-aec",
-        node.ae_title,
-        "127.0.0.1",
-        str(node.port),
-        *map(str, sorted(uid_of)),
-    ]
+    cmd = [*node.storescu_cmd("-v"), *map(str, sorted(uid_of))]
     if shutil.which("stdbuf"):  # line-buffered, so we see each response as it arrives
         cmd = ["stdbuf", "-oL", "-eL", *cmd]
     sender = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

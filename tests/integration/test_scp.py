@@ -12,7 +12,6 @@ from pynetdicom import AE
 
 from tests.conftest import NodeProcess, shared_data
 from tests.dicomgen import mr_dataset
-from tests.peers import DCMTK_STORESCU, require
 
 pytestmark = pytest.mark.integration
 
@@ -35,20 +34,9 @@ def storescu(
     calling: str = "SCANNER1",
     called: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Send files with dcmtk's storescu (by full path: the venv shadows the name)."""
-    exe = require(DCMTK_STORESCU, "dcmtk storescu")
+    """Send files with dcmtk's storescu and wait for it."""
     return subprocess.run(
-        [
-            exe,
-            *options,
-            "-aet",
-            calling,
-            "-aec",
-            called or node.ae_title,
-            "127.0.0.1",
-            str(node.port),
-            *map(str, paths),
-        ],
+        [*node.storescu_cmd(*options, calling=calling, called=called), *map(str, paths)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import NodeProcess, shared_data
-from tests.peers import DCMTK_STORESCU, OPENSSL, require
+from tests.peers import OPENSSL, require
 
 pytestmark = pytest.mark.integration
 
@@ -91,17 +91,7 @@ def make_pki(folder: Path) -> dict[str, Path]:
 
 def send(node: NodeProcess, file: Path, *tls: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [
-            require(DCMTK_STORESCU, "dcmtk storescu"),
-            *tls,
-            "-aet",
-            "SCANNER1",
-            "-aec",
-            node.ae_title,
-            "127.0.0.1",
-            str(node.port),
-            str(file),
-        ],
+        [*node.storescu_cmd(*tls), str(file)],
         capture_output=True,
         text=True,
         timeout=60,
