@@ -11,6 +11,7 @@ Comment, logs it (no PHI) and audits it. Success is answered only after
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -62,29 +63,45 @@ def _rq(assoc: PynetAssociation) -> A_ASSOCIATE:
 
 
 class AuditedTLSContext(ssl.SSLContext):
-    """Server TLS context that reports failed handshakes before re-raising.
+    """Server TLS context that defers the handshake to the connection's own thread.
 
-    pynetdicom wraps each accepted socket in the server's accept loop, where
-    socketserver drops an ``SSLError`` silently; a plain-TCP client or a
-    certificate from an unknown CA would leave no trace. ``on_failure`` gets
-    the peer address and the reason so the SCP can log and audit it.
+    pynetdicom wraps each accepted socket in the server's accept loop. Were the
+    handshake done there, one client that connects and never speaks would hold
+    up every other sender, and socketserver drops a failed handshake silently.
+    So sockets are wrapped without handshaking; :meth:`StorageSCP._on_conn_open`
+    (run in the connection's thread) performs it under the ACSE timeout and
+    reports failures to ``on_failure`` (peer address, reason) for the audit.
     """
 
     on_failure: Callable[[str, str], None] | None = None
 
     def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        """Wrap and handshake; on failure call ``on_failure`` and re-raise."""
+        """Wrap for TLS without handshaking (see the class docstring)."""
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+    def handshake(self, sock: ssl.SSLSocket, timeout_s: float) -> bool:
+        """Run the server handshake; on failure report it, shut the socket, return False."""
         try:
             peer = str(sock.getpeername()[0])
         except OSError:
             peer = "unknown"
+        previous = sock.gettimeout()
+        sock.settimeout(timeout_s)
         try:
-            return super().wrap_socket(sock, *args, **kwargs)
+            sock.do_handshake()
+            return True
         except (ssl.SSLError, OSError) as exc:
             if self.on_failure is not None:
                 reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
                 self.on_failure(peer, str(reason))
-            raise
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()  # the association then sees a closed transport and ends quietly
+            return False
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(previous)
 
 
 def build_ssl_context(
@@ -171,12 +188,14 @@ class StorageSCP:
 
     # -- association events -------------------------------------------------
 
-    @staticmethod
-    def _on_conn_open(event: Event) -> None:
-        # Without TCP_NODELAY every C-STORE response waits on Nagle + delayed ACK.
+    def _on_conn_open(self, event: Event) -> None:
         sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock is None:
+            return
+        # Without TCP_NODELAY every C-STORE response waits on Nagle + delayed ACK.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(sock, ssl.SSLSocket) and isinstance(sock.context, AuditedTLSContext):
+            sock.context.handshake(sock, self.settings.acse_timeout_s)
 
     def _policy_reason(
         self, calling: str, called: str, ip: str

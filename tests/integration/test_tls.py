@@ -150,3 +150,41 @@ def test_tls_association_works_and_plain_or_untrusted_ones_are_refused(
     assert len(failed) == 2  # the plain connection and the rogue certificate
     assert all(e["outcome"] == "refused" and e["actor_ip"] == "127.0.0.1" for e in failed)
     assert any("CERTIFICATE" in e["detail"]["reason"].upper() for e in failed)
+
+
+def test_an_idle_connection_does_not_block_tls_senders(node_factory, tmp_path: Path) -> None:
+    """A client that connects and never starts TLS must not hold up the accept loop."""
+    import socket
+    import time
+
+    pki = make_pki(tmp_path / "pki")
+    node = node_factory(
+        {
+            "dicom": {
+                "acse_timeout_s": 5,
+                "tls": {
+                    "enabled": True,
+                    "cert": str(pki["server.pem"]),
+                    "key": str(pki["server.key"]),
+                    "ca": str(pki["ca.pem"]),
+                },
+            }
+        }
+    )
+    node.start()
+    first = sorted(shared_data("sts-raw", "STS_001", "MR_T1", "image").iterdir())[0]
+    with socket.create_connection(("127.0.0.1", node.port)):  # says nothing
+        time.sleep(0.5)
+        started = time.monotonic()
+        ok = send(
+            node,
+            first,
+            "+tls",
+            str(pki["client.key"]),
+            str(pki["client.pem"]),
+            "+cf",
+            str(pki["ca.pem"]),
+        )
+        elapsed = time.monotonic() - started
+    assert ok.returncode == 0, ok.stderr
+    assert elapsed < 4, f"TLS sender waited {elapsed:.1f} s behind an idle connection"
