@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _UID_CHARS_RE = re.compile(r"^[0-9.]+$")
 
 
@@ -31,11 +30,6 @@ def validate_uid(value: object) -> tuple[bool, str]:
     if value.startswith(".") or value.endswith(".") or ".." in value:
         return False, "has an empty component"
     return True, ""
-
-
-def is_strict_uid(value: str) -> bool:
-    """True if ``value`` also has no leading zeros in its components (strict PS3.5)."""
-    return bool(_UID_RE.match(value)) and len(value) <= 64
 
 
 def validate_ae_title(value: object) -> tuple[bool, str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,8 +290,3 @@ def load_image(path: Path) -> sitk.Image:
     """Load a NIfTI/NRRD/MHA file (research cohorts) as float32."""
     image: sitk.Image = sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
     return image
-
-
-def series_in(folder: Path) -> Iterable[SeriesRef]:
-    """Shortcut: the image series found under ``folder``."""
-    return scan(folder).series
