@@ -126,11 +126,8 @@ def record(
     """
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-    conn = session.connection()  # Core statements: skip the ORM execution layer
-    head = conn.execute(
-        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-    ).first()
-    seq, prev_hash = (head[0] + 1, head[1]) if head else (1, GENESIS)
+    last_seq, prev_hash = head(session)
+    seq = last_seq + 1
     ts = utcnow()
     detail_text = canonical_detail(detail)
     fields: dict[str, Any] = {
@@ -146,7 +143,7 @@ def record(
         "detail": detail_text,
         "prev_hash": prev_hash,
     }
-    conn.execute(insert(AuditEvent).values(**fields, hash=event_hash(**fields)))
+    session.connection().execute(insert(AuditEvent).values(**fields, hash=event_hash(**fields)))
     return seq
 
 
@@ -194,7 +191,11 @@ def verify(session: Session) -> VerifyResult:
 
 def head(session: Session) -> tuple[int, str]:
     """The newest event's sequence number and hash (0 and the genesis hash if none)."""
-    row = session.execute(
-        select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-    ).first()
+    row = (
+        session.connection()
+        .execute(  # Core statement: skip the ORM execution layer
+            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
+        )
+        .first()
+    )
     return (row[0], row[1]) if row else (0, GENESIS)

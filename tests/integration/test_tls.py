@@ -89,6 +89,25 @@ def make_pki(folder: Path) -> dict[str, Path]:
     return p
 
 
+def tls_node(node_factory, pki: dict[str, Path], **dicom: object) -> NodeProcess:
+    """A started node that requires TLS with client certificates from the test CA."""
+    tls = {
+        "enabled": True,
+        "cert": str(pki["server.pem"]),
+        "key": str(pki["server.key"]),
+        "ca": str(pki["ca.pem"]),
+        "require_client_cert": True,
+    }
+    node: NodeProcess = node_factory({"dicom": {**dicom, "tls": tls}})
+    node.start()
+    return node
+
+
+def client_tls(pki: dict[str, Path], who: str = "client") -> tuple[str, ...]:
+    """storescu options: present ``who``'s certificate, trust the test CA."""
+    return ("+tls", str(pki[f"{who}.key"]), str(pki[f"{who}.pem"]), "+cf", str(pki["ca.pem"]))
+
+
 def send(node: NodeProcess, file: Path, *tls: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*node.storescu_cmd(*tls), str(file)],
@@ -103,43 +122,14 @@ def test_tls_association_works_and_plain_or_untrusted_ones_are_refused(
     node_factory, tmp_path: Path
 ) -> None:
     pki = make_pki(tmp_path / "pki")
-    node = node_factory(
-        {
-            "dicom": {
-                "tls": {
-                    "enabled": True,
-                    "cert": str(pki["server.pem"]),
-                    "key": str(pki["server.key"]),
-                    "ca": str(pki["ca.pem"]),
-                    "require_client_cert": True,
-                }
-            }
-        }
-    )
-    node.start()
+    node = tls_node(node_factory, pki)
     files = sorted(shared_data("sts-raw", "STS_001", "MR_T1", "image").iterdir())
 
-    ok = send(
-        node,
-        files[0],
-        "+tls",
-        str(pki["client.key"]),
-        str(pki["client.pem"]),
-        "+cf",
-        str(pki["ca.pem"]),
-    )
+    ok = send(node, files[0], *client_tls(pki))
     assert ok.returncode == 0, ok.stderr
     plain = send(node, files[1])
     assert plain.returncode != 0
-    rogue = send(
-        node,
-        files[2],
-        "+tls",
-        str(pki["rogue.key"]),
-        str(pki["rogue.pem"]),
-        "+cf",
-        str(pki["ca.pem"]),
-    )
+    rogue = send(node, files[2], *client_tls(pki, "rogue"))
     assert rogue.returncode != 0
 
     [series] = node.json("series")
@@ -158,33 +148,12 @@ def test_an_idle_connection_does_not_block_tls_senders(node_factory, tmp_path: P
     import time
 
     pki = make_pki(tmp_path / "pki")
-    node = node_factory(
-        {
-            "dicom": {
-                "acse_timeout_s": 5,
-                "tls": {
-                    "enabled": True,
-                    "cert": str(pki["server.pem"]),
-                    "key": str(pki["server.key"]),
-                    "ca": str(pki["ca.pem"]),
-                },
-            }
-        }
-    )
-    node.start()
+    node = tls_node(node_factory, pki, acse_timeout_s=5)
     first = sorted(shared_data("sts-raw", "STS_001", "MR_T1", "image").iterdir())[0]
     with socket.create_connection(("127.0.0.1", node.port)):  # says nothing
         time.sleep(0.5)
         started = time.monotonic()
-        ok = send(
-            node,
-            first,
-            "+tls",
-            str(pki["client.key"]),
-            str(pki["client.pem"]),
-            "+cf",
-            str(pki["ca.pem"]),
-        )
+        ok = send(node, first, *client_tls(pki))
         elapsed = time.monotonic() - started
     assert ok.returncode == 0, ok.stderr
     assert elapsed < 4, f"TLS sender waited {elapsed:.1f} s behind an idle connection"
