@@ -16,6 +16,7 @@ from pipelines.preprocess import (
     dice,
     histogram_standardise,
     n4,
+    register_rigid,
     resample,
     zscore,
 )
@@ -84,3 +85,27 @@ def test_a_mask_carried_across_series_grids_overlaps_the_other_series_truth(
     carried = carry_mask(t2_mask, images["T1"], sitk.Transform())
     assert carried.GetSize() == images["T1"].GetSize()
     assert dice(carried, t1_truth) >= 0.8
+
+
+def test_rigid_registration_finds_the_patient_motion_between_series(tmp_path: Path) -> None:
+    """Seed 8 moves the patient 2.5 mm between T1 and FS-T2 (truth.json says by how much)."""
+    truth = write_study(tmp_path / "s", 8)
+    shift = next(s["shift_mm"] for s in truth["series"] if s["role"] == "T2FS")  # type: ignore[attr-defined]
+    rules = load_role_rules(REPO / "config" / "sequence_roles.yaml")
+    images = {
+        rules.classify(r.attributes): load_series(r) for r in scan(tmp_path / "s" / "dicom").series
+    }
+    result = register_rigid(images["T1"], images["T2FS"])
+    assert result.accepted, result.reason
+    # In-plane motion within half a millimetre; through-plane (5 mm slices) within 2 mm.
+    assert np.allclose(result.translation_mm[:2], shift[:2], atol=0.5)
+    assert abs(result.translation_mm[2] - shift[2]) < 2.0
+    t2_mask = sitk.ReadImage(str(tmp_path / "s" / "masks" / "T2FS_tumour.nii.gz"))
+    t1_truth = sitk.ReadImage(str(tmp_path / "s" / "masks" / "T1_tumour.nii.gz"))
+    before = dice(carry_mask(t2_mask, images["T1"], sitk.Transform()), t1_truth)
+    after = dice(carry_mask(t2_mask, images["T1"], result.transform), t1_truth)
+    assert after >= 0.95 and after > before + 0.05
+
+    refused = register_rigid(images["T1"], images["T2FS"], max_translation_mm=0.5)
+    assert not refused.accepted and "exceeds 0.5 mm" in refused.reason
+    assert refused.transform.GetParameters() == ()  # the identity: scanner alignment kept
