@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests run against for real (see tests/peers.py).
 DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl
 
-.PHONY: all venv demo test test-fast lint typecheck peers bench lock clean
+.PHONY: all venv demo test test-fast lint typecheck peers bench seg-model lock clean
 
 all: venv
 
@@ -55,6 +55,15 @@ demo: venv
 
 bench: venv peers
 	$(PY) bench/ingest.py
+	$(PY) bench/segment.py
+
+# How models/sarcnode-seg-demo was made (CPU, about half an hour on 2 cores):
+# 32 synthetic studies (seed 7) + the real cropped T1 patients, never STS_001.
+SEG_MODEL := models/sarcnode-seg-demo
+seg-model: venv
+	$(VENV)/bin/sarcnode synth cohort var/train/synth --n 32 --seed 7
+	$(VENV)/bin/sarcnode train-seg ../shared/data/sts-t1-cropped var/train/synth \
+	  --exclude STS_001 --out $(SEG_MODEL) $(SEG_TRAIN_ARGS)
 
 # Re-resolve the pinned set from a clean venv (run when pyproject's ranges change).
 lock:

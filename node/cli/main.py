@@ -560,6 +560,248 @@ def synth_cohort(
     out.print(f"{len(cases)} cases ({events} events) in {folder}; see {folder / 'clinical.csv'}")
 
 
+DEFAULT_SEG_MODEL = Path(__file__).resolve().parents[2] / "models" / "sarcnode-seg-demo"
+ModelOpt = Annotated[
+    Path,
+    typer.Option(
+        "--model",
+        envvar="SARCNODE_SEG_MODEL",
+        help="Segmentation model folder (card.yaml + weights).",
+    ),
+]
+
+
+@app.command("train-seg")
+def train_seg(
+    data: Annotated[
+        list[Path], typer.Argument(help="Folders of cases: synthetic studies, NIfTI pairs.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Model folder to write (models/<id>).")],
+    exclude: Annotated[
+        list[str], typer.Option("--exclude", help="Case/patient id never to train on (repeatable).")
+    ] = [],  # noqa: B006 - typer needs a literal default
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
+    seed: Annotated[int, typer.Option()] = 0,
+    coarse_steps: Annotated[int, typer.Option(min=1)] = 600,
+    fine_steps: Annotated[int, typer.Option(min=1)] = 2000,
+    val_every: Annotated[int, typer.Option(min=1)] = 100,
+    version: Annotated[str, typer.Option()] = "1.0.0",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    coarse_source: Annotated[
+        list[str],
+        typer.Option(help="Sources the locator learns from: synthetic, real (repeatable)."),
+    ] = ["synthetic"],  # noqa: B006
+    stage: Annotated[
+        list[str], typer.Option(help="Stage(s) to train: coarse, fine (default both).")
+    ] = ["coarse", "fine"],  # noqa: B006
+    reuse: Annotated[
+        Path | None, typer.Option(help="Model to take the stage(s) not trained from.")
+    ] = None,
+) -> None:
+    """Train the coarse locator and fine segmenter; write weights and card.yaml."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from pipelines.segment.card import ModelError
+    from pipelines.segment.train import train
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        console=err,
+    ) as bar:
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, step: int, total: int, info: dict[str, float]) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total, info="")
+            text = f"loss {info['loss']:.3f}  best val Dice {info['best_dice']:.3f}"
+            bar.update(tasks[stage], completed=step, info=text)
+
+        try:
+            card = train(
+                data,
+                out_dir,
+                model_id=out_dir.name,
+                version=version,
+                exclude=set(exclude),
+                val_fraction=val_fraction,
+                seed=seed,
+                coarse_steps=coarse_steps,
+                fine_steps=fine_steps,
+                val_every=val_every,
+                device=device,
+                progress=progress,
+                coarse_sources=tuple(coarse_source),
+                stages_to_train=tuple(stage),
+                reuse=reuse,
+                log=lambda line: bar.console.print(line),
+            )
+        except (ValueError, FileNotFoundError, ModelError) as exc:
+            err.print(f"[red]train-seg: {exc}[/red]")
+            raise typer.Exit(2) from exc
+    for source, row in card["validation"]["summary"].items():
+        out.print(
+            f"validation {source} (n={row['n']}): Dice {row['dice_mean']:.3f} "
+            f"(95% CI {row['dice_ci95'][0]:.3f}-{row['dice_ci95'][1]:.3f}), "
+            f"HD95 {row['hd95_mm_mean']:.1f} mm"
+        )
+    out.print(f"model card: {out_dir / 'card.yaml'}")
+
+
+RULES_FILE = Path(__file__).resolve().parents[2] / "config" / "sequence_roles.yaml"
+RulesOpt = Annotated[Path, typer.Option("--rules", help="Sequence-role rules (YAML).")]
+
+
+def _segmenter(model: Path, device: str) -> Any:
+    """Load a model folder, or exit 2 naming what is wrong with it (card, checksum, device)."""
+    from pipelines.segment.card import ModelError
+    from pipelines.segment.infer import Segmenter
+
+    try:
+        return Segmenter(model, device)
+    except ModelError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+
+
+@app.command("segment")
+def segment_cmd(
+    source: Annotated[
+        Path, typer.Argument(metavar="INPUT", help="DICOM series/study folder or NIfTI/NRRD.")
+    ],
+    mask_out: Annotated[Path, typer.Option("--out", help="Tumour mask to write (.nii.gz).")],
+    sequence: Annotated[str, typer.Option(help="Role to segment: T2FS or T1.")] = "T2FS",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    model: ModelOpt = DEFAULT_SEG_MODEL,
+    rules: RulesOpt = RULES_FILE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Segment the tumour; in a study with both sequences, also carry the mask to the other one.
+
+    The carried mask is written beside OUT as ``<OUT stem>_<ROLE>.nii.gz``.
+    """
+    import SimpleITK as sitk
+
+    from pipelines.io.dicom import GeometryError
+    from pipelines.io.roles import RuleError, load_role_rules
+    from pipelines.segment.study import InputError, segment_input
+
+    if sequence not in ("T2FS", "T1"):
+        err.print(f"[red]--sequence must be T2FS or T1, not {sequence!r}[/red]")
+        raise typer.Exit(2)
+    segmenter = _segmenter(model, device)
+    try:
+        seg = segment_input(source, segmenter, load_role_rules(rules), sequence)
+    except (InputError, GeometryError, RuleError, OSError, RuntimeError) as exc:
+        err.print(f"[red]segment: {source}: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    mask_out.parent.mkdir(parents=True, exist_ok=True)
+    stem = mask_out.name.removesuffix(".gz").removesuffix(".nii").removesuffix(".nrrd")
+    written: dict[str, str] = {}
+    for role, mask in seg.masks.items():
+        path = mask_out if role == seg.sequence else mask_out.with_name(f"{stem}_{role}.nii.gz")
+        sitk.WriteImage(mask, str(path), useCompression=True)
+        written[role] = str(path)
+    report = {
+        "model": segmenter.model_id,
+        "device": str(segmenter.device),
+        "segmented": seg.sequence,
+        "located": seg.result.located,
+        "volume_ml": round(seg.result.volume_ml, 2),
+        "seconds": {k: round(v, 2) for k, v in seg.result.seconds.items()},
+        "masks": written,
+        "registration": None
+        if seg.registration is None
+        else {
+            "accepted": seg.registration.accepted,
+            "reason": seg.registration.reason,
+            "translation_mm": [round(v, 2) for v in seg.registration.translation_mm],
+            "rotation_deg": [round(v, 2) for v in seg.registration.rotation_deg],
+        },
+        "note": segmenter.card.get("clinical_use", "not for clinical use"),
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    out.print(
+        f"{segmenter.model_id} on {segmenter.device}: {seg.sequence} segmented, "
+        f"{report['volume_ml']} ml, {sum(seg.result.seconds.values()):.1f} s"
+    )
+    if not seg.result.located:
+        out.print(
+            "[yellow]the locator found no tumour; the fine model searched the whole image[/yellow]"
+        )
+    for role, where in written.items():
+        how = "segmented" if role == seg.sequence else "carried"
+        out.print(f"  {role} ({how}): {where}")
+    if seg.registration is not None and not seg.registration.accepted:
+        out.print(f"  registration not used ({seg.registration.reason}); scanner alignment kept")
+    out.print(f"[bold]{report['note']}[/bold]")
+
+
+@app.command("eval-seg")
+def eval_seg(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Model folder.")],
+    data: Annotated[
+        list[Path], typer.Argument(help="Case folders, or DICOM studies with RTSTRUCT.")
+    ],
+    roi: Annotated[str, typer.Option(help="RTSTRUCT ROI holding the truth.")] = "GTV_Mass",
+    exclude: Annotated[list[str], typer.Option("--exclude", help="Case id to skip.")] = [],  # noqa: B006
+    only: Annotated[
+        list[str], typer.Option("--only", help="Score only these case ids (repeatable).")
+    ] = [],  # noqa: B006
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    rules: RulesOpt = RULES_FILE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dice and HD95 per case, with mean and 95% bootstrap CI per source."""
+    from pipelines.io.roles import load_role_rules
+    from pipelines.segment.evaluate import iter_cases, score, summarise
+
+    segmenter = _segmenter(model, device)
+    try:
+        cases = [
+            c
+            for c in iter_cases(data, load_role_rules(rules), roi, set(exclude))
+            if not only or c.case_id.split("/")[0] in only
+        ]
+    except (ValueError, FileNotFoundError) as exc:
+        err.print(f"[red]eval-seg: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    if not cases:
+        err.print("[red]eval-seg: no cases found[/red]")
+        raise typer.Exit(2)
+    rows = score(segmenter, cases)
+    summary = summarise(rows)
+    if as_json:
+        sys.stdout.write(
+            json.dumps({"model": segmenter.model_id, "cases": rows, "summary": summary}, indent=2)
+            + "\n"
+        )
+        return
+    table = Table("case", "source", "sequence", "Dice", "HD95 mm", "s")
+    for r in rows:
+        table.add_row(
+            r["case"],
+            r["source"],
+            r["sequence"],
+            f"{r['dice']:.3f}",
+            f"{r['hd95_mm']:.1f}",
+            f"{r['seconds']:.1f}",
+        )
+    out.print(table)
+    for source, row in summary.items():
+        out.print(
+            f"{source} (n={row['n']}): Dice {row['dice_mean']:.3f} "
+            f"(95% CI {row['dice_ci95'][0]:.3f}-{row['dice_ci95'][1]:.3f}); "
+            f"HD95 {row['hd95_mm_mean']:.1f} mm "
+            f"({row['hd95_mm_ci95'][0]:.1f}-{row['hd95_mm_ci95'][1]:.1f})"
+        )
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
