@@ -1,0 +1,138 @@
+"""Radiomics: extraction equals plain PyRadiomics; regions; ICC; ComBat against neuroCombat."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from pipelines.radiomics.combat import ComBat, CombatError
+from pipelines.radiomics.extract import DEFAULT_PARAMS, ExtractionError, extract, load_params
+from pipelines.radiomics.regions import habitat_counts, habitats, ring
+from pipelines.radiomics.robustness import feature_icc, icc, perturbations, robust_features
+from tests.conftest import shared_data
+
+
+def sts(case: str) -> tuple[sitk.Image, sitk.Image]:
+    folder = shared_data("sts-t1-cropped", case)
+    image = sitk.ReadImage(str(folder / "MR_T1_image.nii.gz"), sitk.sitkFloat32)
+    mask = sitk.ReadImage(str(folder / "MR_T1_mask.nii.gz"))
+    return image, mask
+
+
+def test_parallel_extraction_equals_one_plain_pyradiomics_call_per_region() -> None:
+    """A real patient (STS_008), tumour and ring, two worker processes vs PyRadiomics on files."""
+    from radiomics import featureextractor
+
+    folder = shared_data("sts-t1-cropped", "STS_008")
+    image, mask = sts("STS_008")
+    shell = ring(mask, image)
+    table = extract(
+        {"T1": image}, {"T1": {"tumour": mask, "ring": shell}}, study="STS_008", workers=2
+    )
+    assert list(table["region"]) == ["tumour", "ring"] and (table["study"] == "STS_008").all()
+
+    plain = featureextractor.RadiomicsFeatureExtractor(str(DEFAULT_PARAMS))
+    reference = plain.execute(str(folder / "MR_T1_image.nii.gz"), str(folder / "MR_T1_mask.nii.gz"))
+    values = {k: float(v) for k, v in reference.items() if not k.startswith("diagnostics_")}
+    row = table.set_index("region").loc["tumour"]
+    assert len(values) > 1000  # shape, first order and 5 texture classes on 12 images
+    assert set(values) == set(table.columns) - {"study", "sequence", "region"}
+    assert all(row[k] == v for k, v in values.items())  # identical, not approximately equal
+
+
+def test_extraction_names_an_empty_region() -> None:
+    image, mask = sts("STS_008")
+    empty = sitk.Image(mask.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(mask)
+    with pytest.raises(ExtractionError, match="T1/ring: empty mask"):
+        extract({"T1": image}, {"T1": {"tumour": mask, "ring": empty}}, load_params(), workers=1)
+
+
+def test_ring_is_outside_the_tumour_and_10_mm_wide_in_physical_space() -> None:
+    """On STS_008's 0.98 x 0.98 x 3.27 mm grid the ring must still be 10 mm, not 10 voxels."""
+    image, mask = sts("STS_008")
+    shell = ring(mask)
+    tumour = sitk.GetArrayViewFromImage(mask) > 0
+    band = sitk.GetArrayViewFromImage(shell) > 0
+    assert not np.any(tumour & band)
+    distance = sitk.GetArrayFromImage(
+        sitk.SignedMaurerDistanceMap(
+            mask > 0, insideIsPositive=False, useImageSpacing=True, squaredDistance=False
+        )
+    )
+    assert distance[band].max() <= 10.0 and distance[band].min() > 0
+    assert band.sum() == int(((distance > 0) & (distance <= 10.0)).sum())
+    clipped = sitk.GetArrayViewFromImage(ring(mask, image)) > 0
+    assert clipped.sum() < band.sum() and not np.any(clipped & ~band)  # air/dark voxels left out
+
+
+def test_habitats_partition_the_tumour_and_are_ordered_by_intensity() -> None:
+    image, mask = sts("STS_008")
+    labels = habitats([image], mask, seed=0)
+    arr = sitk.GetArrayViewFromImage(labels)
+    tumour = sitk.GetArrayViewFromImage(mask) > 0
+    assert set(np.unique(arr[tumour])) == {1, 2, 3} and not np.any(arr[~tumour])
+    values = sitk.GetArrayViewFromImage(image)
+    means = [values[arr == h].mean() for h in (1, 2, 3)]
+    assert means[0] < means[1] < means[2]
+    counts = habitat_counts(labels)
+    assert sum(counts[f"habitat{h}_voxels"] for h in (1, 2, 3)) == tumour.sum()
+    assert sum(counts[f"habitat{h}_fraction"] for h in (1, 2, 3)) == pytest.approx(1.0)
+    assert np.array_equal(arr, sitk.GetArrayViewFromImage(habitats([image], mask, seed=0)))
+
+
+def test_icc_matches_shrout_and_fleiss_1979() -> None:
+    """Their Table 2 (6 targets, 4 judges): ICC(1,1)=.17, ICC(2,1)=.29, ICC(3,1)=.71."""
+    x = np.array(
+        [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]
+    )
+    assert [round(icc(x, k), 2) for k in ("1,1", "2,1", "3,1")] == [0.17, 0.29, 0.71]
+
+
+def test_perturbation_icc_keeps_volume_like_features_and_drops_noise() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.normal(100, 30, 12)
+    tables = [
+        pd.DataFrame(
+            {
+                "study": range(12),
+                "stable": base + rng.normal(0, 1, 12),
+                "noise": rng.normal(0, 1, 12),
+            }
+        )
+        for _ in range(4)
+    ]
+    values = feature_icc(tables)
+    assert robust_features(values) == ["stable"]
+    _, mask = sts("STS_008")
+    names = [name for name, _ in perturbations(mask)]
+    assert names == ["original", "eroded", "dilated", "shift-x", "shift+x", "shift-y", "shift+y"]
+
+
+def test_combat_equals_neurocombat_and_applies_to_new_cases() -> None:
+    """Same harmonised values as the reference neuroCombat (Fortin), with a covariate kept."""
+    from neuroCombat import neuroCombat
+
+    rng = np.random.default_rng(0)
+    batch = np.repeat(["A", "B", "C"], 20)
+    age = rng.normal(50, 10, 60)
+    x = rng.normal(0, 1, (60, 8)) + 0.05 * age[:, None]
+    x[batch == "B"] = x[batch == "B"] * 1.8 + 2
+    x[batch == "C"] = x[batch == "C"] * 0.6 - 1
+    covars = pd.DataFrame({"batch": batch, "age": age})
+    reference = neuroCombat(dat=x.T, covars=covars, batch_col="batch", continuous_cols=["age"])[
+        "data"
+    ].T
+    model = ComBat().fit(x, batch, age[:, None])
+    assert np.allclose(model.transform(x, batch, age[:, None]), reference, atol=1e-4)
+    # Batch means line up after harmonisation (what is left: age differences, EB shrinkage).
+    harmonised = model.transform(x, batch, age[:, None])
+    before = np.ptp([x[batch == b].mean() for b in "ABC"])
+    after = np.ptp([harmonised[batch == b].mean() for b in "ABC"])
+    assert after < 0.1 * before
+    again = ComBat.from_dict(model.to_dict())
+    assert np.allclose(again.transform(x[:5], batch[:5], age[:5, None]), harmonised[:5])
+    with pytest.raises(CombatError, match="not seen when ComBat was fitted: Z"):
+        model.transform(x[:1], ["Z"], age[:1, None])
