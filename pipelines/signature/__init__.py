@@ -1,0 +1,1 @@
+"""Radiomics signatures: LASSO-Cox and logistic endpoints, nomograms, fitted and scored."""
