@@ -27,7 +27,7 @@ import SimpleITK as sitk
 import yaml
 
 DEFAULT_PARAMS = Path(__file__).resolve().parents[2] / "config" / "radiomics" / "mr-default.yaml"
-KEYS = ("study", "sequence", "region")
+KEYS = ("study", "sequence", "region")  # then "note" (why a region has no features), features
 
 
 class ExtractionError(ValueError):
@@ -76,9 +76,13 @@ def _unit_params(params: Mapping[str, Any], image_type: str) -> dict[str, Any]:
     return unit
 
 
-def _run_unit(args: tuple[sitk.Image, sitk.Image, dict[str, Any]]) -> dict[str, float]:
+def _run_unit(args: tuple[sitk.Image, sitk.Image, dict[str, Any]]) -> dict[str, float] | str:
+    """Features of one unit, or the error message (raised, or not, by the caller)."""
     image, mask, params = args
-    return plain_pyradiomics(image, mask, params)
+    try:
+        return plain_pyradiomics(image, mask, params)
+    except ExtractionError as exc:
+        return str(exc)
 
 
 def extract(
@@ -88,18 +92,21 @@ def extract(
     *,
     study: str = "",
     workers: int | None = None,
+    optional: frozenset[str] = frozenset(),
 ) -> pd.DataFrame:
     """Features for every (sequence, region): one row each, feature columns sorted.
 
     ``images`` maps sequence -> image; ``regions`` maps sequence -> region
     name -> mask on that image's grid. ``workers`` defaults to the CPUs this
-    process may use; 1 runs in-process.
+    process may use; 1 runs in-process. A region named in ``optional`` that
+    PyRadiomics refuses (a habitat too small to describe) gets a row without
+    features and its reason in the ``note`` column instead of failing the study.
     """
     params = dict(params or load_params())
     jobs: list[tuple[str, str, tuple[sitk.Image, sitk.Image, dict[str, Any]]]] = []
     for sequence, named in regions.items():
         for region, mask in named.items():
-            if not sitk.GetArrayViewFromImage(mask).any():
+            if not sitk.GetArrayViewFromImage(mask).any() and region not in optional:
                 raise ExtractionError(f"{sequence}/{region}: empty mask")
             for image_type in params["imageType"]:
                 jobs.append(
@@ -114,10 +121,16 @@ def extract(
             results = list(pool.map(_run_unit, [job[2] for job in jobs]))
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for (sequence, region, _), values in zip(jobs, results, strict=True):
-        rows.setdefault(
+        row = rows.setdefault(
             (sequence, region), {"study": study, "sequence": sequence, "region": region}
         )
-        rows[(sequence, region)].update(values)
+        if isinstance(values, str):
+            if region not in optional:
+                raise ExtractionError(f"{sequence}/{region}: {values}")
+            row["note"] = values
+        else:
+            row.update(values)
     frame = pd.DataFrame(list(rows.values()))
-    features = sorted(c for c in frame.columns if c not in KEYS)
-    return frame[[*KEYS, *features]]
+    frame["note"] = frame["note"].fillna("") if "note" in frame.columns else ""
+    features = sorted(c for c in frame.columns if c not in (*KEYS, "note"))
+    return frame[[*KEYS, "note", *features]]

@@ -26,12 +26,15 @@ def ring(
     *,
     width_mm: float = 10.0,
     dark_fraction: float = 0.15,
+    body: sitk.Image | None = None,
 ) -> sitk.Image:
     """Voxels outside ``tumour`` within ``width_mm`` of it (uint8 0/1 on the tumour's grid).
 
     With ``image``, the ring is clipped to the body and loses voxels darker
     than ``dark_fraction`` of the body's median intensity (air, cortical
-    bone, flow voids: no tissue to describe).
+    bone, flow voids: no tissue to describe). ``body`` overrides the body
+    found on ``image`` (fat-suppressed T2 shows muscle barely above air; the
+    T1 body of the same study, carried over, is the better outline).
     """
     inside = sitk.Cast(tumour > 0, sitk.sitkUInt8)
     distance = sitk.SignedMaurerDistanceMap(
@@ -39,7 +42,7 @@ def ring(
     )
     shell = sitk.And(distance > 0, distance <= width_mm)
     if image is not None:
-        body = body_mask(image)
+        body = body_mask(image) if body is None else sitk.Cast(body > 0, sitk.sitkUInt8)
         values = sitk.GetArrayViewFromImage(image)
         median = float(np.median(values[sitk.GetArrayViewFromImage(body) > 0]))
         tissue = sitk.Cast(image > dark_fraction * median, sitk.sitkUInt8)

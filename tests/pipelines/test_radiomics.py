@@ -38,7 +38,8 @@ def test_parallel_extraction_equals_one_plain_pyradiomics_call_per_region() -> N
     values = {k: float(v) for k, v in reference.items() if not k.startswith("diagnostics_")}
     row = table.set_index("region").loc["tumour"]
     assert len(values) > 1000  # shape, first order and 5 texture classes on 12 images
-    assert set(values) == set(table.columns) - {"study", "sequence", "region"}
+    assert set(values) == set(table.columns) - {"study", "sequence", "region", "note"}
+    assert (table["note"] == "").all()
     assert all(row[k] == v for k, v in values.items())  # identical, not approximately equal
 
 
