@@ -42,7 +42,7 @@ def body_mask(image: sitk.Image) -> sitk.Image:
     floor = np.sort(frame)[: max(1, frame.size // 2)]
     median = float(np.median(floor))
     if median > 0.05 * float(np.percentile(arr, 99)):  # the border is tissue: no air in view
-        everything = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+        everything: sitk.Image = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
         everything.CopyInformation(image)
         return everything
     denoised = sitk.GetArrayFromImage(sitk.Median(sitk.Cast(image, sitk.sitkFloat32), [2, 2, 0]))

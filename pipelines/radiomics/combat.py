@@ -119,6 +119,18 @@ class ComBat:
         )
         return out
 
+    def subset(self, columns: Sequence[int]) -> ComBat:
+        """The parameters of some features only (each feature's transform is its own)."""
+        idx = list(columns)
+        return ComBat(
+            batches=list(self.batches),
+            grand_mean=self.grand_mean[idx],
+            var_pooled=self.var_pooled[idx],
+            covariate_beta=self.covariate_beta[:, idx],
+            gamma=self.gamma[:, idx],
+            delta=self.delta[:, idx],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         """Plain lists for a signature card."""
         return {

@@ -150,7 +150,13 @@ def fit_logistic(
             for n, v in selected.items()
         ],
         "intercept": intercept,
-        "combat": None if combat is None else {"batch_column": batch, **combat.to_dict()},
+        "combat": None
+        if combat is None
+        else {
+            "batch_column": batch,
+            "feature_names": list(selected.index),
+            **combat.subset([list(x.columns).index(n) for n in selected.index]).to_dict(),
+        },
         "radscore": {
             "formula": "intercept + sum(coefficient * (value - mean) / sd) (log-odds)",
             "cutoff": 0.0,

@@ -197,7 +197,13 @@ def fit_pfs(
             }
             for name, value in selected.items()
         ],
-        "combat": None if combat is None else {"batch_column": batch, **combat.to_dict()},
+        "combat": None
+        if combat is None
+        else {
+            "batch_column": batch,
+            "feature_names": list(selected.index),
+            **combat.subset([list(x_all.columns).index(n) for n in selected.index]).to_dict(),
+        },
         "radscore": {
             "formula": "sum(coefficient * (value - mean) / sd)",
             "cutoff": cutoff,
