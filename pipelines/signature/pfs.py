@@ -231,6 +231,10 @@ def fit_pfs(
             **validation,
         },
     }
+    card["nomogram"]["ranges"] = {
+        c: [float(frame.loc[train, c].min()), float(frame.loc[train, c].max())]
+        for c in card["nomogram"]["covariates"]
+    }
     return PfsFit(card=card, scores=scores)
 
 
