@@ -46,7 +46,7 @@ app.add_typer(synth_app, name="synth")
 app.add_typer(config_app, name="config")
 
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages stay on one line for grep and tests
 
 ConfigOpt = Annotated[
     Path | None,
@@ -800,6 +800,195 @@ def eval_seg(
             f"HD95 {row['hd95_mm_mean']:.1f} mm "
             f"({row['hd95_mm_ci95'][0]:.1f}-{row['hd95_mm_ci95'][1]:.1f})"
         )
+
+
+@app.command("radiomics")
+def radiomics_cmd(
+    image: Annotated[
+        Path, typer.Argument(metavar="IMAGE", help="NIfTI/NRRD image or DICOM series folder.")
+    ],
+    mask: Annotated[
+        Path, typer.Argument(metavar="MASK", help="Tumour mask (NIfTI/NRRD) on the image grid.")
+    ],
+    features_out: Annotated[Path, typer.Option("--out", help="Feature table to write (CSV).")],
+    params: Annotated[
+        Path | None, typer.Option("--params", help="PyRadiomics parameter file (YAML).")
+    ] = None,
+    ring_mm: Annotated[float, typer.Option(help="Peritumoral ring width (0: no ring).")] = 10.0,
+    sequence: Annotated[str, typer.Option(help="Sequence name for the table.")] = "T2FS",
+    study: Annotated[str, typer.Option(help="Study id for the table.")] = "",
+    workers: Annotated[int | None, typer.Option(help="Processes (default: CPUs).")] = None,
+) -> None:
+    """Features of the tumour (and its ring): one row per region, PyRadiomics names."""
+    import SimpleITK as sitk
+
+    from pipelines.io.dicom import load_image, load_series, scan
+    from pipelines.radiomics.extract import DEFAULT_PARAMS, ExtractionError, extract, load_params
+    from pipelines.radiomics.regions import ring
+
+    try:
+        img = load_series(scan(image).series[0]) if image.is_dir() else load_image(image)
+        msk = sitk.ReadImage(str(mask))
+        if msk.GetSize() != img.GetSize():
+            raise ExtractionError(f"mask {mask.name} is {msk.GetSize()}, image is {img.GetSize()}")
+        msk = sitk.Cast(msk > 0, sitk.sitkUInt8)
+        msk.CopyInformation(img)
+        regions = {"tumour": msk}
+        if ring_mm > 0:
+            regions["ring"] = ring(msk, img, width_mm=ring_mm)
+        table = extract(
+            {sequence: img},
+            {sequence: regions},
+            load_params(params or DEFAULT_PARAMS),
+            study=study or image.name,
+            workers=workers,
+        )
+    except (ExtractionError, OSError, RuntimeError, IndexError) as exc:
+        err.print(f"[red]radiomics: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    features_out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(features_out, index=False)
+    out.print(f"{len(table)} region(s) x {table.shape[1] - 4} features -> {features_out}")
+
+
+@app.command("fit-signature")
+def fit_signature_cmd(
+    cohort: Annotated[
+        Path, typer.Argument(metavar="COHORT", help="Studies + clinical.csv, or a feature table.")
+    ],
+    endpoint: Annotated[str, typer.Option(help="pfs, grade or metastasis.")],
+    model_out: Annotated[Path, typer.Option("--out", help="Signature folder (models/<id>).")],
+    clinical: Annotated[
+        Path | None, typer.Option(help="Clinical CSV (default COHORT/clinical.csv).")
+    ] = None,
+    label: Annotated[
+        str | None, typer.Option(help="Label column (grade: grade3, metastasis: metastasis).")
+    ] = None,
+    batch: Annotated[
+        str | None, typer.Option(help="Batch column for ComBat (scanner, site).")
+    ] = None,
+    params: Annotated[
+        Path | None, typer.Option("--params", help="PyRadiomics parameter file.")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.3,
+    seed: Annotated[int, typer.Option()] = 0,
+    synthetic: Annotated[
+        bool, typer.Option(help="Cohort is synthetic (said in the card).")
+    ] = False,
+    workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
+) -> None:
+    """Fit a signature and nomogram for ENDPOINT; write card.yaml with validation figures."""
+    from pipelines.radiomics.extract import DEFAULT_PARAMS, load_params, params_hash
+    from pipelines.signature.card import write_signature_card
+    from pipelines.signature.cohort import load_cohort
+    from pipelines.signature.logistic import fit_logistic
+    from pipelines.signature.pfs import FitError, fit_pfs
+
+    if endpoint not in ("pfs", "grade", "metastasis"):
+        err.print(f"[red]--endpoint must be pfs, grade or metastasis, not {endpoint!r}[/red]")
+        raise typer.Exit(2)
+    param_file = params or DEFAULT_PARAMS
+    param_data = load_params(param_file)
+    try:
+        features, clin = load_cohort(
+            cohort,
+            clinical=clinical,
+            params=param_data,
+            cache=model_out / "features.csv",
+            workers=workers,
+            progress=lambda i, n, case: err.print(f"extracted {case} ({i}/{n})"),
+        )
+        provenance = {
+            "extraction": {
+                "params_file": param_file.name,
+                "params_sha256": params_hash(param_data),
+            },
+            "sequences": sorted({c.split(":")[0] for c in features.columns}),
+            "regions": sorted({c.split(":")[1] for c in features.columns if c.count(":") >= 2}),
+            "cohort": {"path": cohort.name, "n": len(features.index.intersection(clin.index))},
+        }
+        if endpoint == "pfs":
+            card = fit_pfs(
+                features,
+                clin,
+                signature_id=model_out.name,
+                batch=batch,
+                val_fraction=val_fraction,
+                seed=seed,
+                synthetic=synthetic,
+                provenance=provenance,
+            ).card
+        else:
+            column = label or ("grade3" if endpoint == "grade" else "metastasis")
+            if column == "grade3" and column not in clin.columns and "grade" in clin.columns:
+                clin = clin.assign(grade3=(clin["grade"] == 3).astype(int))
+            card, _ = fit_logistic(
+                features,
+                clin,
+                signature_id=model_out.name,
+                endpoint=endpoint,
+                label=column,
+                batch=batch,
+                val_fraction=val_fraction,
+                seed=seed,
+                synthetic=synthetic,
+                provenance=provenance,
+            )
+    except (FitError, ValueError, OSError) as exc:
+        err.print(f"[red]fit-signature: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    path = write_signature_card(model_out, card)
+    val = card["validation"]
+    key = "c_index_nomogram_lp" if endpoint == "pfs" else "auc_nomogram"
+    if key in val:
+        out.print(
+            f"validation (n={val['n']}): {key} {val[key]['value']:.3f} "
+            f"(95% CI {val[key]['ci95'][0]:.3f}-{val[key]['ci95'][1]:.3f})"
+        )
+    out.print(f"{len(card['features'])} feature(s); card: {path}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Signature folder (card.yaml).")],
+    cohort: Annotated[
+        Path, typer.Argument(metavar="COHORT", help="Studies + clinical.csv, or a feature table.")
+    ],
+    report_out: Annotated[Path, typer.Option("--out", help="Report folder.")],
+    clinical: Annotated[
+        Path | None, typer.Option(help="Clinical CSV (default COHORT/clinical.csv).")
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
+) -> None:
+    """Score COHORT with MODEL; write the papers' figures, metrics.json and report.html."""
+    from pipelines.radiomics.extract import DEFAULT_PARAMS, load_params
+    from pipelines.signature.card import ScoreError, load_signature_card
+    from pipelines.signature.cohort import load_cohort
+    from pipelines.signature.evaluate import evaluate
+
+    try:
+        card = load_signature_card(model)
+        params_file = model / card.get("extraction", {}).get("params_file", "")
+        params = load_params(params_file if params_file.is_file() else DEFAULT_PARAMS)
+        features, clin = load_cohort(
+            cohort,
+            clinical=clinical,
+            params=params,
+            cache=report_out / "features.csv",
+            workers=workers,
+        )
+        result = evaluate(card, features, clin, report_out)
+    except (ScoreError, ValueError, OSError) as exc:
+        err.print(f"[red]evaluate: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    for key, value in result["metrics"].items():
+        if isinstance(value, dict) and "value" in value:
+            out.print(
+                f"{key}: {value['value']:.3f} "
+                f"(95% CI {value['ci95'][0]:.3f}-{value['ci95'][1]:.3f})"
+            )
+    out.print(f"report: {result['html']}")
+    out.print(f"[bold]{card.get('clinical_use', 'not for clinical use')}[/bold]")
 
 
 def main() -> None:

@@ -50,7 +50,8 @@ class CaseRef:
         return image, out
 
 
-def _sequence_of(name: str) -> str:
+def sequence_of(name: str) -> str:
+    """T2FS, T1 or unknown, from a research file name such as ``MR_T1_image.nii.gz``."""
     upper = name.upper()
     if "T2FS" in upper or "T2_FS" in upper or "STIR" in upper:
         return "T2FS"
@@ -96,7 +97,7 @@ def discover(roots: list[Path], exclude: set[str] = frozenset()) -> list[CaseRef
                 if mask.is_file():
                     cases.append(
                         CaseRef(
-                            folder.name, folder.name, "real", _sequence_of(image.name), image, mask
+                            folder.name, folder.name, "real", sequence_of(image.name), image, mask
                         )
                     )
     return [c for c in cases if c.group not in exclude]

@@ -1,0 +1,130 @@
+"""Cohorts for fitting and evaluation: a feature table, or studies to extract, plus clinical data.
+
+A COHORT argument is one of
+
+- a CSV of features: wide (``id`` + ``<sequence>:<region>:<feature>`` columns)
+  or tidy (``study, sequence, region, <feature>...`` rows, as ``sarcnode
+  radiomics`` writes them);
+- a folder holding ``features.csv`` and ``clinical.csv``;
+- a folder holding ``clinical.csv`` and studies to extract: synthetic studies
+  (``truth.json``, ``dicom/<role>/``, ``masks/<role>_tumour.nii.gz``, as
+  ``sarcnode synth cohort`` writes under ``cases/``) or NIfTI folders
+  (``<id>/*<SEQ>_image.nii.gz`` with ``*<SEQ>_mask.nii.gz``).
+
+Extracted features are cached in ``features.csv`` beside the output so a
+second run does not extract again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import SimpleITK as sitk
+
+from pipelines.io.dicom import load_image, load_series, scan
+from pipelines.radiomics.study import study_features, wide
+from pipelines.segment.data import sequence_of
+
+
+def read_features(path: Path) -> pd.DataFrame:
+    """A feature CSV, wide or tidy, as the wide table (index: case id)."""
+    table = pd.read_csv(path)
+    if {"study", "sequence", "region"} <= set(table.columns):
+        return wide(table)
+    if "id" not in table.columns:
+        raise ValueError(f"{path}: needs an 'id' column (wide) or study/sequence/region (tidy)")
+    table["id"] = table["id"].astype(str)
+    return table.set_index("id").astype(float)
+
+
+def read_clinical(path: Path) -> pd.DataFrame:
+    """The clinical CSV (``id`` first), indexed by case id."""
+    if not path.is_file():
+        raise ValueError(f"clinical table {path} not found")
+    table = pd.read_csv(path)
+    if "id" not in table.columns:
+        raise ValueError(f"{path}: needs an 'id' column")
+    table["id"] = table["id"].astype(str)
+    return table.set_index("id")
+
+
+def _study_inputs(folder: Path) -> tuple[dict[str, sitk.Image], dict[str, sitk.Image]] | None:
+    """(images, tumour masks) by role for a synthetic study or a NIfTI case folder."""
+    if (folder / "truth.json").is_file():
+        images, masks = {}, {}
+        for role in ("T2FS", "T1"):
+            if (folder / "dicom" / role).is_dir():
+                images[role] = load_series(scan(folder / "dicom" / role).series[0])
+                mask = sitk.ReadImage(str(folder / "masks" / f"{role}_tumour.nii.gz"))
+                mask.CopyInformation(images[role])
+                masks[role] = mask
+        return images, masks
+    pairs = sorted(folder.glob("*image*.nii*"))
+    if not pairs:
+        return None
+    images, masks = {}, {}
+    for image_path in pairs:
+        mask_path = folder / image_path.name.replace("image", "mask")
+        if mask_path.is_file():
+            role = sequence_of(image_path.name)
+            images[role] = load_image(image_path)
+            mask = sitk.ReadImage(str(mask_path))
+            mask.CopyInformation(images[role])
+            masks[role] = mask
+    return images, masks
+
+
+def extract_cohort(
+    root: Path,
+    params: Mapping[str, Any] | None,
+    *,
+    workers: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> pd.DataFrame:
+    """The tidy feature table of every study under ``root`` (``cases/`` first when present)."""
+    base = root / "cases" if (root / "cases").is_dir() else root
+    folders = sorted(p for p in base.iterdir() if p.is_dir())
+    tables = []
+    for i, folder in enumerate(folders):
+        inputs = _study_inputs(folder)
+        if inputs is None or not inputs[1]:
+            continue
+        case_id = folder.name
+        truth = folder / "truth.json"
+        if truth.is_file():
+            case_id = str(json.loads(truth.read_text()).get("case_id", case_id))
+        tables.append(study_features(*inputs, params, study=case_id, workers=workers))
+        if progress:
+            progress(i + 1, len(folders), case_id)
+    if not tables:
+        raise ValueError(f"no studies with tumour masks under {base}")
+    return pd.concat(tables, ignore_index=True)
+
+
+def load_cohort(
+    cohort: Path,
+    *,
+    clinical: Path | None = None,
+    params: Mapping[str, Any] | None = None,
+    cache: Path | None = None,
+    workers: int | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(wide features, clinical) for ``cohort`` (see the module docstring)."""
+    if cohort.is_file():
+        if clinical is None:
+            raise ValueError("a feature CSV needs --clinical CSV")
+        return read_features(cohort), read_clinical(clinical)
+    clinical_table = read_clinical(clinical or cohort / "clinical.csv")
+    for candidate in (cohort / "features.csv", cache):
+        if candidate is not None and candidate.is_file():
+            return read_features(candidate), clinical_table
+    tidy = extract_cohort(cohort, params, workers=workers, progress=progress)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tidy.to_csv(cache, index=False)
+    return wide(tidy), clinical_table

@@ -1,0 +1,80 @@
+"""``sarcnode radiomics``, ``fit-signature`` and ``evaluate`` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from tests.conftest import shared_data
+from tests.pipelines.test_pfs_fit import cohort
+from tests.pipelines.test_segment_cli import sarcnode
+
+
+def test_radiomics_command_writes_one_row_per_region(tmp_path: Path) -> None:
+    folder = shared_data("sts-t1-cropped", "STS_008")
+    proc = sarcnode(
+        "radiomics",
+        str(folder / "MR_T1_image.nii.gz"),
+        str(folder / "MR_T1_mask.nii.gz"),
+        "--out",
+        str(tmp_path / "f.csv"),
+        "--sequence",
+        "T1",
+        "--study",
+        "STS_008",
+        "--workers",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr
+    table = pd.read_csv(tmp_path / "f.csv")
+    assert list(table["region"]) == ["tumour", "ring"] and (table["sequence"] == "T1").all()
+    assert (
+        table.loc[0, "original_shape_VoxelVolume"] > table.loc[0, "original_shape_MeshVolume"] * 0.9
+    )
+    bad = sarcnode(
+        "radiomics",
+        str(folder / "MR_T1_image.nii.gz"),
+        str(tmp_path / "nope.nii.gz"),
+        "--out",
+        str(tmp_path / "g.csv"),
+    )
+    assert bad.returncode == 2 and "nope.nii.gz" in bad.stderr
+
+
+def test_fit_signature_then_evaluate_from_a_feature_table(tmp_path: Path) -> None:
+    features, clinical = cohort(200)
+    features.to_csv(tmp_path / "features.csv", index_label="id")
+    clinical.to_csv(tmp_path / "clinical.csv", index_label="id")
+    proc = sarcnode(
+        "fit-signature",
+        str(tmp_path),
+        "--endpoint",
+        "pfs",
+        "--out",
+        str(tmp_path / "models" / "pfs-demo"),
+        "--synthetic",
+        "--seed",
+        "0",
+    )
+    assert proc.returncode == 0, proc.stderr
+    card = yaml.safe_load((tmp_path / "models" / "pfs-demo" / "card.yaml").read_text())
+    assert card["id"] == "pfs-demo" and card["endpoint"] == "pfs"
+    assert card["extraction"]["params_sha256"] and "SYNTHETIC" in card["intended_use"]
+    assert "validation (n=60)" in proc.stdout
+    report = sarcnode(
+        "evaluate",
+        str(tmp_path / "models" / "pfs-demo"),
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "report"),
+    )
+    assert report.returncode == 0, report.stderr
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["n"] == 200 and 0.5 < metrics["c_index_radscore"]["value"] < 1
+    wrong = sarcnode(
+        "fit-signature", str(tmp_path), "--endpoint", "survival", "--out", str(tmp_path / "x")
+    )
+    assert wrong.returncode == 2 and "--endpoint must be" in wrong.stderr
