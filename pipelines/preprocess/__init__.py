@@ -45,7 +45,7 @@ def body_mask(image: sitk.Image) -> sitk.Image:
         everything: sitk.Image = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
         everything.CopyInformation(image)
         return everything
-    denoised = sitk.GetArrayFromImage(sitk.Median(sitk.Cast(image, sitk.sitkFloat32), [2, 2, 0]))
+    denoised = sitk.GetArrayFromImage(sitk.Median(sitk.Cast(image, sitk.sitkFloat32), [1, 1, 0]))
     frame_d = np.concatenate(
         [
             denoised[:, :f].ravel(),

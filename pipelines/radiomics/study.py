@@ -7,8 +7,8 @@ sequences' intensities on one grid: the other
 sequence is registered (:func:`~pipelines.preprocess.register_rigid`) and
 resampled onto this one, both are N4-corrected and histogram-standardised
 inside the body, and K-means runs on the pairs inside the tumour (seed 003).
-Images are N4-corrected before extraction; PyRadiomics then normalises them
-(``normalize: true`` in the parameter file).
+Images are N4-corrected and cropped 40 mm around the tumour before
+extraction; PyRadiomics then normalises the crop (``normalize: true``).
 """
 
 from __future__ import annotations
@@ -23,50 +23,64 @@ import SimpleITK as sitk
 from pipelines.preprocess import body_mask, histogram_standardise, n4, register_rigid
 from pipelines.radiomics.extract import KEYS, extract
 from pipelines.radiomics.regions import habitat_counts, habitats, ring
+from pipelines.segment.prep import box_around, crop
 
 REGIONS = ("tumour", "ring", "habitat1", "habitat2", "habitat3")
 
 
-def prepare(images: Mapping[str, sitk.Image]) -> dict[str, sitk.Image]:
-    """N4-corrected copies (bias fields differ between series and scanners)."""
-    return {
-        role: n4(sitk.Cast(image, sitk.sitkFloat32), body_mask(image))
-        for role, image in images.items()
-    }
+CROP_MM = 40.0  # around the tumour: the ring (10 mm) and PyRadiomics' padding fit inside
 
 
 def study_regions(
     images: Mapping[str, sitk.Image], tumours: Mapping[str, sitk.Image], *, seed: int = 0
-) -> tuple[dict[str, dict[str, sitk.Image]], dict[str, dict[str, float]]]:
-    """(role -> region -> mask, role -> habitat counts) for each role that has a tumour mask."""
+) -> tuple[dict[str, sitk.Image], dict[str, dict[str, sitk.Image]], dict[str, dict[str, float]]]:
+    """(role -> prepared image, role -> region -> mask, role -> habitat counts).
+
+    Each role with a tumour mask gets its N4-corrected image cropped
+    ``CROP_MM`` around the tumour (PyRadiomics then normalises tissue, not a
+    field of view that is mostly air, and works on a small image), and the
+    regions on that crop.
+    """
+    outline = "T1" if "T1" in images else next(iter(images))
+    bodies = {role: body_mask(image) for role, image in images.items()}
+    outline_body = bodies[outline]
+    corrected = {
+        role: n4(sitk.Cast(image, sitk.sitkFloat32), bodies[role]) for role, image in images.items()
+    }
+    transforms: dict[tuple[str, str], sitk.Transform] = {}
+    roles = list(images)
+    if len(roles) == 2:  # one registration; its inverse serves the other direction
+        fixed, moving = roles
+        result = register_rigid(corrected[fixed], corrected[moving])
+        transforms[(fixed, moving)] = result.transform
+        transforms[(moving, fixed)] = result.transform.GetInverse()
+    prepared: dict[str, sitk.Image] = {}
     regions: dict[str, dict[str, sitk.Image]] = {}
     counts: dict[str, dict[str, float]] = {}
-    outline = "T1" if "T1" in images else next(iter(images))
-    outline_body = body_mask(images[outline])
     for role, tumour in tumours.items():
-        image = images[role]
-        body = sitk.Resample(outline_body, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        image = corrected[role]
         tumour = sitk.Cast(tumour > 0, sitk.sitkUInt8)
         tumour.CopyInformation(image)
+        box = box_around(tumour, image, CROP_MM)
+        if box is None:
+            raise ValueError(f"{role}: empty tumour mask")
+        image, tumour = crop(image, box), crop(tumour, box)
+        body = sitk.Resample(outline_body, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         channels = [histogram_standardise(image, body)]
-        for other, other_image in images.items():
-            if other == role:
-                continue
-            moved = sitk.Resample(
-                other_image,
-                image,
-                register_rigid(image, other_image).transform,
-                sitk.sitkLinear,
-                0.0,
-            )
-            channels.append(histogram_standardise(moved, body))
+        for other in roles:
+            if other != role:
+                moved = sitk.Resample(
+                    corrected[other], image, transforms[(role, other)], sitk.sitkLinear, 0.0
+                )
+                channels.append(histogram_standardise(moved, body))
         labels = habitats(channels, tumour, seed=seed)
         named = {"tumour": tumour, "ring": ring(tumour, image, body=body)}
         for h in (1, 2, 3):
             named[f"habitat{h}"] = sitk.Cast(labels == h, sitk.sitkUInt8)
+        prepared[role] = image
         regions[role] = named
         counts[role] = habitat_counts(labels)
-    return regions, counts
+    return prepared, regions, counts
 
 
 def study_features(
@@ -79,11 +93,10 @@ def study_features(
     seed: int = 0,
 ) -> pd.DataFrame:
     """The tidy table (one row per sequence and region) for one study, habitat counts included."""
-    corrected = prepare(images)
-    regions, counts = study_regions(corrected, tumours, seed=seed)
+    prepared, regions, counts = study_regions(images, tumours, seed=seed)
     habitats_optional = frozenset(r for r in REGIONS if r.startswith("habitat"))
     table = extract(
-        corrected, regions, params, study=study, workers=workers, optional=habitats_optional
+        prepared, regions, params, study=study, workers=workers, optional=habitats_optional
     )
     for role, values in counts.items():
         for key, value in values.items():
