@@ -938,6 +938,7 @@ def fit_signature_cmd(
         err.print(f"[red]fit-signature: {exc}[/red]")
         raise typer.Exit(2) from exc
     path = write_signature_card(model_out, card)
+    shutil.copyfile(param_file, model_out / param_file.name)  # the card travels with its settings
     val = card["validation"]
     key = "c_index_nomogram_lp" if endpoint == "pfs" else "auc_nomogram"
     if key in val:
@@ -989,6 +990,82 @@ def evaluate_cmd(
             )
     out.print(f"report: {result['html']}")
     out.print(f"[bold]{card.get('clinical_use', 'not for clinical use')}[/bold]")
+
+
+DEFAULT_SIGNATURE = Path(__file__).resolve().parents[2] / "models" / "sarcnode-pfs-demo"
+
+
+def _yes_no(value: str | None) -> int | None:
+    if value is None:
+        return None
+    if value.lower() in ("yes", "y", "1", "true"):
+        return 1
+    if value.lower() in ("no", "n", "0", "false"):
+        return 0
+    raise typer.BadParameter(f"expected yes or no, not {value!r}")
+
+
+@app.command("analyze")
+def analyze_cmd(
+    study: Annotated[
+        Path, typer.Argument(metavar="STUDY_DIR", help="DICOM study folder (T2FS, T1).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
+    model: ModelOpt = DEFAULT_SEG_MODEL,
+    signature: Annotated[
+        Path, typer.Option(envvar="SARCNODE_SIGNATURE", help="Signature folder (card.yaml).")
+    ] = DEFAULT_SIGNATURE,
+    edema: Annotated[str | None, typer.Option(help="Peritumoral edema: yes/no.")] = None,
+    metastasis: Annotated[str | None, typer.Option(help="Metastasis at diagnosis: yes/no.")] = None,
+    grade: Annotated[int | None, typer.Option(min=1, max=3, help="Histological grade.")] = None,
+    age: Annotated[int | None, typer.Option(min=0, max=120)] = None,
+    sex: Annotated[str | None, typer.Option(help="M or F.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
+    rules: RulesOpt = RULES_FILE,
+    as_json: JsonOpt = False,
+) -> None:
+    """Segment, extract radiomics and score one study; write masks, features, score and summary."""
+    from pipelines.analyze import analyze_study
+    from pipelines.io.dicom import GeometryError
+    from pipelines.io.roles import load_role_rules
+    from pipelines.radiomics.extract import ExtractionError, load_params
+    from pipelines.segment.study import InputError
+    from pipelines.signature.card import ScoreError, load_signature_card
+
+    segmenter = _segmenter(model, device)
+    try:
+        card = load_signature_card(signature)
+        params = load_params(signature / card["extraction"]["params_file"])
+    except (ScoreError, ExtractionError, KeyError) as exc:
+        err.print(f"[red]analyze: signature {signature}: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    clinical: dict[str, Any] = {
+        "edema": _yes_no(edema),
+        "metastasis": _yes_no(metastasis),
+        "age": age,
+        "grade3": None if grade is None else int(grade == 3),
+        "sex_male": None if sex is None else int(sex.upper() == "M"),
+    }
+    try:
+        report = analyze_study(
+            study,
+            out_dir,
+            segmenter=segmenter,
+            card=card,
+            params=params,
+            rules=load_role_rules(rules),
+            clinical={k: v for k, v in clinical.items() if v is not None},
+            workers=workers,
+        )
+    except (InputError, GeometryError, ExtractionError, ScoreError, ValueError, OSError) as exc:
+        err.print(f"[red]analyze: {study}: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        return
+    out.print((out_dir / "summary.txt").read_text().rstrip())
+    out.print(f"outputs in {out_dir}: masks, features.csv, score.json, summary.txt")
 
 
 def main() -> None:
