@@ -1,0 +1,62 @@
+"""One timed extraction mode for bench/radiomics.py, in its own process (fair memory figures).
+
+Usage: radiomics_runner.py FOLDER MODE WORKERS PARAMS OUT, MODE = baseline | sarcnode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.radiomics.extract import extract, load_params  # noqa: E402
+
+
+def main() -> None:
+    """Load the prepared images and regions, run MODE, write seconds, peak RSS and values."""
+    folder, mode, workers, params_path, out = sys.argv[1:6]
+    params = load_params(Path(params_path))
+    index = json.loads((Path(folder) / "index.json").read_text())
+    images = {r: sitk.ReadImage(str(Path(folder) / f)) for r, f in index["images"].items()}
+    regions = {
+        r: {n: sitk.ReadImage(str(Path(folder) / f)) for n, f in named.items()}
+        for r, named in index["regions"].items()
+    }
+    values: dict[str, dict[str, float]] = {}
+    start = time.perf_counter()
+    if mode == "baseline":
+        from radiomics import featureextractor  # type: ignore[attr-defined]
+
+        logging.getLogger("radiomics").setLevel(logging.ERROR)
+        for role, named in regions.items():
+            for name, mask in named.items():
+                extractor = featureextractor.RadiomicsFeatureExtractor(params)
+                result = extractor.execute(images[role], mask)
+                values[f"{role}:{name}"] = {
+                    k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")
+                }
+    else:
+        table = extract(images, regions, params, workers=int(workers))
+        features = [c for c in table.columns if c not in ("study", "sequence", "region", "note")]
+        for _, row in table.iterrows():
+            values[f"{row['sequence']}:{row['region']}"] = {k: float(row[k]) for k in features}
+    seconds = time.perf_counter() - start
+    rss = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+        resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+    )
+    Path(out).write_text(
+        json.dumps({"seconds": seconds, "maxrss_mb": rss / 1024, "values": values})
+    )
+
+
+if __name__ == "__main__":
+    main()
