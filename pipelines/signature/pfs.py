@@ -176,6 +176,18 @@ def fit_pfs(
     scores["nomogram_lp"] = nomogram.linear_predictor(frame)
 
     validation = _judge(scores[val], clin.loc[train], time, event, seed) if val.any() else {}
+    if "oracle_lp" in clin.columns and val.any():  # synthetic cohorts carry the true risk
+        c, low, high = bootstrap_c(
+            clin.loc[val, time].to_numpy(float),
+            clin.loc[val, event].to_numpy(int),
+            clin.loc[val, "oracle_lp"].to_numpy(float),
+            n=500,
+            seed=seed,
+        )
+        validation["c_index_oracle"] = {
+            "value": round(c, 4),
+            "ci95": [round(low, 4), round(high, 4)],
+        }
     training_metrics = _judge(scores[train], clin.loc[train], time, event, seed)
     card: dict[str, Any] = {
         "id": signature_id,

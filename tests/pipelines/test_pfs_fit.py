@@ -68,6 +68,7 @@ def test_signature_recovers_the_signal_close_to_the_oracle() -> None:
     )
     nomogram_c = card["validation"]["c_index_nomogram_lp"]["value"]
     assert abs(nomogram_c - oracle) < 0.05
+    assert card["validation"]["c_index_oracle"]["value"] == pytest.approx(oracle, abs=1e-4)
     assert "metastasis" in card["nomogram"]["covariates"]  # true HR exp(0.8)
     assert card["validation"]["logrank_p"] < 0.01
     assert card["clinical_use"] == "not for clinical use" and "SYNTHETIC" in card["intended_use"]
