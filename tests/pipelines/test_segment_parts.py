@@ -1,0 +1,134 @@
+"""Segmentation building blocks: metrics, post-processing, model cards, training plumbing."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import yaml
+
+from pipelines.segment import network
+from pipelines.segment.card import ModelError, load_card, write_card
+from pipelines.segment.data import discover, split
+from pipelines.segment.infer import postprocess
+from pipelines.segment.metrics import bootstrap_ci, dice, hd95
+from pipelines.synth.study import write_study
+from tests.conftest import shared_data
+
+
+def ball(radius_mm: float, spacing: tuple[float, float, float] = (1.0, 1.0, 2.0)) -> sitk.Image:
+    """A ball of ``radius_mm`` centred in a 120 mm cube, on an anisotropic grid."""
+    n = [round(120 / s) for s in spacing]
+    z, y, x = np.meshgrid(
+        *[(np.arange(k) - (k - 1) / 2) * s for k, s in zip(n[::-1], spacing[::-1], strict=True)],
+        indexing="ij",
+    )
+    image = sitk.GetImageFromArray((x**2 + y**2 + z**2 <= radius_mm**2).astype(np.uint8))
+    image.SetSpacing(spacing)
+    return image
+
+
+def test_dice_and_hd95_of_concentric_balls_match_geometry() -> None:
+    """Radii 20 and 25 mm: Dice 2r^3/(r^3+R^3) = 0.678; every surface point 5 mm from the other."""
+    inner, outer = ball(20), ball(25)
+    assert dice(inner, outer) == pytest.approx(2 * 20**3 / (20**3 + 25**3), abs=0.02)
+    assert hd95(inner, outer) == pytest.approx(5.0, abs=1.5)  # within a (2 mm) voxel
+    assert hd95(inner, inner) == 0.0
+    empty = sitk.Image(inner.GetSize(), sitk.sitkUInt8)
+    empty.CopyInformation(inner)
+    assert hd95(inner, empty) == float("inf") and dice(inner, empty) == 0.0
+
+
+def test_bootstrap_interval_brackets_the_mean_and_collapses_for_constants() -> None:
+    rng = np.random.default_rng(3)
+    values = rng.normal(0.8, 0.05, 40)
+    mean, low, high = bootstrap_ci(values)
+    assert low < mean < high and high - low == pytest.approx(2 * 1.96 * 0.05 / np.sqrt(40), rel=0.3)
+    assert bootstrap_ci([0.7, 0.7, 0.7]) == pytest.approx((0.7, 0.7, 0.7))
+    with pytest.raises(ValueError, match="no values"):
+        bootstrap_ci([])
+
+
+def test_postprocess_drops_specks_and_fills_a_necrotic_hole() -> None:
+    mass = ball(20)
+    arr = sitk.GetArrayFromImage(mass)
+    centre = tuple(s // 2 for s in arr.shape)
+    arr[
+        centre[0] - 2 : centre[0] + 3, centre[1] - 5 : centre[1] + 5, centre[2] - 5 : centre[2] + 5
+    ] = 0
+    arr[2:4, 2:4, 2:4] = 1  # a speck far away
+    noisy = sitk.GetImageFromArray(arr)
+    noisy.CopyInformation(mass)
+    cleaned = postprocess(noisy)
+    assert dice(cleaned, mass) > 0.99
+    assert sitk.GetArrayFromImage(cleaned)[2:4, 2:4, 2:4].sum() == 0
+
+
+def tiny_model(folder: Path) -> Path:
+    """A model folder with untrained weights and a card (checksums filled in)."""
+    folder.mkdir(parents=True)
+    for stage, arch in (("coarse", network.COARSE_ARCH), ("fine", network.FINE_ARCH)):
+        torch.save(network.build(arch).state_dict(), folder / f"{stage}.pt")
+    card = {
+        "id": "tiny",
+        "version": "0",
+        "architecture": {"coarse": network.COARSE_ARCH, "fine": network.FINE_ARCH},
+        "weights": {"coarse": {"file": "coarse.pt"}, "fine": {"file": "fine.pt"}},
+    }
+    write_card(folder, card)
+    return folder
+
+
+def test_model_card_refuses_tampered_or_missing_weights(tmp_path: Path) -> None:
+    model = tiny_model(tmp_path / "m")
+    assert load_card(model)["id"] == "tiny"
+    with (model / "fine.pt").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ModelError, match=r"fine weights fine.pt have sha256 .* refusing"):
+        load_card(model)
+    (model / "fine.pt").unlink()
+    with pytest.raises(ModelError, match=r"fine weights 'fine\.pt' are missing"):
+        load_card(model)
+    with pytest.raises(ModelError, match=r"no card\.yaml"):
+        load_card(tmp_path / "nowhere")
+
+
+def test_cases_are_found_excluded_and_split_by_patient(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    for case in ("STS_001", "STS_002", "STS_003", "STS_004", "STS_005"):
+        shutil.copytree(shared_data("sts-t1-cropped", "STS_002"), real / case)
+    write_study(tmp_path / "syn" / "a", 31)
+    write_study(tmp_path / "syn" / "b", 32)
+    cases = discover([real, tmp_path / "syn"], {"STS_001"})
+    assert "STS_001" not in {c.group for c in cases}
+    assert {(c.source, c.sequence) for c in cases} == {
+        ("real", "T1"),
+        ("synthetic", "T1"),
+        ("synthetic", "T2FS"),
+    }
+    train, val = split(cases, 0.5, seed=0)
+    assert not {c.group for c in train} & {
+        c.group for c in val
+    }  # a patient's two series stay together
+    assert {c.source for c in val} == {"real", "synthetic"}  # each source gives up cases
+    image, mask = cases[0].load()
+    assert image.GetSize() == mask.GetSize() and sitk.GetArrayViewFromImage(mask).max() == 1
+
+
+def test_demo_model_card_is_honest_and_its_weights_small() -> None:
+    """The shipped model: checksums hold, STS_001 never seen, figures present, < 20 MB."""
+    model = Path(__file__).resolve().parents[2] / "models" / "sarcnode-seg-demo"
+    card = load_card(model)
+    assert card["clinical_use"] == "not for clinical use"
+    training = card["training"]
+    assert "STS_001" in training["excluded"]
+    assert "STS_001" not in training["train_ids"] + training["validation_ids"]
+    assert not set(training["train_ids"]) & set(training["validation_ids"])
+    real = card["validation"]["summary"]["real"]
+    assert real["n"] >= 5 and real["dice_ci95"][0] <= real["dice_mean"] <= real["dice_ci95"][1]
+    assert sum(f.stat().st_size for f in model.iterdir()) < 20 * 2**20
+    assert yaml.safe_load((model / "card.yaml").read_text()) == card
