@@ -45,6 +45,17 @@ from pipelines.segment.study import choose_series  # noqa: E402
 from pipelines.synth.study import write_study  # noqa: E402
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def one_run(segmenter: Segmenter, folder: Path) -> dict[str, float]:
     """One study from files to both masks, timed by step."""
     rules = load_role_rules(REPO / "config" / "sequence_roles.yaml")
