@@ -51,7 +51,12 @@ def analyze_study(
     images = {r: im for r, im in seg.images.items() if r in wanted}
     tumours = {r: m for r, m in seg.masks.items() if r in wanted}
     t1 = time.perf_counter()
-    table = study_features(images, tumours, params, study=study.name, workers=workers)
+    wanted_regions = tuple(
+        card.get("regions") or ("tumour", "ring", "habitat1", "habitat2", "habitat3")
+    )
+    table = study_features(
+        images, tumours, params, study=study.name, workers=workers, regions_wanted=wanted_regions
+    )
     seconds["radiomics"] = time.perf_counter() - t1
     table.to_csv(out / "features.csv", index=False)
     row = wide(table).iloc[0].to_dict()

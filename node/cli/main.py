@@ -875,6 +875,9 @@ def fit_signature_cmd(
     synthetic: Annotated[
         bool, typer.Option(help="Cohort is synthetic (said in the card).")
     ] = False,
+    region: Annotated[
+        list[str], typer.Option(help="Regions to extract: tumour, ring, habitat1-3 (repeatable).")
+    ] = ["tumour", "ring", "habitat1", "habitat2", "habitat3"],  # noqa: B006
     workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
 ) -> None:
     """Fit a signature and nomogram for ENDPOINT; write card.yaml with validation figures."""
@@ -896,6 +899,7 @@ def fit_signature_cmd(
             params=param_data,
             cache=model_out / "features.csv",
             workers=workers,
+            regions=tuple(region),
             progress=lambda i, n, case: err.print(f"extracted {case} ({i}/{n})"),
         )
         provenance = {

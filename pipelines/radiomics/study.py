@@ -32,14 +32,19 @@ CROP_MM = 40.0  # around the tumour: the ring (10 mm) and PyRadiomics' padding f
 
 
 def study_regions(
-    images: Mapping[str, sitk.Image], tumours: Mapping[str, sitk.Image], *, seed: int = 0
+    images: Mapping[str, sitk.Image],
+    tumours: Mapping[str, sitk.Image],
+    *,
+    seed: int = 0,
+    wanted: tuple[str, ...] = REGIONS,
 ) -> tuple[dict[str, sitk.Image], dict[str, dict[str, sitk.Image]], dict[str, dict[str, float]]]:
     """(role -> prepared image, role -> region -> mask, role -> habitat counts).
 
     Each role with a tumour mask gets its N4-corrected image cropped
     ``CROP_MM`` around the tumour (PyRadiomics then normalises tissue, not a
     field of view that is mostly air, and works on a small image), and the
-    regions on that crop.
+    regions on that crop. Only the ``wanted`` regions are made (without
+    habitats there is no registration and no K-means).
     """
     outline = "T1" if "T1" in images else next(iter(images))
     bodies = {role: body_mask(image) for role, image in images.items()}
@@ -49,7 +54,10 @@ def study_regions(
     }
     transforms: dict[tuple[str, str], sitk.Transform] = {}
     roles = list(images)
-    if len(roles) == 2:  # one registration; its inverse serves the other direction
+    want_habitats = any(r.startswith("habitat") for r in wanted)
+    if (
+        len(roles) == 2 and want_habitats
+    ):  # one registration; its inverse serves the other direction
         fixed, moving = roles
         result = register_rigid(corrected[fixed], corrected[moving])
         transforms[(fixed, moving)] = result.transform
@@ -66,20 +74,23 @@ def study_regions(
             raise ValueError(f"{role}: empty tumour mask")
         image, tumour = crop(image, box), crop(tumour, box)
         body = sitk.Resample(outline_body, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-        channels = [histogram_standardise(image, body)]
-        for other in roles:
-            if other != role:
-                moved = sitk.Resample(
-                    corrected[other], image, transforms[(role, other)], sitk.sitkLinear, 0.0
-                )
-                channels.append(histogram_standardise(moved, body))
-        labels = habitats(channels, tumour, seed=seed)
-        named = {"tumour": tumour, "ring": ring(tumour, image, body=body)}
-        for h in (1, 2, 3):
-            named[f"habitat{h}"] = sitk.Cast(labels == h, sitk.sitkUInt8)
+        named = {"tumour": tumour}
+        if "ring" in wanted:
+            named["ring"] = ring(tumour, image, body=body)
+        if want_habitats:
+            channels = [histogram_standardise(image, body)]
+            for other in roles:
+                if other != role and (role, other) in transforms:
+                    moved = sitk.Resample(
+                        corrected[other], image, transforms[(role, other)], sitk.sitkLinear, 0.0
+                    )
+                    channels.append(histogram_standardise(moved, body))
+            labels = habitats(channels, tumour, seed=seed)
+            for h in (1, 2, 3):
+                named[f"habitat{h}"] = sitk.Cast(labels == h, sitk.sitkUInt8)
+            counts[role] = habitat_counts(labels)
         prepared[role] = image
-        regions[role] = named
-        counts[role] = habitat_counts(labels)
+        regions[role] = {name: mask for name, mask in named.items() if name in wanted}
     return prepared, regions, counts
 
 
@@ -91,9 +102,10 @@ def study_features(
     study: str = "",
     workers: int | None = None,
     seed: int = 0,
+    regions_wanted: tuple[str, ...] = REGIONS,
 ) -> pd.DataFrame:
     """The tidy table (one row per sequence and region) for one study, habitat counts included."""
-    prepared, regions, counts = study_regions(images, tumours, seed=seed)
+    prepared, regions, counts = study_regions(images, tumours, seed=seed, wanted=regions_wanted)
     habitats_optional = frozenset(r for r in REGIONS if r.startswith("habitat"))
     table = extract(
         prepared, regions, params, study=study, workers=workers, optional=habitats_optional

@@ -26,7 +26,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from pipelines.io.dicom import load_image, load_series, scan
-from pipelines.radiomics.study import study_features, wide
+from pipelines.radiomics.study import REGIONS, study_features, wide
 from pipelines.segment.data import sequence_of
 
 
@@ -84,6 +84,7 @@ def extract_cohort(
     *,
     workers: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    regions: tuple[str, ...] = REGIONS,
 ) -> pd.DataFrame:
     """The tidy feature table of every study under ``root`` (``cases/`` first when present)."""
     base = root / "cases" if (root / "cases").is_dir() else root
@@ -97,7 +98,9 @@ def extract_cohort(
         truth = folder / "truth.json"
         if truth.is_file():
             case_id = str(json.loads(truth.read_text()).get("case_id", case_id))
-        tables.append(study_features(*inputs, params, study=case_id, workers=workers))
+        tables.append(
+            study_features(*inputs, params, study=case_id, workers=workers, regions_wanted=regions)
+        )
         if progress:
             progress(i + 1, len(folders), case_id)
     if not tables:
@@ -113,6 +116,7 @@ def load_cohort(
     cache: Path | None = None,
     workers: int | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    regions: tuple[str, ...] = REGIONS,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(wide features, clinical) for ``cohort`` (see the module docstring)."""
     if cohort.is_file():
@@ -123,7 +127,7 @@ def load_cohort(
     for candidate in (cohort / "features.csv", cache):
         if candidate is not None and candidate.is_file():
             return read_features(candidate), clinical_table
-    tidy = extract_cohort(cohort, params, workers=workers, progress=progress)
+    tidy = extract_cohort(cohort, params, workers=workers, progress=progress, regions=regions)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tidy.to_csv(cache, index=False)
