@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -137,3 +139,26 @@ def test_combat_equals_neurocombat_and_applies_to_new_cases() -> None:
     assert np.allclose(again.transform(x[:5], batch[:5], age[:5, None]), harmonised[:5])
     with pytest.raises(CombatError, match="not seen when ComBat was fitted: Z"):
         model.transform(x[:1], ["Z"], age[:1, None])
+
+
+def test_study_regions_on_a_synthetic_pair(tmp_path: Path) -> None:
+    """Both sequences: crop keeps the whole tumour, ring and habitats are where they belong."""
+    from pipelines.io.dicom import load_series, scan
+    from pipelines.radiomics.study import study_regions
+    from pipelines.synth.study import write_study
+
+    write_study(tmp_path / "s", 21)
+    images = {r: load_series(scan(tmp_path / "s" / "dicom" / r).series[0]) for r in ("T1", "T2FS")}
+    masks = {
+        r: sitk.ReadImage(str(tmp_path / "s" / "masks" / f"{r}_tumour.nii.gz")) for r in images
+    }
+    prepared, regions, counts = study_regions(images, masks)
+    for role in ("T1", "T2FS"):
+        named = {k: sitk.GetArrayViewFromImage(v) > 0 for k, v in regions[role].items()}
+        full = sitk.GetArrayViewFromImage(masks[role]) > 0
+        assert named["tumour"].sum() == full.sum()  # the 40 mm crop cut nothing off
+        assert prepared[role].GetSize() == regions[role]["tumour"].GetSize()
+        assert not np.any(named["ring"] & named["tumour"]) and named["ring"].sum() > 0
+        union = named["habitat1"] | named["habitat2"] | named["habitat3"]
+        assert np.array_equal(union, named["tumour"])
+        assert sum(counts[role][f"habitat{h}_fraction"] for h in (1, 2, 3)) == pytest.approx(1.0)
