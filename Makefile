@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests run against for real (see tests/peers.py).
 DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl
 
-.PHONY: all venv demo test test-fast lint typecheck peers bench seg-model lock clean
+.PHONY: all venv demo test test-fast lint typecheck peers bench seg-model pfs-model lock clean
 
 all: venv
 
@@ -56,6 +56,7 @@ demo: venv
 bench: venv peers
 	$(PY) bench/ingest.py
 	$(PY) bench/segment.py
+	$(PY) bench/radiomics.py
 
 # How models/sarcnode-seg-demo was made (CPU, 2 cores: about 50 minutes):
 # 32 synthetic studies (seed 7) + the real cropped T1 patients, never STS_001.
@@ -70,6 +71,15 @@ seg-model: venv
 	  --val-every 200 --out var/train/model-v1
 	$(VENV)/bin/sarcnode train-seg $(SEG_DATA) --stage coarse --reuse var/train/model-v1 \
 	  --coarse-source synthetic --coarse-source real --coarse-steps 800 --out $(SEG_MODEL)
+
+# How models/sarcnode-pfs-demo was fitted (CPU, 2 cores: about 40 minutes):
+# 200 synthetic studies (seed 11), features from the truth masks (tumour and
+# 10 mm ring, both sequences, mr-demo.yaml), PFS signature + nomogram.
+PFS_MODEL := models/sarcnode-pfs-demo
+pfs-model: venv
+	$(VENV)/bin/sarcnode synth cohort var/pfs --n 200 --seed 11
+	$(VENV)/bin/sarcnode fit-signature var/pfs --endpoint pfs --synthetic --seed 0 \
+	  --params config/radiomics/mr-demo.yaml --region tumour --region ring --out $(PFS_MODEL)
 
 # Re-resolve the pinned set from a clean venv (run when pyproject's ranges change).
 lock:
