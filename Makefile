@@ -77,7 +77,7 @@ seg-model: venv
 # 10 mm ring, both sequences, mr-demo.yaml), PFS signature + nomogram.
 PFS_MODEL := models/sarcnode-pfs-demo
 pfs-model: venv
-	$(VENV)/bin/sarcnode synth cohort var/pfs --n 200 --seed 11
+	$(VENV)/bin/sarcnode synth cohort var/pfs --n 200 --seed 11 --workers 2
 	$(VENV)/bin/sarcnode fit-signature var/pfs --endpoint pfs --synthetic --seed 0 \
 	  --params config/radiomics/mr-demo.yaml --region tumour --region ring --out $(PFS_MODEL)
 

@@ -551,11 +551,12 @@ def synth_cohort(
     n: Annotated[int, typer.Option("--n", min=1, help="Number of studies.")] = 20,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     images: Annotated[bool, typer.Option(help="Write images (else only clinical.csv).")] = True,
+    workers: Annotated[int, typer.Option(min=1, help="Processes rendering studies.")] = 1,
 ) -> None:
     """Write a cohort: cases/<id>/ studies, clinical.csv (PFS, covariates, oracle_lp)."""
     from pipelines.synth.cohort import write_cohort
 
-    cases = write_cohort(folder, n, seed, images=images)
+    cases = write_cohort(folder, n, seed, images=images, workers=workers)
     events = sum(c.event for c in cases)
     out.print(f"{len(cases)} cases ({events} events) in {folder}; see {folder / 'clinical.csv'}")
 

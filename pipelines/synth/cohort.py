@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import json
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -147,13 +148,29 @@ def write_clinical(path: Path, cases: list[Case]) -> None:
             )
 
 
-def write_cohort(out: Path, n: int, seed: int, *, images: bool = True) -> list[Case]:
-    """Write ``n`` studies under ``out/cases/<id>/`` plus ``clinical.csv`` and ``cohort.json``."""
+def _write_case(args: tuple[Path, Case]) -> None:
+    folder, case = args
+    write_study(folder / case.case_id, case.seed, case.traits)
+
+
+def write_cohort(
+    out: Path, n: int, seed: int, *, images: bool = True, workers: int = 1
+) -> list[Case]:
+    """Write ``n`` studies under ``out/cases/<id>/`` plus ``clinical.csv`` and ``cohort.json``.
+
+    ``workers`` > 1 renders studies in parallel processes; every study depends
+    on its own seed only, so the files are the same either way.
+    """
     out.mkdir(parents=True, exist_ok=True)
     cases = [draw_case(seed * 100_000 + i) for i in range(n)]
     if images:
-        for case in cases:
-            write_study(out / "cases" / case.case_id, case.seed, case.traits)
+        jobs = [(out / "cases", case) for case in cases]
+        if workers > 1:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(_write_case, jobs))
+        else:
+            for job in jobs:
+                _write_case(job)
     write_clinical(out / "clinical.csv", cases)
     (out / "cohort.json").write_text(
         json.dumps(

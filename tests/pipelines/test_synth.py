@@ -130,3 +130,25 @@ def test_cli_writes_a_cohort_with_clinical_table(tmp_path: Path) -> None:
     assert lines[0].startswith("id,time,event,age,sex,edema,metastasis,grade,batch,oracle_lp")
     assert len(lines) == 3
     assert len(list((tmp_path / "c" / "cases").iterdir())) == 2
+
+
+def test_parallel_cohort_rendering_writes_the_same_files(tmp_path: Path) -> None:
+    """--workers 2 renders in processes; each study depends on its seed only."""
+    import hashlib
+
+    from pipelines.synth.cohort import write_cohort
+
+    write_cohort(tmp_path / "one", 2, 9, workers=1)
+    write_cohort(tmp_path / "two", 2, 9, workers=2)
+
+    def digest(root: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((root / "cases").rglob("*"))
+            if p.is_file()
+        }
+
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
+    assert (tmp_path / "one" / "clinical.csv").read_text() == (
+        tmp_path / "two" / "clinical.csv"
+    ).read_text()
