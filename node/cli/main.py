@@ -925,8 +925,6 @@ def fit_signature_cmd(
             ).card
         else:
             column = label or ("grade3" if endpoint == "grade" else "metastasis")
-            if column == "grade3" and column not in clin.columns and "grade" in clin.columns:
-                clin = clin.assign(grade3=(clin["grade"] == 3).astype(int))
             card, _ = fit_logistic(
                 features,
                 clin,

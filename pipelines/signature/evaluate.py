@@ -8,6 +8,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.signature.card import score
+from pipelines.signature.pfs import derive_clinical
 from pipelines.signature.report import logistic_report, survival_report, write_html
 
 
@@ -16,11 +17,7 @@ def score_cohort(
 ) -> pd.DataFrame:
     """One row per case with both features and clinical data: the card's outputs."""
     rows = {}
-    clin = clinical.copy()
-    if "sex" in clin.columns and "sex_male" not in clin.columns:
-        clin["sex_male"] = (clin["sex"].astype(str).str.upper() == "M").astype(int)
-    if "grade" in clin.columns and "grade3" not in clin.columns:
-        clin["grade3"] = (clin["grade"] == 3).astype(int)
+    clin = derive_clinical(clinical)
     for case in features.index.intersection(clin.index):
         result = score(card, features.loc[case].to_dict(), clin.loc[case].to_dict())
         row: dict[str, Any] = {"radscore": result["radscore"], "risk_group": result["risk_group"]}

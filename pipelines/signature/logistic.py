@@ -25,7 +25,14 @@ from pipelines.signature.classify import (
     mann_whitney_filter,
     mrmr,
 )
-from pipelines.signature.pfs import NOT_CLINICAL, FitError, _split
+from pipelines.signature.pfs import (
+    NOT_CLINICAL,
+    FitError,
+    _split,
+    combat_block,
+    derive_clinical,
+    feature_block,
+)
 
 
 def _logit_fit(frame: pd.DataFrame, label: str, covariates: list[str]) -> Any:
@@ -55,7 +62,7 @@ def fit_logistic(
     ids = features.index.intersection(clinical.index)
     if len(ids) < 20:
         raise FitError(f"only {len(ids)} cases have both features and clinical data")
-    clin = clinical.loc[ids].copy()
+    clin = derive_clinical(clinical.loc[ids])
     y = clin[label].astype(int)
     if set(y) != {0, 1}:
         raise FitError(f"label {label!r} must be 0/1 with both classes present")
@@ -145,18 +152,9 @@ def fit_logistic(
         + ".",
         "clinical_use": NOT_CLINICAL,
         **(provenance or {}),
-        "features": [
-            {"name": n, "mean": float(means[n]), "sd": float(sds[n]), "coefficient": float(v)}
-            for n, v in selected.items()
-        ],
+        "features": feature_block(selected, means, sds),
         "intercept": intercept,
-        "combat": None
-        if combat is None
-        else {
-            "batch_column": batch,
-            "feature_names": list(selected.index),
-            **combat.subset([list(x.columns).index(n) for n in selected.index]).to_dict(),
-        },
+        "combat": combat_block(combat, batch, x.columns, selected),
         "radscore": {
             "formula": "intercept + sum(coefficient * (value - mean) / sd) (log-odds)",
             "cutoff": 0.0,

@@ -67,6 +67,38 @@ def _split(clinical: pd.DataFrame, event: str, val_fraction: float, seed: int) -
     return split
 
 
+def derive_clinical(clinical: pd.DataFrame) -> pd.DataFrame:
+    """Add the 0/1 columns cards use: ``sex_male`` from ``sex``, ``grade3`` from ``grade``."""
+    out = clinical.copy()
+    if "sex" in out.columns and "sex_male" not in out.columns:
+        out["sex_male"] = (out["sex"].astype(str).str.upper() == "M").astype(int)
+    if "grade" in out.columns and "grade3" not in out.columns:
+        out["grade3"] = (out["grade"] == 3).astype(int)
+    return out
+
+
+def feature_block(selected: pd.Series, means: pd.Series, sds: pd.Series) -> list[dict[str, Any]]:
+    """The card's ``features``: name, training mean and SD, coefficient."""
+    return [
+        {"name": n, "mean": float(means[n]), "sd": float(sds[n]), "coefficient": float(v)}
+        for n, v in selected.items()
+    ]
+
+
+def combat_block(
+    combat: ComBat | None, batch: str | None, columns: pd.Index, selected: pd.Series
+) -> dict[str, Any] | None:
+    """The card's ``combat``: parameters of the selected features only (each is its own)."""
+    if combat is None:
+        return None
+    index = [list(columns).index(n) for n in selected.index]
+    return {
+        "batch_column": batch,
+        "feature_names": list(selected.index),
+        **combat.subset(index).to_dict(),
+    }
+
+
 def _cox_block(model: CoxModel, times: list[float]) -> dict[str, Any]:
     """The part of a card that turns covariates into survival probabilities."""
     idx = np.searchsorted(model.baseline_times, times, side="right") - 1
@@ -106,11 +138,7 @@ def fit_pfs(
     if len(ids) < 20:
         raise FitError(f"only {len(ids)} cases have both features and clinical data")
     x_all = features.loc[ids].astype(float)
-    clin = clinical.loc[ids].copy()
-    if "sex" in clin.columns and "sex_male" not in clin.columns:
-        clin["sex_male"] = (clin["sex"].astype(str).str.upper() == "M").astype(int)
-    if "grade" in clin.columns and "grade3" not in clin.columns:
-        clin["grade3"] = (clin["grade"] == 3).astype(int)
+    clin = derive_clinical(clinical.loc[ids])
     split = _split(clin, event, val_fraction, seed)
     train, val = split == "train", split == "validation"
     if clin.loc[train, event].sum() < 5:
@@ -200,22 +228,8 @@ def fit_pfs(
         + ".",
         "clinical_use": NOT_CLINICAL,
         **(provenance or {}),
-        "features": [
-            {
-                "name": name,
-                "mean": float(means[name]),
-                "sd": float(sds[name]),
-                "coefficient": float(value),
-            }
-            for name, value in selected.items()
-        ],
-        "combat": None
-        if combat is None
-        else {
-            "batch_column": batch,
-            "feature_names": list(selected.index),
-            **combat.subset([list(x_all.columns).index(n) for n in selected.index]).to_dict(),
-        },
+        "features": feature_block(selected, means, sds),
+        "combat": combat_block(combat, batch, x_all.columns, selected),
         "radscore": {
             "formula": "sum(coefficient * (value - mean) / sd)",
             "cutoff": cutoff,

@@ -54,6 +54,20 @@ def net_benefit(event_by_t: np.ndarray, risk: np.ndarray, thresholds: np.ndarray
     return np.array(out)
 
 
+def decision_curve(events: np.ndarray, risk: np.ndarray, xlabel: str, path: Path) -> str:
+    """Net benefit of the model against treat-all and treat-none, saved as ``path``."""
+    thresholds = np.linspace(0.05, 0.8, 31)
+    prevalence = float(events.mean())
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(thresholds, net_benefit(events, risk, thresholds), label="model")
+    treat_all = prevalence - (1 - prevalence) * thresholds / (1 - thresholds)
+    ax.plot(thresholds, treat_all, label="treat all")
+    ax.axhline(0, c="k", lw=0.8, label="treat none")
+    ax.set(xlabel=xlabel, ylabel="net benefit", ylim=(-0.05, max(0.05, prevalence) * 1.1))
+    ax.legend()
+    return _save(fig, path)
+
+
 def survival_report(card: dict[str, Any], scores: pd.DataFrame, out: Path) -> dict[str, Any]:
     """Figures and metrics for a PFS card.
 
@@ -119,24 +133,12 @@ def survival_report(card: dict[str, Any], scores: pd.DataFrame, out: Path) -> di
         metrics["calibration_600"] = [[round(a, 4), round(b, 4)] for a, b in rows]
         known = (t > 600) | (e == 1)
         event_by = ((t <= 600) & (e == 1)).astype(int)[known]
-        thresholds = np.linspace(0.05, 0.8, 31)
-        nb = net_benefit(event_by, 1 - predicted[known], thresholds)
-        prevalence = event_by.mean()
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(thresholds, nb, label="model")
-        ax.plot(
-            thresholds,
-            prevalence - (1 - prevalence) * thresholds / (1 - thresholds),
-            label="treat all",
+        figures["decision_curve"] = decision_curve(
+            event_by,
+            1 - predicted[known],
+            "threshold probability (progression by 600 d)",
+            out / "decision_curve.png",
         )
-        ax.axhline(0, c="k", lw=0.8, label="treat none")
-        ax.set(
-            xlabel="threshold probability (progression by 600 d)",
-            ylabel="net benefit",
-            ylim=(-0.05, max(0.05, prevalence) * 1.1),
-        )
-        ax.legend()
-        figures["decision_curve"] = _save(fig, out / "decision_curve.png")
 
     nomogram = card["nomogram"]
     names = nomogram["covariates"]
@@ -215,21 +217,9 @@ def logistic_report(card: dict[str, Any], scores: pd.DataFrame, out: Path) -> di
     ax.plot(cal[:, 0], cal[:, 1], marker="o")
     ax.set(xlabel="predicted", ylabel="observed", title=f"Calibration (HL p = {hl_p:.2g})")
     figures["calibration"] = _save(fig, out / "calibration.png")
-    thresholds = np.linspace(0.05, 0.8, 31)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(thresholds, net_benefit(y, p, thresholds), label="model")
-    prevalence = y.mean()
-    ax.plot(
-        thresholds, prevalence - (1 - prevalence) * thresholds / (1 - thresholds), label="treat all"
+    figures["decision_curve"] = decision_curve(
+        y, p, "threshold probability", out / "decision_curve.png"
     )
-    ax.axhline(0, c="k", lw=0.8, label="treat none")
-    ax.set(
-        xlabel="threshold probability",
-        ylabel="net benefit",
-        ylim=(-0.05, max(0.05, prevalence) * 1.1),
-    )
-    ax.legend()
-    figures["decision_curve"] = _save(fig, out / "decision_curve.png")
     return {"metrics": metrics, "figures": figures}
 
 
