@@ -78,7 +78,7 @@ seg-model: venv
 PFS_MODEL := models/sarcnode-pfs-demo
 pfs-model: venv
 	$(VENV)/bin/sarcnode synth cohort var/pfs --n 200 --seed 11 --workers 2
-	$(VENV)/bin/sarcnode fit-signature var/pfs --endpoint pfs --synthetic --seed 0 \
+	$(VENV)/bin/sarcnode fit-signature var/pfs --endpoint pfs --synthetic --seed 0 --workers 2 \
 	  --params config/radiomics/mr-demo.yaml --region tumour --region ring --out $(PFS_MODEL)
 
 # Re-resolve the pinned set from a clean venv (run when pyproject's ranges change).

@@ -20,9 +20,9 @@ import SimpleITK as sitk
 from pipelines.io.roles import RoleRules
 from pipelines.radiomics.extract import params_hash
 from pipelines.radiomics.study import study_features, wide
+from pipelines.scoring import score
 from pipelines.segment.infer import Segmenter
 from pipelines.segment.study import segment_input
-from pipelines.signature.card import score
 
 
 def analyze_study(

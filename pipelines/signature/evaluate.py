@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.signature.card import score
+from pipelines.scoring import score
 from pipelines.signature.pfs import derive_clinical
 from pipelines.signature.report import logistic_report, survival_report, write_html
 

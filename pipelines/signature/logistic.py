@@ -142,6 +142,7 @@ def fit_logistic(
 
     card: dict[str, Any] = {
         "id": signature_id,
+        "version": "1.0.0",
         "kind": "radiomics signature",
         "endpoint": endpoint,
         "label": label,

@@ -219,6 +219,7 @@ def fit_pfs(
     training_metrics = _judge(scores[train], clin.loc[train], time, event, seed)
     card: dict[str, Any] = {
         "id": signature_id,
+        "version": "1.0.0",
         "kind": "radiomics signature",
         "endpoint": "pfs",
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from lifelines import CoxPHFitter
 
-from pipelines.signature.card import ScoreError, load_signature_card, score, write_signature_card
+from pipelines.scoring import ScoreError, score
+from pipelines.signature.card import load_signature_card, write_signature_card
 from pipelines.signature.logistic import fit_logistic
 from pipelines.signature.pfs import fit_pfs
 from tests.pipelines.test_logistic_fit import grade_table
@@ -65,3 +66,16 @@ def test_logistic_card_applies_combat_and_refuses_an_unknown_scanner(tmp_path: P
         score(card, features.loc[case].to_dict(), {"batch": "Toshiba"})
     with pytest.raises(ScoreError, match="needs the batch"):
         score(card, features.loc[case].to_dict(), {})
+
+
+def test_a_partial_set_of_clinical_factors_is_refused_by_name(tmp_path: Path) -> None:
+    features, clinical = cohort(300)
+    card = fit_pfs(features, clinical, signature_id="pfs-test", seed=0).card
+    extra = [c for c in card["nomogram"]["covariates"] if c != "radscore"]
+    assert len(extra) >= 2, "the cohort model makes metastasis and grade 3 significant"
+    row = features.iloc[0].to_dict()
+    partial = {c: 0 for c in extra[1:]}
+    with pytest.raises(ScoreError, match=f"also needs {extra[0]}"):
+        score(card, row, partial)
+    assert score(card, row, {})["model"] == "radscore"
+    assert score(card, row, {c: 0 for c in extra})["version"] == "1.0.0"
