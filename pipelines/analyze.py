@@ -102,7 +102,8 @@ def summary(report: dict[str, Any]) -> str:
         f"risk group {s['risk_group']}.",
     ]
     if "pfs_probability" in s:
-        probs = ", ".join(f"{t} d: {p:.0%}" for t, p in s["pfs_probability"].items())
+        ordered = sorted(s["pfs_probability"].items(), key=lambda item: float(item[0]))
+        probs = ", ".join(f"{t} d: {p:.0%}" for t, p in ordered)
         lines.append(f"Predicted progression-free survival ({s['model']} model): {probs}.")
         if s.get("missing_clinical"):
             lines.append(f"Clinical factors not given: {', '.join(s['missing_clinical'])}.")
