@@ -1,12 +1,14 @@
 """Radiomics features with PyRadiomics, per (sequence, region), in parallel.
 
-The work is cut into units of (sequence, region, image type) — Original
-(with shape), LoG, Wavelet — and the units run in worker processes. Each
-unit is an ordinary PyRadiomics ``execute`` with the parameter file
-restricted to its image type, so every value is exactly what one plain
-sequential PyRadiomics call with the whole parameter file gives: PyRadiomics
-computes each image type from the same resampled image and mask
-independently (``tests/pipelines/test_radiomics.py`` checks equality).
+Each (sequence, region) is one ordinary PyRadiomics ``execute`` with the
+whole parameter file, and the units run in worker processes, so every value
+is exactly what a plain sequential PyRadiomics call gives
+(``tests/pipelines/test_radiomics.py`` checks equality). Finer units (one
+per image type) were tried and were slower: each repeats PyRadiomics'
+normalisation and resampling, which on a tumour crop costs as much as the
+features; and no work can be shared between regions without changing
+values, since PyRadiomics resamples each region onto its own bounding-box
+grid.
 """
 
 from __future__ import annotations
@@ -65,17 +67,6 @@ def plain_pyradiomics(
     return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
 
 
-def _unit_params(params: Mapping[str, Any], image_type: str) -> dict[str, Any]:
-    """``params`` restricted to one image type; shape only with Original."""
-    unit = copy.deepcopy(dict(params))
-    unit["imageType"] = {image_type: unit["imageType"][image_type]}
-    if image_type != "Original":
-        unit["featureClass"] = {
-            k: v for k, v in (unit.get("featureClass") or {}).items() if not k.startswith("shape")
-        }
-    return unit
-
-
 def _run_unit(args: tuple[sitk.Image, sitk.Image, dict[str, Any]]) -> dict[str, float] | str:
     """Features of one unit, or the error message (raised, or not, by the caller)."""
     image, mask, params = args
@@ -108,17 +99,26 @@ def extract(
         for region, mask in named.items():
             if not sitk.GetArrayViewFromImage(mask).any() and region not in optional:
                 raise ExtractionError(f"{sequence}/{region}: empty mask")
-            for image_type in params["imageType"]:
-                jobs.append(
-                    (sequence, region, (images[sequence], mask, _unit_params(params, image_type)))
-                )
+            jobs.append((sequence, region, (images[sequence], mask, params)))
+    # Largest regions first, so no worker is left with a big one at the end.
+    order = sorted(
+        range(len(jobs)),
+        key=lambda i: -int(sitk.GetArrayViewFromImage(jobs[i][2][1]).sum()),
+    )
     n = workers or len(os.sched_getaffinity(0))
+    results: list[dict[str, float] | str] = [""] * len(jobs)
     if n <= 1:
-        results = [_run_unit(job[2]) for job in jobs]
+        for i in order:
+            results[i] = _run_unit(jobs[i][2])
     else:
         context = multiprocessing.get_context("forkserver")
+        # ITK keeps its default thread count in the workers: with one thread its
+        # filters round differently and values would no longer equal PyRadiomics'.
         with ProcessPoolExecutor(max_workers=min(n, len(jobs)), mp_context=context) as pool:
-            results = list(pool.map(_run_unit, [job[2] for job in jobs]))
+            for i, value in zip(
+                order, pool.map(_run_unit, [jobs[i][2] for i in order]), strict=True
+            ):
+                results[i] = value
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for (sequence, region, _), values in zip(jobs, results, strict=True):
         row = rows.setdefault(
