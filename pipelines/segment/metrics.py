@@ -7,13 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from pipelines.preprocess import dice
 
-def dice(a: sitk.Image, b: sitk.Image) -> float:
-    """Dice overlap of two binary masks on the same grid (1.0 when both are empty)."""
-    x = sitk.GetArrayViewFromImage(a) > 0
-    y = sitk.GetArrayViewFromImage(b) > 0
-    total = int(x.sum()) + int(y.sum())
-    return float(2 * np.logical_and(x, y).sum() / total) if total else 1.0
+__all__ = ["bootstrap_ci", "dice", "hd95"]
 
 
 def _surface_distances(a: sitk.Image, b: sitk.Image) -> np.ndarray:
