@@ -879,6 +879,9 @@ def fit_signature_cmd(
     region: Annotated[
         list[str], typer.Option(help="Regions to extract: tumour, ring, habitat1-3 (repeatable).")
     ] = ["tumour", "ring", "habitat1", "habitat2", "habitat3"],  # noqa: B006
+    cutoff: Annotated[
+        str, typer.Option(help="PFS risk groups: median or optimal (max log-rank, training).")
+    ] = "median",
     workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
 ) -> None:
     """Fit a signature and nomogram for ENDPOINT; write card.yaml with validation figures."""
@@ -922,6 +925,7 @@ def fit_signature_cmd(
                 seed=seed,
                 synthetic=synthetic,
                 provenance=provenance,
+                cutoff_rule=cutoff,
             ).card
         else:
             column = label or ("grade3" if endpoint == "grade" else "metastasis")

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from lifelines.statistics import logrank_test
-from sksurv.metrics import cumulative_dynamic_auc
+from sksurv.metrics import cumulative_dynamic_auc, integrated_brier_score
 from sksurv.util import Surv
 
 from pipelines.radiomics.combat import ComBat
@@ -99,6 +99,42 @@ def combat_block(
     }
 
 
+def optimal_cutoff(score: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:
+    """The cut-off with the largest log-rank statistic between the two groups it makes.
+
+    Candidates are the 10th to 90th percentiles of ``score`` in steps of 5
+    (maximally selected rank statistic, X-tile style; seed 003). Chosen on
+    training cases only: on the same cases its p-value is optimistic.
+    """
+    best, best_stat = float(np.median(score)), -1.0
+    for q in range(10, 91, 5):
+        cut = float(np.percentile(score, q))
+        high = score > cut
+        if high.all() or not high.any():
+            continue
+        stat = float(
+            logrank_test(time[high], time[~high], event[high], event[~high]).test_statistic
+        )
+        if stat > best_stat:
+            best, best_stat = cut, stat
+    return best
+
+
+def integrated_brier(
+    model: CoxModel, train: pd.DataFrame, evaluate: pd.DataFrame, time: str, event: str
+) -> float | None:
+    """Integrated Brier score of ``model`` on ``evaluate`` over its follow-up (IPCW, sksurv)."""
+    t = evaluate[time].to_numpy(float)
+    grid = np.linspace(np.percentile(t, 10), np.percentile(t, 80), 20)
+    grid = grid[(grid > t.min()) & (grid < t.max()) & (grid < train[time].max())]
+    if grid.size < 2:
+        return None
+    y_train = Surv.from_arrays(train[event].astype(bool), train[time].astype(float))
+    y_eval = Surv.from_arrays(evaluate[event].astype(bool), t)
+    survival = model.survival_at(evaluate, list(grid))
+    return float(integrated_brier_score(y_train, y_eval, survival, grid))
+
+
 def _cox_block(model: CoxModel, times: list[float]) -> dict[str, Any]:
     """The part of a card that turns covariates into survival probabilities."""
     idx = np.searchsorted(model.baseline_times, times, side="right") - 1
@@ -124,6 +160,7 @@ def fit_pfs(
     batch: str | None = None,
     icc: pd.Series | None = None,
     icc_threshold: float = 0.75,
+    cutoff_rule: str = "median",
     p_threshold: float = 0.05,
     val_fraction: float = 0.3,
     seed: int = 0,
@@ -182,7 +219,12 @@ def fit_pfs(
         raise FitError("LASSO-Cox kept no feature")
 
     radscore = z[selected.index] @ selected
-    cutoff = float(radscore.loc[train].median())
+    if cutoff_rule == "median":
+        cutoff = float(radscore.loc[train].median())
+    elif cutoff_rule == "optimal":
+        cutoff = optimal_cutoff(radscore.loc[train].to_numpy(), t_train, e_train)
+    else:
+        raise FitError(f"unknown cut-off rule {cutoff_rule!r} (median or optimal)")
     scores = pd.DataFrame(
         {
             "split": split,
@@ -204,6 +246,11 @@ def fit_pfs(
     scores["nomogram_lp"] = nomogram.linear_predictor(frame)
 
     validation = _judge(scores[val], clin.loc[train], time, event, seed) if val.any() else {}
+    if val.any():
+        for name, model in (("radscore", radscore_model), ("nomogram", nomogram)):
+            ibs = integrated_brier(model, frame.loc[train], frame.loc[val], time, event)
+            if ibs is not None:
+                validation[f"integrated_brier_{name}"] = round(ibs, 4)
     if "oracle_lp" in clin.columns and val.any():  # synthetic cohorts carry the true risk
         c, low, high = bootstrap_c(
             clin.loc[val, time].to_numpy(float),
@@ -234,7 +281,12 @@ def fit_pfs(
         "radscore": {
             "formula": "sum(coefficient * (value - mean) / sd)",
             "cutoff": cutoff,
-            "cutoff_rule": "median of training rad-scores; above = high risk",
+            "cutoff_rule": (
+                "median of training rad-scores"
+                if cutoff_rule == "median"
+                else "maximal log-rank statistic on training cases (10th-90th percentile)"
+            )
+            + "; above = high risk",
         },
         "radscore_cox": _cox_block(radscore_model, TIME_POINTS_DAYS),
         "nomogram": _cox_block(nomogram, TIME_POINTS_DAYS),

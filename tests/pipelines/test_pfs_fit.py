@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.signature.pfs import FitError, fit_pfs
+from pipelines.signature.pfs import FitError, PfsFit, fit_pfs
 from pipelines.signature.survival import harrell_c
 from pipelines.synth.cohort import draw_case
 
@@ -87,3 +87,41 @@ def test_fitting_is_deterministic_and_names_missing_inputs() -> None:
         fit_pfs(features, clinical.drop(columns="event"), signature_id="x")
     with pytest.raises(FitError, match="only 10 cases"):
         fit_pfs(features.iloc[:10], clinical, signature_id="x")
+
+
+def test_integrated_brier_beats_kaplan_meier_and_the_optimal_cutoff_separates_more() -> None:
+    """Seed 003: IBS beats Kaplan-Meier; the optimal cut-off splits as well or better."""
+    from lifelines import KaplanMeierFitter
+    from lifelines.statistics import logrank_test
+    from sksurv.metrics import integrated_brier_score
+    from sksurv.util import Surv
+
+    features, clinical = cohort()
+    median = fit_pfs(features, clinical, signature_id="m", seed=0)
+    optimal = fit_pfs(features, clinical, signature_id="o", seed=0, cutoff_rule="optimal")
+    val = median.scores["split"] == "validation"
+    train = ~val
+    ibs = median.card["validation"]["integrated_brier_nomogram"]
+    t, e = clinical["time"].to_numpy(float), clinical["event"].to_numpy(int)
+    km = KaplanMeierFitter().fit(t[train.to_numpy()], e[train.to_numpy()])
+    grid = np.linspace(
+        np.percentile(t[val.to_numpy()], 10), np.percentile(t[val.to_numpy()], 80), 20
+    )
+    grid = grid[(grid > t[val.to_numpy()].min()) & (grid < t[val.to_numpy()].max())]
+    null = np.tile(km.survival_function_at_times(grid).to_numpy(), (int(val.sum()), 1))
+    y_train = Surv.from_arrays(e[train.to_numpy()].astype(bool), t[train.to_numpy()])
+    y_val = Surv.from_arrays(e[val.to_numpy()].astype(bool), t[val.to_numpy()])
+    assert 0 < ibs < integrated_brier_score(y_train, y_val, null, grid)
+
+    def statistic(fit: PfsFit, cut: float) -> float:
+        s = fit.scores[train]
+        high = (s["radscore"] > cut).to_numpy()
+        tt, ee = s["time"].to_numpy(), s["event"].to_numpy()
+        return float(logrank_test(tt[high], tt[~high], ee[high], ee[~high]).test_statistic)
+
+    assert statistic(optimal, optimal.card["radscore"]["cutoff"]) >= statistic(
+        median, median.card["radscore"]["cutoff"]
+    )
+    assert "maximal log-rank" in optimal.card["radscore"]["cutoff_rule"]
+    with pytest.raises(FitError, match="unknown cut-off rule"):
+        fit_pfs(features, clinical, signature_id="x", cutoff_rule="tertile")
