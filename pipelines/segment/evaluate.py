@@ -17,7 +17,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
-from pipelines.io.dicom import load_series, scan
+from pipelines.io.dicom import ScanResult, load_series, scan
 from pipelines.io.roles import RoleRules
 from pipelines.io.rtstruct import rtstruct_mask
 from pipelines.preprocess import carry_mask, register_rigid
@@ -38,9 +38,11 @@ class EvalCase:
     truth: sitk.Image
 
 
-def dicom_cases(folder: Path, rules: RoleRules, roi: str) -> list[EvalCase]:
+def dicom_cases(
+    folder: Path, rules: RoleRules, roi: str, found: ScanResult | None = None
+) -> list[EvalCase]:
     """(series, RTSTRUCT ROI) pairs of a DICOM folder, named ``<folder>/<role>``."""
-    found = scan(folder)
+    found = found or scan(folder)
     by_uid = {s.series_instance_uid: s for s in found.series}
     cases = []
     for rt in found.rtstructs:
@@ -58,8 +60,9 @@ def iter_cases(
 ) -> Iterator[EvalCase]:
     """Every case under ``paths``: DICOM+RTSTRUCT folders first, then discovered cases."""
     for path in paths:
-        if scan(path).rtstructs:
-            yield from dicom_cases(path, rules, roi)
+        found = scan(path)
+        if found.rtstructs:  # read the headers once: dicom_cases reuses this scan
+            yield from dicom_cases(path, rules, roi, found)
             continue
         for ref in discover([path], set(exclude or ())):
             image, truth = ref.load()
