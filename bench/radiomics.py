@@ -9,9 +9,12 @@ a temp folder, and then each mode runs in its own fresh Python process:
 (a) baseline: one ``RadiomicsFeatureExtractor(params).execute(image, mask)``
     per (sequence, region), one after the other;
 (b) sarcnode: ``pipelines.radiomics.extract.extract`` with ``--workers``
-    processes (default: the CPUs this process may use).
+    processes (default: the CPUs this process may use), the pool started
+    inside the timed region (a one-off ``sarcnode radiomics`` run);
+(c) warm: the same with the pool started before the timer, as
+    ``extract_cohort`` and the service hold it (one pool, many studies).
 
-Printed: wall seconds of each, the ratio (baseline / sarcnode), peak
+Printed: wall seconds of each, the ratios (baseline / sarcnode), peak
 resident memory of each process tree (ru_maxrss of the process and of its
 children), and whether every value is identical. Study: the synthetic study
 of seed 21 (``--study DIR`` for another synthetic study folder).
@@ -73,13 +76,15 @@ def main() -> int:
         (folder / "index.json").write_text(json.dumps(index))
         runs = {}
         runner = REPO / "bench" / "radiomics_runner.py"
-        for mode in ("baseline", "sarcnode"):
+        for mode in ("baseline", "sarcnode", "warm"):
             out = folder / f"{mode}.json"
             command = [sys.executable, str(runner), str(folder), mode, str(args.workers)]
             subprocess.run([*command, str(args.params), str(out)], check=True)
             runs[mode] = json.loads(out.read_text())
-    base, ours = runs["baseline"], runs["sarcnode"]
-    identical = base["values"] == ours["values"]
+    base, ours, warm = runs["baseline"], runs["sarcnode"], runs["warm"]
+    identical = base["values"] == ours["values"] == warm["values"]
+    differing = _differences(base["values"], ours["values"])
+    differing += _differences(base["values"], warm["values"])
     n_values = sum(len(v) for v in base["values"].values())
     summary = {
         "regions": len(base["values"]),
@@ -87,10 +92,15 @@ def main() -> int:
         "workers": args.workers,
         "baseline_s": round(base["seconds"], 2),
         "sarcnode_s": round(ours["seconds"], 2),
+        "warm_s": round(warm["seconds"], 2),
         "speedup": round(base["seconds"] / ours["seconds"], 2),
+        "speedup_warm": round(base["seconds"] / warm["seconds"], 2),
         "baseline_maxrss_mb": round(base["maxrss_mb"], 1),
         "sarcnode_maxrss_mb": round(ours["maxrss_mb"], 1),
         "identical": identical,
+        "differing_values": len(differing),
+        "max_relative_difference": max((d for _, d in differing), default=0.0),
+        "differing_features": sorted({k.split(":", 2)[-1] for k, _ in differing})[:20],
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -104,8 +114,31 @@ def main() -> int:
             f"sarcnode ({args.workers} workers):      {summary['sarcnode_s']:8.2f} s, "
             f"peak RSS {summary['sarcnode_maxrss_mb']:.0f} MB (largest process)"
         )
-        print(f"speed-up {summary['speedup']}x; values identical: {identical}")
+        print(f"sarcnode, pool already started:  {summary['warm_s']:8.2f} s")
+        print(
+            f"speed-up {summary['speedup']}x (pool started in the run), "
+            f"{summary['speedup_warm']}x (warm pool); values identical: {identical}"
+        )
+        if differing:
+            print(
+                f"{len(differing)} values differ, largest relative difference "
+                f"{summary['max_relative_difference']:.3g}: "
+                + ", ".join(summary["differing_features"])
+            )
     return 0 if identical else 1
+
+
+def _differences(
+    base: dict[str, dict[str, float]], ours: dict[str, dict[str, float]]
+) -> list[tuple[str, float]]:
+    """(region:feature, relative difference) for every value that is not bit-identical."""
+    out = []
+    for unit, values in base.items():
+        for name, a in values.items():
+            b = ours.get(unit, {}).get(name, float("nan"))
+            if a != b and not (a != a and b != b):
+                out.append((f"{unit}:{name}", abs(a - b) / max(abs(a), abs(b), 1e-300)))
+    return out
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """One timed extraction mode for bench/radiomics.py, in its own process (fair memory figures).
 
-Usage: radiomics_runner.py FOLDER MODE WORKERS PARAMS OUT, MODE = baseline | sarcnode.
+Usage: radiomics_runner.py FOLDER MODE WORKERS PARAMS OUT, MODE = baseline | sarcnode | warm.
+``sarcnode`` starts its worker pool inside the timed region (a one-off
+command); ``warm`` starts it before the timer, as ``extract_cohort`` and a
+running service do (one pool for many studies).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO))
 
-from pipelines.radiomics.extract import extract, load_params  # noqa: E402
+from pipelines.radiomics.extract import extract, load_params, worker_pool  # noqa: E402
 
 
 def main() -> None:
@@ -33,6 +36,11 @@ def main() -> None:
         for r, named in index["regions"].items()
     }
     values: dict[str, dict[str, float]] = {}
+    pool = None
+    if mode == "warm":
+        pool = worker_pool(int(workers))
+        for future in [pool.submit(time.sleep, 0.2) for _ in range(int(workers))]:
+            future.result()
     start = time.perf_counter()
     if mode == "baseline":
         from radiomics import featureextractor  # type: ignore[attr-defined]
@@ -46,11 +54,13 @@ def main() -> None:
                     k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")
                 }
     else:
-        table = extract(images, regions, params, workers=int(workers))
+        table = extract(images, regions, params, workers=int(workers), pool=pool)
         features = [c for c in table.columns if c not in ("study", "sequence", "region", "note")]
         for _, row in table.iterrows():
             values[f"{row['sequence']}:{row['region']}"] = {k: float(row[k]) for k in features}
     seconds = time.perf_counter() - start
+    if pool is not None:
+        pool.shutdown()
     rss = max(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,

@@ -8,7 +8,9 @@ per image type) were tried and were slower: each repeats PyRadiomics'
 normalisation and resampling, which on a tumour crop costs as much as the
 features; and no work can be shared between regions without changing
 values, since PyRadiomics resamples each region onto its own bounding-box
-grid.
+grid. Inside each unit, PyRadiomics' slowest numpy steps run compiled
+(:mod:`pipelines.radiomics.fast`, same operations in the same order), and
+BLAS is held to one thread per worker.
 """
 
 from __future__ import annotations
@@ -67,11 +69,60 @@ def plain_pyradiomics(
     return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
 
 
+def _fast_pyradiomics(
+    image: sitk.Image, mask: sitk.Image, params: Mapping[str, Any]
+) -> dict[str, float]:
+    """The same call with the compiled GLCM steps and without the diagnostics.
+
+    ``additionalInfo: false`` only drops the ``diagnostics_*`` entries (image
+    and mask hashes, versions), which this table never keeps; the features
+    are computed exactly as in :func:`plain_pyradiomics`.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from pipelines.radiomics.fast import accelerated
+
+    settings = copy.deepcopy(dict(params))
+    settings["setting"] = {**(settings.get("setting") or {}), "additionalInfo": False}
+    # One BLAS thread: the worker processes already fill the CPUs, and OpenBLAS
+    # threads spinning against each other made the pool slower than one process
+    # (bench/radiomics.py: 0.64x). Only MCC's eigenvalues use BLAS; with one
+    # thread a few of them can differ from a two-thread run in the last bit.
+    with threadpool_limits(limits=1, user_api="blas"), accelerated():
+        return plain_pyradiomics(image, mask, settings)
+
+
+def _warm_worker() -> None:
+    """Pool initialiser: import PyRadiomics and load the compiled GLCM steps once per worker."""
+    import numpy as np
+
+    from pipelines.radiomics import fast
+
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    import radiomics.featureextractor  # noqa: F401
+
+    tiny = np.full((1, 2, 2, 1), 0.25)
+    fast._q_matrix(tiny, tiny.sum(2, keepdims=True), tiny.sum(1, keepdims=True), 1e-16)
+    fast._diagonal_sums(tiny, np.array([1, 2]), 2)
+
+
+def worker_pool(workers: int | None = None) -> ProcessPoolExecutor:
+    """A process pool for :func:`extract`, started once and reused across studies.
+
+    Workers are forkserver children (no inherited threads or locks), already
+    holding PyRadiomics and the compiled GLCM steps: a service or a cohort run
+    keeps one pool instead of paying the start-up on every study.
+    """
+    n = workers or len(os.sched_getaffinity(0))
+    context = multiprocessing.get_context("forkserver")
+    return ProcessPoolExecutor(max_workers=n, mp_context=context, initializer=_warm_worker)
+
+
 def _run_unit(args: tuple[sitk.Image, sitk.Image, dict[str, Any]]) -> dict[str, float] | str:
     """Features of one unit, or the error message (raised, or not, by the caller)."""
     image, mask, params = args
     try:
-        return plain_pyradiomics(image, mask, params)
+        return _fast_pyradiomics(image, mask, params)
     except ExtractionError as exc:
         return str(exc)
 
@@ -84,12 +135,14 @@ def extract(
     study: str = "",
     workers: int | None = None,
     optional: frozenset[str] = frozenset(),
+    pool: ProcessPoolExecutor | None = None,
 ) -> pd.DataFrame:
     """Features for every (sequence, region): one row each, feature columns sorted.
 
     ``images`` maps sequence -> image; ``regions`` maps sequence -> region
     name -> mask on that image's grid. ``workers`` defaults to the CPUs this
-    process may use; 1 runs in-process. A region named in ``optional`` that
+    process may use; 1 runs in-process; ``pool`` (from :func:`worker_pool`)
+    is used instead of starting one for this call. A region named in ``optional`` that
     PyRadiomics refuses (a habitat too small to describe) gets a row without
     features and its reason in the ``note`` column instead of failing the study.
     """
@@ -107,16 +160,19 @@ def extract(
     )
     n = workers or len(os.sched_getaffinity(0))
     results: list[dict[str, float] | str] = [""] * len(jobs)
-    if n <= 1:
+    # ITK keeps its default thread count in the workers: with one thread its
+    # filters round differently and values would no longer equal PyRadiomics'
+    # (bench/radiomics.py measured 3.2x that way, with 1122 values changed).
+    if pool is not None:
+        for i, value in zip(order, pool.map(_run_unit, [jobs[i][2] for i in order]), strict=True):
+            results[i] = value
+    elif n <= 1:
         for i in order:
             results[i] = _run_unit(jobs[i][2])
     else:
-        context = multiprocessing.get_context("forkserver")
-        # ITK keeps its default thread count in the workers: with one thread its
-        # filters round differently and values would no longer equal PyRadiomics'.
-        with ProcessPoolExecutor(max_workers=min(n, len(jobs)), mp_context=context) as pool:
+        with worker_pool(min(n, len(jobs))) as own:
             for i, value in zip(
-                order, pool.map(_run_unit, [jobs[i][2] for i in order]), strict=True
+                order, own.map(_run_unit, [jobs[i][2] for i in order]), strict=True
             ):
                 results[i] = value
     rows: dict[tuple[str, str], dict[str, Any]] = {}

@@ -14,6 +14,7 @@ extraction; PyRadiomics then normalises the crop (``normalize: true``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -103,12 +104,19 @@ def study_features(
     workers: int | None = None,
     seed: int = 0,
     regions_wanted: tuple[str, ...] = REGIONS,
+    pool: ProcessPoolExecutor | None = None,
 ) -> pd.DataFrame:
     """The tidy table (one row per sequence and region) for one study, habitat counts included."""
     prepared, regions, counts = study_regions(images, tumours, seed=seed, wanted=regions_wanted)
     habitats_optional = frozenset(r for r in REGIONS if r.startswith("habitat"))
     table = extract(
-        prepared, regions, params, study=study, workers=workers, optional=habitats_optional
+        prepared,
+        regions,
+        params,
+        study=study,
+        workers=workers,
+        optional=habitats_optional,
+        pool=pool,
     )
     for role, values in counts.items():
         for key, value in values.items():

@@ -18,6 +18,7 @@ second run does not extract again.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from pipelines.io.dicom import load_image, load_series, scan
+from pipelines.radiomics.extract import worker_pool
 from pipelines.radiomics.study import REGIONS, study_features, wide
 from pipelines.segment.data import sequence_of
 
@@ -90,19 +92,31 @@ def extract_cohort(
     base = root / "cases" if (root / "cases").is_dir() else root
     folders = sorted(p for p in base.iterdir() if p.is_dir())
     tables = []
-    for i, folder in enumerate(folders):
-        inputs = _study_inputs(folder)
-        if inputs is None or not inputs[1]:
-            continue
-        case_id = folder.name
-        truth = folder / "truth.json"
-        if truth.is_file():
-            case_id = str(json.loads(truth.read_text()).get("case_id", case_id))
-        tables.append(
-            study_features(*inputs, params, study=case_id, workers=workers, regions_wanted=regions)
-        )
-        if progress:
-            progress(i + 1, len(folders), case_id)
+    pool = worker_pool(workers) if (workers or len(os.sched_getaffinity(0))) > 1 else None
+    try:
+        for i, folder in enumerate(folders):
+            inputs = _study_inputs(folder)
+            if inputs is None or not inputs[1]:
+                continue
+            case_id = folder.name
+            truth = folder / "truth.json"
+            if truth.is_file():
+                case_id = str(json.loads(truth.read_text()).get("case_id", case_id))
+            tables.append(
+                study_features(
+                    *inputs,
+                    params,
+                    study=case_id,
+                    workers=workers,
+                    regions_wanted=regions,
+                    pool=pool,
+                )
+            )
+            if progress:
+                progress(i + 1, len(folders), case_id)
+    finally:
+        if pool is not None:
+            pool.shutdown()
     if not tables:
         raise ValueError(f"no studies with tumour masks under {base}")
     return pd.concat(tables, ignore_index=True)

@@ -162,3 +162,57 @@ def test_study_regions_on_a_synthetic_pair(tmp_path: Path) -> None:
         union = named["habitat1"] | named["habitat2"] | named["habitat3"]
         assert np.array_equal(union, named["tumour"])
         assert sum(counts[role][f"habitat{h}_fraction"] for h in (1, 2, 3)) == pytest.approx(1.0)
+
+
+class _Glcm:
+    """The attributes RadiomicsGLCM's coefficient and MCC steps read."""
+
+    def __init__(self, p: np.ndarray, levels: np.ndarray) -> None:
+        import logging
+
+        self.P_glcm = p
+        self.coefficients = {"Ng": int(levels.max()), "grayLevels": levels}
+        self.logger = logging.getLogger("test")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compiled_glcm_steps_are_bit_identical_to_pyradiomics(seed: int) -> None:
+    """Random normalised GLCMs with gaps in the gray levels, empty cells, 13 angles."""
+    from radiomics.glcm import RadiomicsGLCM
+
+    from pipelines.radiomics import fast
+
+    rng = np.random.default_rng(seed)
+    levels = np.sort(rng.choice(np.arange(1, 90), size=40 + 10 * seed, replace=False)).astype(float)
+    n = len(levels)
+    p = rng.random((1, n, n, 13)) * (rng.random((1, n, n, 13)) < 0.3)
+    p = p + p.transpose(0, 2, 1, 3)
+    p /= p.sum((1, 2), keepdims=True)
+    plain, ours = _Glcm(p, levels), _Glcm(p.copy(), levels)
+    RadiomicsGLCM._calculateCoefficients(plain)
+    fast._coefficients(ours)
+    assert plain.coefficients.keys() == ours.coefficients.keys()
+    for key, value in plain.coefficients.items():
+        np.testing.assert_array_equal(np.asarray(ours.coefficients[key]), np.asarray(value), key)
+    mcc_plain = RadiomicsGLCM.getMCCFeatureValue(plain)
+    assert np.array_equal(fast._mcc(ours), mcc_plain, equal_nan=True)
+
+
+def test_bin_edges_equal_pyradiomics() -> None:
+    from radiomics import imageoperations
+
+    from pipelines.radiomics import fast
+
+    with fast.accelerated():
+        pass  # records the original
+    original = fast._ORIGINAL["getBinEdges"]
+    rng = np.random.default_rng(3)
+    for values, width in (
+        (rng.normal(0, 100, 5000), 5),
+        (rng.normal(3, 0.2, 100), 0.5),
+        (np.full(10, 25.0), 5),  # flat region, on an edge
+    ):
+        assert np.array_equal(
+            fast._bin_edges(values, binWidth=width), original(values, binWidth=width)
+        )
+    assert imageoperations.getBinEdges is original  # restored after the block
