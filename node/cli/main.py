@@ -883,11 +883,28 @@ def fit_signature_cmd(
         str, typer.Option(help="PFS risk groups: median or optimal (max log-rank, training).")
     ] = "median",
     workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
+    icc: Annotated[
+        str | None,
+        typer.Option(
+            help="Robust features (ICC > --icc-threshold) from: 'perturb' (mask perturbations"
+            " of --icc-cases studies; default for a studies folder), a second reader's"
+            " feature CSV, or 'none' (default for a feature table)."
+        ),
+    ] = None,
+    icc_cases: Annotated[int, typer.Option(min=2, help="Studies perturbed for the ICC.")] = 20,
+    icc_threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.75,
 ) -> None:
     """Fit a signature and nomogram for ENDPOINT; write card.yaml with validation figures."""
+    import pandas as pd
+
     from pipelines.radiomics.extract import DEFAULT_PARAMS, load_params, params_hash
     from pipelines.signature.card import write_signature_card
-    from pipelines.signature.cohort import load_cohort
+    from pipelines.signature.cohort import (
+        load_cohort,
+        perturbation_icc,
+        read_features,
+        second_reader_icc,
+    )
     from pipelines.signature.logistic import fit_logistic
     from pipelines.signature.pfs import FitError, fit_pfs
 
@@ -915,6 +932,37 @@ def fit_signature_cmd(
             "regions": sorted({c.split(":")[1] for c in features.columns if c.count(":") >= 2}),
             "cohort": {"path": cohort.name, "n": len(features.index.intersection(clin.index))},
         }
+        table_cohort = cohort.is_file() or (cohort / "features.csv").is_file()
+        source = icc or ("none" if table_cohort else "perturb")
+        icc_values: pd.Series | None = None
+        cached = model_out / "icc.csv"
+        if source == "perturb":
+            if table_cohort:
+                raise ValueError("--icc perturb needs a folder of studies, not a feature table")
+            if cached.is_file():
+                icc_values = pd.read_csv(cached, index_col=0).iloc[:, 0]
+                summary = {"method": "mask perturbations (cached in icc.csv)"}
+            else:
+                icc_values, summary = perturbation_icc(
+                    cohort,
+                    param_data,
+                    cases=icc_cases,
+                    seed=seed,
+                    workers=workers,
+                    regions=tuple(region),
+                    progress=lambda i, n, case: err.print(f"perturbed {case} ({i}/{n})"),
+                )
+                icc_values.to_csv(cached, header=["icc"])
+        elif source != "none":
+            icc_values = second_reader_icc(features, read_features(Path(source)))
+            summary = {"method": f"second segmentation ({Path(source).name})", "kind": "ICC(2,1)"}
+        if icc_values is not None:
+            provenance["robustness"] = {
+                **summary,
+                "threshold": icc_threshold,
+                "robust": int((icc_values > icc_threshold).sum()),
+                "of": int(icc_values.size),
+            }
         if endpoint == "pfs":
             card = fit_pfs(
                 features,
@@ -926,6 +974,8 @@ def fit_signature_cmd(
                 synthetic=synthetic,
                 provenance=provenance,
                 cutoff_rule=cutoff,
+                icc=icc_values,
+                icc_threshold=icc_threshold,
             ).card
         else:
             column = label or ("grade3" if endpoint == "grade" else "metastasis")
@@ -940,6 +990,8 @@ def fit_signature_cmd(
                 seed=seed,
                 synthetic=synthetic,
                 provenance=provenance,
+                icc=icc_values,
+                icc_threshold=icc_threshold,
             )
     except (FitError, ValueError, OSError) as exc:
         err.print(f"[red]fit-signature: {exc}[/red]")

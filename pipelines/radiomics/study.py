@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,12 +33,39 @@ REGIONS = ("tumour", "ring", "habitat1", "habitat2", "habitat3")
 CROP_MM = 40.0  # around the tumour: the ring (10 mm) and PyRadiomics' padding fit inside
 
 
+@dataclass(frozen=True)
+class StudyPrep:
+    """What does not depend on the tumour masks: reused when masks vary (ICC perturbations)."""
+
+    outline_body: sitk.Image
+    corrected: dict[str, sitk.Image]
+    transforms: dict[tuple[str, str], sitk.Transform]
+
+
+def prepare_study(images: Mapping[str, sitk.Image], *, habitats: bool = True) -> StudyPrep:
+    """Body outline (from T1), N4-corrected images and, for habitats, one registration."""
+    outline = "T1" if "T1" in images else next(iter(images))
+    bodies = {role: body_mask(image) for role, image in images.items()}
+    corrected = {
+        role: n4(sitk.Cast(image, sitk.sitkFloat32), bodies[role]) for role, image in images.items()
+    }
+    transforms: dict[tuple[str, str], sitk.Transform] = {}
+    roles = list(images)
+    if len(roles) == 2 and habitats:  # one registration; its inverse serves the other direction
+        fixed, moving = roles
+        result = register_rigid(corrected[fixed], corrected[moving])
+        transforms[(fixed, moving)] = result.transform
+        transforms[(moving, fixed)] = result.transform.GetInverse()
+    return StudyPrep(bodies[outline], corrected, transforms)
+
+
 def study_regions(
     images: Mapping[str, sitk.Image],
     tumours: Mapping[str, sitk.Image],
     *,
     seed: int = 0,
     wanted: tuple[str, ...] = REGIONS,
+    prep: StudyPrep | None = None,
 ) -> tuple[dict[str, sitk.Image], dict[str, dict[str, sitk.Image]], dict[str, dict[str, float]]]:
     """(role -> prepared image, role -> region -> mask, role -> habitat counts).
 
@@ -45,24 +73,13 @@ def study_regions(
     ``CROP_MM`` around the tumour (PyRadiomics then normalises tissue, not a
     field of view that is mostly air, and works on a small image), and the
     regions on that crop. Only the ``wanted`` regions are made (without
-    habitats there is no registration and no K-means).
+    habitats there is no registration and no K-means). ``prep`` (from
+    :func:`prepare_study` on the same images) skips the mask-independent work.
     """
-    outline = "T1" if "T1" in images else next(iter(images))
-    bodies = {role: body_mask(image) for role, image in images.items()}
-    outline_body = bodies[outline]
-    corrected = {
-        role: n4(sitk.Cast(image, sitk.sitkFloat32), bodies[role]) for role, image in images.items()
-    }
-    transforms: dict[tuple[str, str], sitk.Transform] = {}
-    roles = list(images)
     want_habitats = any(r.startswith("habitat") for r in wanted)
-    if (
-        len(roles) == 2 and want_habitats
-    ):  # one registration; its inverse serves the other direction
-        fixed, moving = roles
-        result = register_rigid(corrected[fixed], corrected[moving])
-        transforms[(fixed, moving)] = result.transform
-        transforms[(moving, fixed)] = result.transform.GetInverse()
+    prep = prep or prepare_study(images, habitats=want_habitats)
+    outline_body, corrected, transforms = prep.outline_body, prep.corrected, prep.transforms
+    roles = list(images)
     prepared: dict[str, sitk.Image] = {}
     regions: dict[str, dict[str, sitk.Image]] = {}
     counts: dict[str, dict[str, float]] = {}
@@ -105,9 +122,12 @@ def study_features(
     seed: int = 0,
     regions_wanted: tuple[str, ...] = REGIONS,
     pool: ProcessPoolExecutor | None = None,
+    prep: StudyPrep | None = None,
 ) -> pd.DataFrame:
     """The tidy table (one row per sequence and region) for one study, habitat counts included."""
-    prepared, regions, counts = study_regions(images, tumours, seed=seed, wanted=regions_wanted)
+    prepared, regions, counts = study_regions(
+        images, tumours, seed=seed, wanted=regions_wanted, prep=prep
+    )
     habitats_optional = frozenset(r for r in REGIONS if r.startswith("habitat"))
     table = extract(
         prepared,

@@ -23,12 +23,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import SimpleITK as sitk
 
 from pipelines.io.dicom import load_image, load_series, scan
 from pipelines.radiomics.extract import worker_pool
-from pipelines.radiomics.study import REGIONS, study_features, wide
+from pipelines.radiomics.robustness import feature_icc, perturbations
+from pipelines.radiomics.study import REGIONS, prepare_study, study_features, wide
 from pipelines.segment.data import sequence_of
 
 
@@ -90,7 +92,7 @@ def extract_cohort(
 ) -> pd.DataFrame:
     """The tidy feature table of every study under ``root`` (``cases/`` first when present)."""
     base = root / "cases" if (root / "cases").is_dir() else root
-    folders = sorted(p for p in base.iterdir() if p.is_dir())
+    folders = _case_folders(root)
     tables = []
     pool = worker_pool(workers) if (workers or len(os.sched_getaffinity(0))) > 1 else None
     try:
@@ -120,6 +122,87 @@ def extract_cohort(
     if not tables:
         raise ValueError(f"no studies with tumour masks under {base}")
     return pd.concat(tables, ignore_index=True)
+
+
+def _case_folders(root: Path) -> list[Path]:
+    base = root / "cases" if (root / "cases").is_dir() else root
+    return sorted(p for p in base.iterdir() if p.is_dir())
+
+
+def perturbation_icc(
+    root: Path,
+    params: Mapping[str, Any] | None,
+    *,
+    cases: int = 20,
+    seed: int = 0,
+    workers: int | None = None,
+    regions: tuple[str, ...] = REGIONS,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> tuple[pd.Series, dict[str, Any]]:
+    """ICC(2,1) of every wide feature column across mask perturbations of ``cases`` studies.
+
+    The stand-in for a second reader when a cohort has one segmentation
+    (Zwanenburg et al. 2019): each study's tumour masks are eroded, dilated
+    and shifted (:func:`pipelines.radiomics.robustness.perturbations`, the
+    same perturbation on every sequence), ring and habitats are derived from
+    the perturbed tumour as in production, and each perturbation is one
+    "rater". Cases are a seeded random subset. Returns (ICC per column, a
+    summary for the card).
+    """
+    rng = np.random.default_rng(seed)
+    folders = [f for f in _case_folders(root) if (_study_inputs(f) or ({}, {}))[1]]
+    if len(folders) < 2:
+        raise ValueError(f"ICC needs at least 2 studies with masks under {root}")
+    chosen = sorted(rng.choice(len(folders), size=min(cases, len(folders)), replace=False))
+    raters: dict[str, list[pd.DataFrame]] = {}
+    pool = worker_pool(workers) if (workers or len(os.sched_getaffinity(0))) > 1 else None
+    try:
+        for n, index in enumerate(chosen):
+            folder = folders[index]
+            inputs = _study_inputs(folder)
+            assert inputs is not None
+            images, masks = inputs
+            prep = prepare_study(images, habitats=any(r.startswith("habitat") for r in regions))
+            variants: dict[str, dict[str, sitk.Image]] = {}
+            for role, mask in masks.items():
+                for name, moved in perturbations(mask):
+                    variants.setdefault(name, {})[role] = moved
+            for name, moved_masks in variants.items():
+                table = study_features(
+                    images,
+                    moved_masks,
+                    params,
+                    study=folder.name,
+                    workers=workers,
+                    regions_wanted=regions,
+                    pool=pool,
+                    prep=prep,
+                )
+                raters.setdefault(name, []).append(wide(table))
+            if progress:
+                progress(n + 1, len(chosen), folder.name)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    tables = [pd.concat(frames) for frames in raters.values()]
+    common = sorted(set.intersection(*(set(t.columns) for t in tables)))
+    values = feature_icc([t[common].reset_index() for t in tables], id_column="id")
+    summary = {
+        "method": "mask perturbations: " + ", ".join(raters),
+        "kind": "ICC(2,1)",
+        "cases": [folders[i].name for i in chosen],
+    }
+    return values, summary
+
+
+def second_reader_icc(first: pd.DataFrame, second: pd.DataFrame) -> pd.Series:
+    """ICC(2,1) per column between two wide tables of the same cases (two segmentations)."""
+    ids = first.index.intersection(second.index)
+    if len(ids) < 2:
+        raise ValueError("the two feature tables share fewer than 2 cases")
+    common = sorted(set(first.columns) & set(second.columns))
+    tables = [t.loc[ids, common].reset_index() for t in (first, second)]
+    return feature_icc(tables, id_column="id")
 
 
 def load_cohort(

@@ -55,6 +55,8 @@ def fit_logistic(
     seed: int = 0,
     synthetic: bool = False,
     provenance: dict[str, Any] | None = None,
+    icc: pd.Series | None = None,
+    icc_threshold: float = 0.75,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """Fit on ``features`` / ``clinical`` (index: case id); return (card, per-case scores)."""
     if label not in clinical.columns:
@@ -71,6 +73,11 @@ def fit_logistic(
     x = features.loc[ids].astype(float)
     x = x[x.columns[x.notna().all() & (x.loc[train].std() > 0)]]
     steps = {"features": features.shape[1], "non_constant": x.shape[1]}
+    if icc is not None:
+        x = x[[c for c in x.columns if icc.get(c, np.nan) > icc_threshold]]
+        steps["robust_icc"] = x.shape[1]
+        if not steps["robust_icc"]:
+            raise FitError(f"no feature has ICC > {icc_threshold}")
     combat = None
     if batch is not None and batch in clin.columns and clin.loc[train, batch].nunique() > 1:
         combat = ComBat().fit(x.loc[train].to_numpy(), clin.loc[train, batch])

@@ -189,6 +189,8 @@ def fit_pfs(
         keep = [c for c in x_all.columns if icc.get(c, np.nan) > icc_threshold]
         x_all = x_all[keep]
         steps["robust_icc"] = len(keep)
+        if not steps["robust_icc"]:
+            raise FitError(f"no feature has ICC > {icc_threshold}")
 
     combat: ComBat | None = None
     if batch is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -78,3 +79,53 @@ def test_fit_signature_then_evaluate_from_a_feature_table(tmp_path: Path) -> Non
         "fit-signature", str(tmp_path), "--endpoint", "survival", "--out", str(tmp_path / "x")
     )
     assert wrong.returncode == 2 and "--endpoint must be" in wrong.stderr
+
+
+def test_features_that_readers_disagree_on_never_enter_the_signature(tmp_path: Path) -> None:
+    """A second reader's table (--icc FILE): ICC(2,1) <= 0.75 keeps a feature out."""
+    from pipelines.signature.pfs import fit_pfs
+
+    features, clinical = cohort(200)
+    plain = fit_pfs(features, clinical, signature_id="plain", seed=0, synthetic=True).card
+    chosen = {f["name"] for f in plain["features"]}
+    assert chosen
+    second = features.copy()
+    rng = np.random.default_rng(5)
+    for name in chosen:  # the second reader's values of these bear no relation to the first's
+        second[name] = rng.permutation(second[name].to_numpy())
+    features.to_csv(tmp_path / "features.csv", index_label="id")
+    clinical.to_csv(tmp_path / "clinical.csv", index_label="id")
+    second.to_csv(tmp_path / "reader2.csv", index_label="id")
+    out = tmp_path / "models" / "robust"
+    proc = sarcnode(
+        "fit-signature", str(tmp_path), "--endpoint", "pfs", "--out", str(out),
+        "--synthetic", "--icc", str(tmp_path / "reader2.csv"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    card = yaml.safe_load((out / "card.yaml").read_text())
+    robust = card["robustness"]
+    assert robust["method"].startswith("second segmentation") and robust["threshold"] == 0.75
+    assert robust["of"] == features.shape[1] and robust["robust"] == features.shape[1] - len(chosen)
+    assert not chosen & {f["name"] for f in card["features"]}
+    perturb = sarcnode(
+        "fit-signature", str(tmp_path), "--endpoint", "pfs", "--out", str(tmp_path / "x"),
+        "--icc", "perturb",
+    )  # fmt: skip
+    assert perturb.returncode == 2 and "needs a folder of studies" in perturb.stderr
+
+
+def test_perturbation_icc_on_synthetic_studies(tmp_path: Path) -> None:
+    """Three studies, seven "raters" (mask, eroded, dilated, four shifts)."""
+    from pipelines.radiomics.extract import load_params
+    from pipelines.signature.cohort import perturbation_icc
+    from pipelines.synth.cohort import write_cohort
+
+    write_cohort(tmp_path, 3, 41)
+    params = load_params(Path(__file__).parents[2] / "config" / "radiomics" / "mr-demo.yaml")
+    values, summary = perturbation_icc(tmp_path, params, cases=3, regions=("tumour",), workers=2)
+    assert len(summary["cases"]) == 3
+    assert summary["method"].count(",") == 6  # original + 6 perturbations
+    # Tumour volumes differ between patients far more than a one-voxel rim:
+    assert values["T2FS:tumour:original_shape_VoxelVolume"] > 0.9
+    assert values["T1:tumour:original_shape_VoxelVolume"] > 0.9
+    assert values.index.str.startswith(("T1:tumour:", "T2FS:tumour:")).all()
