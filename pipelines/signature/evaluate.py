@@ -26,9 +26,9 @@ def score_cohort(
                 "time": clin.loc[case, "time"],
                 "event": clin.loc[case, "event"],
                 "linear_predictor": result["linear_predictor"],
-                "pfs_600": result["pfs_probability"]["600"],
                 "model": result["model"],
             }
+            row |= {f"pfs_{t}": p for t, p in result["pfs_probability"].items()}
         else:
             row |= {"label": clin.loc[case, card["label"]], "probability": result["probability"]}
         rows[case] = row

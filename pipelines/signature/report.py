@@ -22,7 +22,7 @@ import pandas as pd
 from lifelines import KaplanMeierFitter
 from lifelines.statistics import logrank_test
 from matplotlib import pyplot as plt
-from sksurv.metrics import cumulative_dynamic_auc
+from sksurv.metrics import brier_score, cumulative_dynamic_auc, integrated_brier_score
 from sksurv.util import Surv
 
 from pipelines.signature.classify import delong, hosmer_lemeshow
@@ -68,11 +68,33 @@ def decision_curve(events: np.ndarray, risk: np.ndarray, xlabel: str, path: Path
     return _save(fig, path)
 
 
+def _brier_curve(
+    scores: pd.DataFrame, t: np.ndarray, e: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float | None] | None:
+    """Brier score (IPCW) at the card's time points inside follow-up, and their integral.
+
+    The card predicts survival at fixed days (``pfs_<day>`` columns); the
+    censoring distribution is estimated on this cohort. The integrated score
+    (trapezoid over those days, divided by their span) needs two or more.
+    """
+    columns = {float(c[4:]): c for c in scores.columns if c.startswith("pfs_")}
+    times = np.array(sorted(d for d in columns if t.min() < d < t.max()))
+    if times.size == 0:
+        return None
+    y = Surv.from_arrays(e.astype(bool), t)
+    survival = scores[[columns[d] for d in times]].to_numpy(float)
+    _, values = brier_score(y, y, survival, times)
+    ibs = None
+    if times.size >= 2:
+        ibs = float(integrated_brier_score(y, y, survival, times))
+    return times, values, ibs
+
+
 def survival_report(card: dict[str, Any], scores: pd.DataFrame, out: Path) -> dict[str, Any]:
     """Figures and metrics for a PFS card.
 
     ``scores`` holds per case: time, event, radscore, risk_group,
-    linear_predictor and pfs_600 (the card's prediction at 600 days).
+    linear_predictor and pfs_<day> (the card's predictions at its time points).
     """
     out.mkdir(parents=True, exist_ok=True)
     t, e = scores["time"].to_numpy(float), scores["event"].to_numpy(int)
@@ -98,6 +120,27 @@ def survival_report(card: dict[str, Any], scores: pd.DataFrame, out: Path) -> di
         at, _ = cumulative_dynamic_auc(y, y, scores["radscore"].to_numpy(), horizon)
         metrics["td_auc"] = {str(d): round(float(a), 4) for d, a in zip(horizon, at, strict=True)}
 
+    brier = _brier_curve(scores, t, e)
+    if brier is not None:
+        times, values, ibs = brier
+        metrics["brier"] = {
+            str(int(d)): round(float(b), 4) for d, b in zip(times, values, strict=True)
+        }
+        if ibs is not None:
+            metrics["integrated_brier"] = round(ibs, 4)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot(times, values, marker="o", label="card's predictions")
+        ax.axhline(0.25, c="grey", ls="--", label="uninformative (0.25)")
+        title = "Brier score" + (f", integrated {ibs:.3f}" if ibs is not None else "")
+        ax.set(xlabel="days", ylabel="Brier score (IPCW)", ylim=(0, 0.4), title=title)
+        ax.legend()
+        figures["brier"] = _save(fig, out / "brier.png")
+
+    radscore = card["radscore"]
+    metrics["risk_cutoff"] = {
+        "value": radscore.get("cutoff"),
+        "rule": radscore.get("cutoff_rule", "training median"),
+    }
     high = (scores["risk_group"] == "high").to_numpy()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, mask in (("low risk", ~high), ("high risk", high)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipelines.signature.evaluate import evaluate
@@ -26,6 +27,20 @@ def test_pfs_report_has_the_papers_figures_and_consistent_numbers(tmp_path: Path
     assert result["metrics"]["c_index_radscore"]["value"] == pytest.approx(
         fit.card["validation"]["c_index_radscore"]["value"], abs=1e-4
     )
+    assert result["metrics"]["risk_cutoff"]["value"] == fit.card["radscore"]["cutoff"]
+    assert (tmp_path / "r" / result["figures"]["brier"]).stat().st_size > 5000
+    # The card's survival predictions beat "no model": everyone given the cohort's
+    # Kaplan-Meier curve, scored at the same days with the same IPCW weights.
+    from lifelines import KaplanMeierFitter
+    from sksurv.metrics import integrated_brier_score
+    from sksurv.util import Surv
+
+    clin = clinical.loc[val]
+    days = [float(d) for d in result["metrics"]["brier"]]
+    km = KaplanMeierFitter().fit(clin["time"], clin["event"]).survival_function_at_times(days)
+    y = Surv.from_arrays(clin["event"].astype(bool), clin["time"].astype(float))
+    null = integrated_brier_score(y, y, np.tile(km.to_numpy(), (len(clin), 1)), days)
+    assert result["metrics"]["integrated_brier"] < null
 
 
 def test_logistic_report(tmp_path: Path) -> None:
