@@ -149,6 +149,32 @@ def _cox_block(model: CoxModel, times: list[float]) -> dict[str, Any]:
     }
 
 
+def km_curves(
+    scores: pd.DataFrame, time: str = "time", event: str = "event", max_points: int = 60
+) -> dict[str, dict[str, Any]]:
+    """Kaplan-Meier curve of each risk group (days, survival), for reports drawn from a card.
+
+    At most ``max_points`` steps per group, so a card stays small; a patient
+    report draws these behind its own prediction.
+    """
+    from lifelines import KaplanMeierFitter
+
+    out = {}
+    for group in ("low", "high"):
+        part = scores[scores["risk_group"] == group]
+        if part.empty:
+            continue
+        sf = KaplanMeierFitter().fit(part[time], part[event]).survival_function_
+        if len(sf) > max_points:
+            sf = sf.iloc[np.linspace(0, len(sf) - 1, max_points).astype(int)]
+        out[group] = {
+            "days": [round(float(t), 1) for t in sf.index],
+            "survival": [round(float(v), 4) for v in sf.iloc[:, 0]],
+            "n": len(part),
+        }
+    return out
+
+
 def fit_pfs(
     features: pd.DataFrame,
     clinical: pd.DataFrame,
@@ -305,6 +331,7 @@ def fit_pfs(
             },
             "univariate_clinical_significant": significant,
             "metrics": training_metrics,
+            "km_by_risk_group": km_curves(scores[train], time, event),
         },
         "validation": {
             "n": int(val.sum()),
