@@ -939,9 +939,10 @@ def fit_signature_cmd(
         if source == "perturb":
             if table_cohort:
                 raise ValueError("--icc perturb needs a folder of studies, not a feature table")
-            if cached.is_file():
+            described = cached.with_suffix(".json")
+            if cached.is_file() and described.is_file():  # a re-fit reuses the ICCs
                 icc_values = pd.read_csv(cached, index_col=0).iloc[:, 0]
-                summary = {"method": "mask perturbations (cached in icc.csv)"}
+                summary = json.loads(described.read_text())
             else:
                 icc_values, summary = perturbation_icc(
                     cohort,
@@ -952,7 +953,9 @@ def fit_signature_cmd(
                     regions=tuple(region),
                     progress=lambda i, n, case: err.print(f"perturbed {case} ({i}/{n})"),
                 )
+                model_out.mkdir(parents=True, exist_ok=True)
                 icc_values.to_csv(cached, header=["icc"])
+                described.write_text(json.dumps(summary, indent=2))
         elif source != "none":
             icc_values = second_reader_icc(features, read_features(Path(source)))
             summary = {"method": f"second segmentation ({Path(source).name})", "kind": "ICC(2,1)"}

@@ -129,6 +129,13 @@ def _case_folders(root: Path) -> list[Path]:
     return sorted(p for p in base.iterdir() if p.is_dir())
 
 
+def _has_masks(folder: Path) -> bool:
+    """Whether a study folder holds tumour masks (without reading any image)."""
+    if (folder / "truth.json").is_file():
+        return any((folder / "masks").glob("*_tumour.nii.gz"))
+    return any(folder.glob("*mask*.nii*"))
+
+
 def perturbation_icc(
     root: Path,
     params: Mapping[str, Any] | None,
@@ -150,7 +157,7 @@ def perturbation_icc(
     summary for the card).
     """
     rng = np.random.default_rng(seed)
-    folders = [f for f in _case_folders(root) if (_study_inputs(f) or ({}, {}))[1]]
+    folders = [f for f in _case_folders(root) if _has_masks(f)]
     if len(folders) < 2:
         raise ValueError(f"ICC needs at least 2 studies with masks under {root}")
     chosen = sorted(rng.choice(len(folders), size=min(cases, len(folders)), replace=False))
