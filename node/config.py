@@ -219,6 +219,81 @@ class SchedulerSettings(_Section):
     tick_seconds: Annotated[float, Field(gt=0)] = 2.0
 
 
+class DestinationAuth(_Section):
+    """STOW-RS credentials. Secrets come from environment variables, never the file."""
+
+    kind: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password_env: str | None = Field(None, description="Environment variable with the password.")
+    token_env: str | None = Field(None, description="Environment variable with the bearer token.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> DestinationAuth:
+        if self.kind == "basic" and not (self.username and self.password_env):
+            raise ValueError("basic auth needs username and password_env")
+        if self.kind == "bearer" and not self.token_env:
+            raise ValueError("bearer auth needs token_env")
+        return self
+
+
+class DestinationSettings(_Section):
+    """Where results go: a DICOM peer (C-STORE), a DICOMweb server (STOW-RS) or a folder."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+    kind: Literal["dicom", "stow", "folder"]
+    # dicom
+    ae_title: str | None = None
+    host: str | None = None
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    storage_commitment: bool = False
+    # stow
+    url: str | None = None
+    auth: DestinationAuth = Field(default_factory=DestinationAuth)
+    ca: Path | None = Field(None, description="CA bundle for an https URL.")
+    # folder
+    path: Path | None = None
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _fields_for_kind(self) -> DestinationSettings:
+        needed = {"dicom": ("ae_title", "host", "port"), "stow": ("url",), "folder": ("path",)}
+        missing = [n for n in needed[self.kind] if getattr(self, n) is None]
+        if missing:
+            raise ValueError(f"destination {self.name!r} ({self.kind}) needs {', '.join(missing)}")
+        if self.kind == "dicom":
+            assert self.ae_title is not None
+            if not 1 <= len(self.ae_title.strip()) <= 16 or "\\" in self.ae_title:
+                raise ValueError(f"destination {self.name!r}: AE title must be 1-16 characters")
+        if self.kind == "stow" and not str(self.url).startswith(("http://", "https://")):
+            raise ValueError(f"destination {self.name!r}: url must be http(s)://...")
+        if self.storage_commitment and self.kind != "dicom":
+            raise ValueError(f"destination {self.name!r}: storage commitment is DICOM only")
+        return self
+
+
+class DeliverySettings(_Section):
+    """Retry policy of the delivery outbox."""
+
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    backoff_base_s: Annotated[float, Field(gt=0)] = 30.0
+    backoff_max_s: Annotated[float, Field(gt=0)] = 3600.0
+    jitter: Annotated[float, Field(ge=0, le=1)] = 0.2
+
+
+class UidSettings(_Section):
+    """The node's UID root for everything it writes (None: UUID-derived 2.25)."""
+
+    root: str | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, value: str | None) -> str | None:
+        from pipelines.encode.uids import check_root
+
+        return check_root(value)
+
+
 class LoggingSettings(_Section):
     """Log level and optional file (stderr always)."""
 
@@ -241,6 +316,26 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    destinations: list[DestinationSettings] = Field(default_factory=list)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    uids: UidSettings = Field(default_factory=UidSettings)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, values: list[DestinationSettings]) -> list[DestinationSettings]:
+        names = [d.name for d in values]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"destination name(s) used twice: {', '.join(twice)}")
+        return values
+
+    def destination(self, name: str) -> DestinationSettings:
+        """The destination called ``name`` (KeyError naming the known ones otherwise)."""
+        for d in self.destinations:
+            if d.name == name:
+                return d
+        known = ", ".join(d.name for d in self.destinations) or "none configured"
+        raise KeyError(f"no destination {name!r} ({known})")
 
     @classmethod
     def settings_customise_sources(

@@ -75,8 +75,36 @@ class Node:
             max_instances=1,
             coalesce=True,
         )
+        if self.settings.destinations:
+            self.scheduler.add_job(
+                self.deliver,
+                "interval",
+                seconds=self.settings.scheduler.tick_seconds,
+                id="deliver",
+                max_instances=1,  # a slow peer delays the next round, never doubles a send
+                coalesce=True,
+            )
         self.scheduler.start()
         self.tick()
+
+    def deliver(self) -> None:
+        """One outbox round: send what is due (its own job, so a slow peer never blocks ticks)."""
+        from node.delivery import deliver_due
+
+        try:
+            for outcome in deliver_due(self.db, self.settings):
+                if outcome.ok:
+                    log.info("delivery %s to %s done", outcome.delivery_id, outcome.destination)
+                else:
+                    log.warning(
+                        "delivery %s to %s: %s (%s)",
+                        outcome.delivery_id,
+                        outcome.destination,
+                        outcome.error,
+                        outcome.state,
+                    )
+        except Exception:
+            log.exception("delivery round failed")
 
     def tick(self) -> None:
         """One scheduler tick: mark stable series, refresh the heartbeat."""

@@ -4,7 +4,9 @@ The node's jobs run the same steps as separate, resumable stages; this is
 the single-process path for a researcher or an admin checking a study.
 Outputs in OUT: ``<role>_tumour.nii.gz`` per sequence, ``features.csv``
 (tidy), ``score.json`` and ``summary.txt``, each saying "not for clinical
-use" when the models do.
+use" when the models do; for a DICOM study also ``dicom/`` with a SEG per
+segmented series, the TID 1500 SR and the Encapsulated PDF report
+(:mod:`pipelines.encode.results`), ready for ``sarcnode deliver``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import SimpleITK as sitk
 
+from pipelines.encode.results import write_results
 from pipelines.io.roles import RoleRules
 from pipelines.radiomics.extract import params_hash
 from pipelines.radiomics.study import study_features, wide
@@ -35,6 +38,7 @@ def analyze_study(
     rules: RoleRules,
     clinical: Mapping[str, Any] | None = None,
     workers: int | None = None,
+    uid_root: str | None = None,
 ) -> dict[str, Any]:
     """Run the chain on ``study`` and write its outputs under ``out``; return the score report."""
     out.mkdir(parents=True, exist_ok=True)
@@ -72,6 +76,25 @@ def analyze_study(
     if manufacturer and "batch" not in facts:
         facts["batch"] = manufacturer
     result = score(card, row, facts, params_sha256=params_hash(params))
+    results: dict[str, str] = {}
+    if seg.series:  # DICOM input: the objects a PACS receives
+        t2 = time.perf_counter()
+        written = write_results(
+            out / "dicom",
+            series=seg.series,
+            images=seg.images,
+            masks=seg.masks,
+            primary=seg.sequence,
+            segmentation_card=segmenter.card,
+            job_key=f"analyze:{study.name}",
+            score=result,
+            signature_card=card,
+            features=row,
+            clinical=clinical,
+            uid_root=uid_root,
+        )
+        results = {kind: str(path) for kind, path in written.items()}
+        seconds["encode"] = time.perf_counter() - t2
     report = {
         "study": study.name,
         "segmentation": {
@@ -84,6 +107,7 @@ def analyze_study(
             else seg.registration.accepted,
         },
         "score": result,
+        "dicom": results,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "clinical_use": "not for clinical use",
     }
@@ -109,5 +133,7 @@ def summary(report: dict[str, Any]) -> str:
             lines.append(f"Clinical factors not given: {', '.join(s['missing_clinical'])}.")
     if "probability" in s:
         lines.append(f"Predicted probability: {s['probability']:.0%}.")
+    if report.get("dicom"):
+        lines.append("DICOM results: " + ", ".join(sorted(report["dicom"].values())))
     lines.append("NOT FOR CLINICAL USE: research models, demo models trained on synthetic data.")
     return "\n".join(lines) + "\n"

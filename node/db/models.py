@@ -171,7 +171,12 @@ class Job(Base):
 
 
 class Delivery(Base):
-    """One outbox row per (result object, destination) (delivery outbox, later issue)."""
+    """One outbox row per (result object, destination); see :mod:`node.delivery`.
+
+    ``state``: ``pending`` (due at ``next_attempt_at``), ``done`` (the
+    destination confirmed it), ``dead`` (``max_attempts`` failures; only
+    ``sarcnode deliveries retry`` revives it).
+    """
 
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -190,3 +195,7 @@ class Delivery(Base):
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str | None] = mapped_column(String(16))  # seg, sr, pdf
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime)

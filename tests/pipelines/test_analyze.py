@@ -9,6 +9,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from tests.conftest import shared_data
+from tests.pipelines.test_encode import dciodvfy_errors
 from tests.pipelines.test_segment_cli import sarcnode
 
 
@@ -33,6 +34,10 @@ def test_analyze_sts001_segments_extracts_and_scores_reproducibly(tmp_path: Path
     probabilities = [score["pfs_probability"][t] for t in ("300", "600", "900")]
     assert 1 > probabilities[0] >= probabilities[1] >= probabilities[2] > 0
     assert "NOT FOR CLINICAL USE" in (tmp_path / "a" / "summary.txt").read_text()
+    # The objects a PACS receives: a SEG per series, the SR and the PDF, all valid DICOM.
+    assert set(report["dicom"]) == {"seg_T2FS", "seg_T1", "sr", "pdf"}
+    for path in report["dicom"].values():
+        assert dciodvfy_errors(Path(path)) == [], path
 
     again = sarcnode(
         "analyze",

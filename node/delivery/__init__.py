@@ -1,0 +1,229 @@
+"""The delivery outbox: results reach every destination, once, even when one is down.
+
+One row per (object, destination) in ``deliveries``; enqueueing the same
+object again is a no-op (the unique key), so a re-run never sends twice. A
+due row is sent; success marks it ``done``, a failure schedules the next try
+with exponential back-off and jitter, and ``max_attempts`` failures make it
+``dead`` until an admin runs ``sarcnode deliveries retry``. Every attempt is
+an audit event. Destinations are in the node configuration (``destinations:``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select
+
+from node.audit.trail import record
+from node.config import DeliverySettings, DestinationSettings, Settings
+from node.db.models import Delivery, utcnow
+from node.db.session import Database
+from node.delivery.senders import DeliveryError, send
+
+ACTOR = "node"
+KINDS = {  # SOP class -> the short kind shown in listings
+    "1.2.840.10008.5.1.4.1.1.66.4": "seg",
+    "1.2.840.10008.5.1.4.1.1.88.34": "sr",
+    "1.2.840.10008.5.1.4.1.1.104.1": "pdf",
+}
+
+__all__ = ["DeliveryError", "Outcome", "backoff", "deliver_due", "enqueue", "retry", "send"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt did."""
+
+    delivery_id: int
+    destination: str
+    ok: bool
+    state: str
+    error: str | None = None
+
+
+def backoff(attempts: int, policy: DeliverySettings, rng: random.Random | None = None) -> float:
+    """Seconds before try ``attempts + 1``: base x 2^(attempts-1), capped, +/- jitter."""
+    delay = min(policy.backoff_max_s, policy.backoff_base_s * 2.0 ** max(attempts - 1, 0))
+    spread = float((rng or random).uniform(-policy.jitter, policy.jitter))
+    return max(0.0, delay * (1.0 + spread))
+
+
+def enqueue(
+    db: Database,
+    files: Iterable[Path],
+    destinations: Sequence[str],
+    *,
+    job_id: int | None = None,
+    settings: Settings | None = None,
+) -> list[int]:
+    """Add one pending row per (file, destination); existing pairs are left alone.
+
+    Returns the ids of the rows created. Unknown destination names raise
+    ``KeyError`` before anything is written.
+    """
+    if settings is not None:
+        for name in destinations:
+            settings.destination(name)
+    created: list[int] = []
+    now = utcnow()
+    with db.session() as session:
+        for path in files:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=None)
+            sop_uid, sop_class = str(ds.SOPInstanceUID), str(ds.SOPClassUID)
+            for name in destinations:
+                existing = session.scalar(
+                    select(Delivery).where(
+                        Delivery.sop_instance_uid == sop_uid, Delivery.destination == name
+                    )
+                )
+                if existing is not None:
+                    if existing.path != str(path) and existing.state != "done":
+                        existing.path, existing.updated_at = str(path), now
+                    continue
+                row = Delivery(
+                    job_id=job_id,
+                    sop_instance_uid=sop_uid,
+                    sop_class_uid=sop_class,
+                    study_instance_uid=str(ds.StudyInstanceUID),
+                    kind=KINDS.get(sop_class, "other"),
+                    path=str(path),
+                    destination=name,
+                    state="pending",
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+                session.add(row)
+                session.flush()
+                created.append(row.id)
+                record(
+                    session,
+                    "delivery.queued",
+                    actor=ACTOR,
+                    study_instance_uid=row.study_instance_uid,
+                    sop_instance_uid=sop_uid,
+                    detail={"delivery": row.id, "destination": name, "kind": row.kind},
+                )
+    return created
+
+
+def deliver_due(
+    db: Database,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    limit: int = 100,
+    rng: random.Random | None = None,
+) -> list[Outcome]:
+    """Send every pending row whose time has come (oldest first); return what happened."""
+    moment = now or utcnow()
+    with db.session() as session:
+        rows = session.scalars(
+            select(Delivery)
+            .where(Delivery.state == "pending", Delivery.next_attempt_at <= moment)
+            .order_by(Delivery.next_attempt_at, Delivery.id)
+            .limit(limit)
+        ).all()
+        due = [(r.id, r.destination, r.path) for r in rows]
+    outcomes = []
+    for delivery_id, name, path in due:
+        try:
+            destination: DestinationSettings | None = settings.destination(name)
+        except KeyError:
+            destination = None
+        error: str | None = None
+        if destination is None:
+            error = f"destination {name!r} is no longer configured"
+        else:
+            try:
+                send(Path(path), destination, calling_ae=settings.dicom.ae_title)
+            except DeliveryError as exc:
+                error = str(exc)
+        outcomes.append(_settle(db, delivery_id, error, settings.delivery, rng))
+    return outcomes
+
+
+def _settle(
+    db: Database,
+    delivery_id: int,
+    error: str | None,
+    policy: DeliverySettings,
+    rng: random.Random | None,
+) -> Outcome:
+    """Record one attempt's result on the row and in the audit trail, in one transaction."""
+    now = utcnow()
+    with db.session() as session:
+        row = session.get(Delivery, delivery_id)
+        assert row is not None
+        row.attempts += 1
+        row.updated_at = now
+        if error is None:
+            row.state, row.delivered_at, row.last_error, row.next_attempt_at = (
+                "done",
+                now,
+                None,
+                None,
+            )
+        else:
+            row.last_error = error[:2000]
+            if row.attempts >= policy.max_attempts:
+                row.state, row.next_attempt_at = "dead", None
+            else:
+                row.next_attempt_at = now + timedelta(seconds=backoff(row.attempts, policy, rng))
+        record(
+            session,
+            "delivery.sent" if error is None else "delivery.failed",
+            actor=ACTOR,
+            outcome="ok" if error is None else "failed",
+            study_instance_uid=row.study_instance_uid,
+            sop_instance_uid=row.sop_instance_uid,
+            detail={
+                "delivery": row.id,
+                "destination": row.destination,
+                "attempt": row.attempts,
+                "state": row.state,
+                **({"error": error[:500]} if error else {}),
+                **(
+                    {"next_attempt_at": row.next_attempt_at.isoformat()}
+                    if row.next_attempt_at
+                    else {}
+                ),
+            },
+        )
+        return Outcome(row.id, row.destination, error is None, row.state, error)
+
+
+def retry(
+    db: Database, ids: Sequence[int] = (), *, all_dead: bool = False, actor: str
+) -> list[int]:
+    """Make dead (or given) rows pending again, due now, with a fresh attempt count."""
+    now = utcnow()
+    with db.session() as session:
+        query = select(Delivery)
+        if all_dead:
+            query = query.where(Delivery.state == "dead")
+        else:
+            query = query.where(Delivery.id.in_(list(ids)))
+        rows = session.scalars(query).all()
+        missing = sorted(set(ids) - {r.id for r in rows})
+        if missing:
+            raise KeyError(f"no delivery with id {', '.join(map(str, missing))}")
+        for row in rows:
+            if row.state == "done":
+                raise ValueError(f"delivery {row.id} is already done; nothing to retry")
+            row.state, row.attempts, row.next_attempt_at, row.updated_at = "pending", 0, now, now
+            record(
+                session,
+                "delivery.retry",
+                actor=actor,
+                study_instance_uid=row.study_instance_uid,
+                sop_instance_uid=row.sop_instance_uid,
+                detail={"delivery": row.id, "destination": row.destination},
+            )
+        return [r.id for r in rows]

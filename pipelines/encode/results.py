@@ -1,0 +1,111 @@
+"""All DICOM results of one analysed study: SEG per segmented series, SR and PDF report.
+
+Used by ``sarcnode analyze`` and by the node's encode stage. Files are
+named by kind and sequence (``seg_T2FS.dcm``, ``seg_T1.dcm``, ``sr.dcm``,
+``report_pdf.dcm``, plus the PDF itself as ``report.pdf``) so a re-run
+overwrites them, and their UIDs are derived (see :mod:`pipelines.encode.uids`)
+so the PACS sees the same objects again, not new ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import SimpleITK as sitk
+
+from pipelines.encode.pdf import encode_pdf, report_pdf
+from pipelines.encode.seg import Algorithm, encode_seg, mask_array, source_datasets
+from pipelines.encode.sr import encode_sr, tumour_measurements
+from pipelines.io.dicom import SeriesRef
+
+
+def write_results(
+    out: Path,
+    *,
+    series: Mapping[str, SeriesRef],
+    images: Mapping[str, sitk.Image],
+    masks: Mapping[str, sitk.Image],
+    primary: str,
+    segmentation_card: Mapping[str, Any],
+    job_key: str,
+    score: Mapping[str, Any] | None = None,
+    signature_card: Mapping[str, Any] | None = None,
+    features: Mapping[str, float] | None = None,
+    clinical: Mapping[str, Any] | None = None,
+    uid_root: str | None = None,
+) -> dict[str, Path]:
+    """Write the objects under ``out``; return kind -> path (``seg_<role>``, ``sr``, ``pdf``).
+
+    ``primary`` is the sequence the tumour was segmented on: the SR and the
+    PDF describe that series; each role in ``series`` with a mask gets a SEG.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    algorithm = Algorithm(
+        str(segmentation_card.get("id", "segmentation")),
+        str(segmentation_card.get("version", "0")),
+    )
+    not_clinical = "not for clinical use" in " ".join(
+        str(c.get("clinical_use", "not for clinical use")).lower()
+        for c in (segmentation_card, signature_card or {})
+    )
+    written: dict[str, Path] = {}
+    sources_by_role = {}
+    for number, role in enumerate(sorted(series), start=1):
+        if role not in masks:
+            continue
+        sources = source_datasets(series[role].files)
+        sources_by_role[role] = sources
+        seg = encode_seg(
+            sources,
+            {"tumour": masks[role]},
+            algorithm=algorithm,
+            job_key=job_key,
+            series_number=9100 + number,
+            uid_root=uid_root,
+        )
+        path = out / f"seg_{role}.dcm"
+        seg.save_as(path, enforce_file_format=True)
+        written[f"seg_{role}"] = path
+    if primary not in sources_by_role:
+        return written
+    sources = sources_by_role[primary]
+    wanted = {f["name"] for f in (signature_card or {}).get("features", [])}
+    chosen = {k: v for k, v in (features or {}).items() if k in wanted}
+    sr = encode_sr(
+        sources,
+        images[primary],
+        masks[primary],
+        segmentation_model=algorithm,
+        job_key=job_key,
+        score=score,
+        features=chosen,
+        not_for_clinical_use=not_clinical,
+        uid_root=uid_root,
+    )
+    sr.save_as(out / "sr.dcm", enforce_file_format=True)
+    written["sr"] = out / "sr.dcm"
+    mask = mask_array(masks[primary], sources)
+    facts = tumour_measurements(images[primary], mask)
+    models = f"{algorithm.name} {algorithm.version}"
+    if score is not None:
+        models += f"; {score['signature']} {score.get('version', '')}"
+    document = report_pdf(
+        images[primary],
+        mask,
+        facts,
+        score=score,
+        card=signature_card,
+        clinical=clinical,
+        models=models,
+        not_for_clinical_use=not_clinical,
+    )
+    (out / "report.pdf").write_bytes(document)
+    version_key = algorithm.version + (
+        f"/{score['signature']}:{score.get('version')}" if score is not None else ""
+    )
+    pdf = encode_pdf(sources, document, job_key=job_key, version_key=version_key, uid_root=uid_root)
+    pdf.save_as(out / "report_pdf.dcm", enforce_file_format=True)
+    written["pdf"] = out / "report_pdf.dcm"
+    return written

@@ -1,0 +1,150 @@
+"""DICOM results: SEG, TID 1500 SR and Encapsulated PDF, checked by dciodvfy and read back."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import yaml
+
+from pipelines.encode.results import write_results
+from pipelines.encode.seg import Algorithm, EncodeError, encode_seg, source_datasets
+from pipelines.encode.sr import longest_axial_diameter_mm
+from pipelines.encode.uids import check_root, derived_uid
+from pipelines.io.dicom import load_series, scan
+from pipelines.synth.study import write_study
+from tests.peers import require
+
+REPO = Path(__file__).resolve().parents[2]
+SCORE = {
+    "signature": "sarcnode-pfs-demo",
+    "version": "1.0.0",
+    "endpoint": "pfs",
+    "radscore": 0.4321,
+    "risk_group": "high",
+    "model": "radscore",
+    "pfs_probability": {"300": 0.81, "600": 0.62, "900": 0.5},
+}
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The error lines dicom3tools' dciodvfy prints for ``path`` (warnings ignored)."""
+    tool = require("/usr/bin/dciodvfy", "dciodvfy (Debian dicom3tools)")
+    proc = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    folder = tmp_path_factory.mktemp("study")
+    write_study(folder, 5)
+    ref = scan(folder / "dicom" / "T2FS").series[0]
+    image = load_series(ref)
+    mask = sitk.ReadImage(str(folder / "masks" / "T2FS_tumour.nii.gz"))
+    mask.CopyInformation(image)
+    return {"ref": ref, "image": image, "mask": mask, "folder": folder}
+
+
+def _results(study: dict[str, object], out: Path, job_key: str = "job-1") -> dict[str, Path]:
+    seg_card = yaml.safe_load((REPO / "models" / "sarcnode-seg-demo" / "card.yaml").read_text())
+    pfs_card = yaml.safe_load((REPO / "models" / "sarcnode-pfs-demo" / "card.yaml").read_text())
+    features = {f["name"]: 1.0 + i for i, f in enumerate(pfs_card["features"])}
+    return write_results(
+        out,
+        series={"T2FS": study["ref"]},  # type: ignore[dict-item]
+        images={"T2FS": study["image"]},  # type: ignore[dict-item]
+        masks={"T2FS": study["mask"]},  # type: ignore[dict-item]
+        primary="T2FS",
+        segmentation_card=seg_card,
+        job_key=job_key,
+        score=SCORE,
+        signature_card=pfs_card,
+        features=features,
+    )
+
+
+def test_seg_sr_pdf_pass_dciodvfy_and_read_back(study: dict[str, object], tmp_path: Path) -> None:
+    files = _results(study, tmp_path / "out")
+    assert set(files) == {"seg_T2FS", "sr", "pdf"}
+    for path in files.values():
+        assert dciodvfy_errors(path) == [], path.name
+
+    mask = sitk.GetArrayFromImage(study["mask"]) > 0  # type: ignore[arg-type]
+    sources = source_datasets(study["ref"].files)  # type: ignore[attr-defined]
+    seg = hd.seg.segread(files["seg_T2FS"])
+    assert seg.SegmentationType == "BINARY" and int(seg.NumberOfFrames) == len(sources)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    segment = seg.SegmentSequence[0]
+    assert segment.SegmentLabel == "Tumour" and segment.SegmentAlgorithmType == "AUTOMATIC"
+    assert "RecommendedDisplayCIELabValue" in segment
+    assert segment.SegmentedPropertyTypeCodeSequence[0].CodeValue == "108369006"
+    assert (
+        segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "sarcnode-seg-demo"
+    )
+    assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "1.0.0"
+    # Frame k of the SEG is the mask on source slice k (read back by SOP instance).
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[s.SOPInstanceUID for s in sources], segment_numbers=[1]
+    )[..., 0]
+    assert np.array_equal(pixels > 0, mask)
+
+    sr = hd.sr.srread(files["sr"])
+    planar = sr.content.get_planar_roi_measurement_groups()
+    assert len(planar) == 1 and not sr.content.get_volumetric_roi_measurement_groups()
+    group = planar[0]
+    names = {m.name.meaning: m for m in group.get_measurements()}
+    spacing = np.prod(study["image"].GetSpacing())  # type: ignore[attr-defined]
+    assert names["Volume"].value == pytest.approx(mask.sum() * spacing / 1000, rel=1e-6)
+    assert names["Radiomics score (rad-score)"].value == pytest.approx(0.4321)
+    assert names["Predicted PFS probability at 600 days"].value == pytest.approx(62.0)
+    evaluations = {q.name.meaning: q.value.meaning for q in group.get_qualitative_evaluations()}
+    assert evaluations["Radiomics risk group"] == "High risk"
+    assert "NOT FOR CLINICAL USE" in evaluations["Clinical use"]
+    # The outline lies on the slice with the largest tumour area.
+    region = group.roi
+    assert region.GraphicType == "POLYLINE" and region.GraphicData[:2] == region.GraphicData[-2:]
+    referenced = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    assert referenced == sources[int(np.argmax(areas))].SOPInstanceUID
+
+    pdf = pydicom.dcmread(files["pdf"])
+    document = bytes(pdf.EncapsulatedDocument)[: int(pdf.EncapsulatedDocumentLength)]
+    pages = re.search(rb"/Type /Pages[^>]*/Count (\d+)|/Count (\d+)", document)
+    assert document.startswith(b"%PDF") and pages is not None
+    assert int(pages.group(1) or pages.group(2)) == 2  # slice + numbers, nomogram + KM curves
+    assert pdf.StudyInstanceUID == sources[0].StudyInstanceUID and pdf.Modality == "DOC"
+
+
+def test_uids_are_derived_so_a_rerun_replaces(study: dict[str, object], tmp_path: Path) -> None:
+    first = _results(study, tmp_path / "a")
+    again = _results(study, tmp_path / "b")
+    other = _results(study, tmp_path / "c", job_key="job-2")
+    for kind in first:
+        a, b, c = (pydicom.dcmread(d[kind], stop_before_pixels=True) for d in (first, again, other))
+        assert a.SOPInstanceUID == b.SOPInstanceUID and a.SeriesInstanceUID == b.SeriesInstanceUID
+        assert a.SOPInstanceUID != c.SOPInstanceUID
+        assert a.SOPInstanceUID.startswith("2.25.") and len(a.SOPInstanceUID) <= 64
+    assert derived_uid("x", root="1.2.3.").startswith("1.2.3.")
+    with pytest.raises(ValueError, match="UID root"):
+        check_root("1.02.3")
+
+
+def test_seg_refuses_a_mask_from_another_series(study: dict[str, object]) -> None:
+    sources = source_datasets(study["ref"].files)  # type: ignore[attr-defined]
+    wrong = sitk.Image(10, 10, 3, sitk.sitkUInt8)
+    with pytest.raises(EncodeError, match="does not match the series"):
+        encode_seg(sources, {"tumour": wrong}, algorithm=Algorithm("m", "1"), job_key="k")
+
+
+def test_longest_axial_diameter_of_a_disc() -> None:
+    """A disc of radius 20 px at 0.5 mm is 20 mm across (pixel corners: within one pixel)."""
+    yy, xx = np.mgrid[:100, :100]
+    disc = ((yy - 50) ** 2 + (xx - 50) ** 2 <= 20**2).astype(np.uint8)
+    mask = np.stack([np.zeros_like(disc), disc])
+    assert longest_axial_diameter_mm(mask, (0.5, 0.5)) == pytest.approx(20.5, abs=0.6)
