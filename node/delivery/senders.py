@@ -8,6 +8,7 @@ raises :class:`DeliveryError` with a message an admin can act on otherwise
 from __future__ import annotations
 
 import base64
+import json
 import os
 import shutil
 import ssl
@@ -117,8 +118,36 @@ def stow(path: Path, destination: DestinationSettings) -> None:
         raise DeliveryError(f"STOW-RS {url}: HTTP {exc.code} {exc.reason}") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise DeliveryError(f"STOW-RS {url}: {getattr(exc, 'reason', exc)}") from exc
-    if code not in (200, 202) or b"00081198" in answer:  # FailedSOPSequence
-        raise DeliveryError(f"STOW-RS {url}: HTTP {code}, the server refused the instance")
+    if code not in (200, 202):
+        raise DeliveryError(f"STOW-RS {url}: HTTP {code}")
+    _check_stow_answer(
+        url, answer, str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    )
+
+
+def _check_stow_answer(url: str, answer: bytes, sop_uid: str) -> None:
+    """The Store Instances Response must list the instance as stored, not as failed.
+
+    PS3.18 10.5.3: FailedSOPSequence (0008,1198) items name refused
+    instances with a FailureReason (0008,1197); ReferencedSOPSequence
+    (0008,1199) the stored ones.
+    """
+    try:
+        response = json.loads(answer or b"{}")
+    except ValueError as exc:
+        raise DeliveryError(f"STOW-RS {url}: unreadable response ({exc})") from exc
+    if isinstance(response, list):
+        response = response[0] if response else {}
+    for item in (response.get("00081198") or {}).get("Value") or []:
+        if (item.get("00081155") or {}).get("Value", [None])[0] == sop_uid:
+            reason = (item.get("00081197") or {}).get("Value", ["?"])[0]
+            raise DeliveryError(f"STOW-RS {url}: refused, failure reason {reason}")
+    stored = [
+        (item.get("00081155") or {}).get("Value", [None])[0]
+        for item in (response.get("00081199") or {}).get("Value") or []
+    ]
+    if response and sop_uid not in stored:
+        raise DeliveryError(f"STOW-RS {url}: the response does not list the instance as stored")
 
 
 def to_folder(path: Path, destination: DestinationSettings) -> None:
