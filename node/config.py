@@ -267,8 +267,11 @@ class DestinationSettings(_Section):
                 raise ValueError(f"destination {self.name!r}: AE title must be 1-16 characters")
         if self.kind == "stow" and not str(self.url).startswith(("http://", "https://")):
             raise ValueError(f"destination {self.name!r}: url must be http(s)://...")
-        if self.storage_commitment and self.kind != "dicom":
-            raise ValueError(f"destination {self.name!r}: storage commitment is DICOM only")
+        if self.storage_commitment:
+            raise ValueError(
+                f"destination {self.name!r}: storage commitment is not implemented yet "
+                "(a delivery counts as done when the C-STORE succeeds)"
+            )
         return self
 
 

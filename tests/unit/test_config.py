@@ -84,3 +84,36 @@ def test_config_check_cli_exit_codes(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "dicom.port" in proc.stderr and "storage.min_free_mb" in proc.stderr
     assert Path(SARCNODE).exists()
+
+
+def test_destinations_are_checked_by_kind_and_named(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "destinations:\n"
+        "  - {name: pacs, kind: dicom, host: 127.0.0.1, port: 4242}\n"  # no AE title
+        "  - {name: web, kind: stow, url: ftp://pacs/dicom-web}\n"
+        "  - {name: box, kind: folder, path: /tmp/x, storage_commitment: true}\n"
+        "  - {name: box, kind: folder, path: /tmp/y}\n"
+        "uids:\n  root: '1.2.3'\n",  # no trailing dot
+    )
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    text = "\n".join(info.value.problems)
+    assert "'pacs' (dicom) needs ae_title" in text
+    assert "'web': url must be http(s)" in text
+    assert "storage commitment is not implemented" in text
+    assert "uids.root" in text
+
+
+def test_destination_names_must_be_unique(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "destinations:\n  - {name: box, kind: folder, path: a}\n"
+        "  - {name: box, kind: folder, path: b}\n",
+    )
+    with pytest.raises(ConfigError, match="box"):
+        load_settings(path)
+    good = write(tmp_path, "destinations:\n  - {name: box, kind: folder, path: a}\n")
+    assert load_settings(good).destination("box").path == Path("a")
+    with pytest.raises(KeyError, match="no destination 'pacs'"):
+        load_settings(good).destination("pacs")
