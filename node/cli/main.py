@@ -48,6 +48,16 @@ deliveries_app = typer.Typer(
     help="The delivery outbox: what was sent where, what is waiting, what is dead."
 )
 app.add_typer(deliveries_app, name="deliveries")
+pipelines_app = typer.Typer(
+    help="Pipeline definitions (config/pipelines): list them, dry-run one on a study folder.",
+    no_args_is_help=True,
+)
+app.add_typer(pipelines_app, name="pipelines")
+PIPELINES_DIR = Path(__file__).resolve().parents[2] / "config" / "pipelines"
+PipelinesOpt = Annotated[
+    Path,
+    typer.Option("--pipelines", envvar="SARCNODE_PIPELINES", help="Folder of pipeline YAML files."),
+]
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages stay on one line for grep and tests
@@ -608,6 +618,103 @@ def deliver_cmd(
     finally:
         db.dispose()
     out.print(f"queued {len(created)} delivery(ies)")
+
+
+def _pipelines(folder: Path) -> list[Any]:
+    from node.pipelines import PipelineError, load_pipelines
+
+    try:
+        found = load_pipelines(folder)
+    except PipelineError as exc:
+        err.print(f"[red]pipeline error: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    if not found:
+        err.print(f"[red]no pipeline files (*.yaml) in {folder}[/red]")
+        raise typer.Exit(2)
+    return found
+
+
+@pipelines_app.command("list")
+def pipelines_list(pipelines: PipelinesOpt = PIPELINES_DIR, as_json: JsonOpt = False) -> None:
+    """The pipelines, their trigger roles, stages and models."""
+    rows = [
+        {
+            "name": p.name,
+            "modality": p.modality,
+            "required": ",".join(p.required),
+            "optional": ",".join(p.optional),
+            "stages": ",".join(p.stages),
+            "segmentation_model": p.segmentation_model.name,
+            "signature": p.signature.name if p.signature else None,
+            "priority": p.priority,
+        }
+        for p in _pipelines(pipelines)
+    ]
+    _emit(rows, as_json, "Pipelines", list(rows[0]))
+
+
+@pipelines_app.command("test")
+def pipelines_test(
+    study: Annotated[Path, typer.Argument(metavar="STUDY_DIR", help="A folder of DICOM files.")],
+    pipelines: PipelinesOpt = PIPELINES_DIR,
+    as_json: JsonOpt = False,
+) -> None:
+    """Dry run: which series play which role, would a job start, and why (not). Exit 1 if none."""
+    from node.pipelines import SeriesInfo, decide
+    from pipelines.io.dicom import scan
+
+    if not study.is_dir():
+        err.print(f"[red]{study}: not a folder[/red]")
+        raise typer.Exit(2)
+    found = scan(study)
+    studies = found.studies()
+    infos = {
+        uid: [
+            SeriesInfo(
+                ref.series_instance_uid,
+                ref.attributes,
+                len(ref.files),
+                stable=True,
+                stable_at=datetime.min,
+            )
+            for ref in refs
+        ]
+        for uid, refs in studies.items()
+    }
+    descriptions = {ref.series_instance_uid: ref.description for ref in found.series}
+    results: list[dict[str, Any]] = []
+    for p in _pipelines(pipelines):
+        for uid, series in infos.items():
+            d = decide(p, series)
+            results.append(
+                {
+                    "pipeline": d.pipeline,
+                    "study_instance_uid": uid,
+                    "start": d.start,
+                    "reason": d.reason,
+                    "roles": d.roles,
+                    "series": {
+                        s: {"role": why, "description": descriptions.get(s, "")}
+                        for s, why in d.classified.items()
+                    },
+                }
+            )
+    if as_json:
+        sys.stdout.write(json.dumps(results) + "\n")
+    else:
+        if not studies:
+            out.print(f"no DICOM image series under {study}")
+        for r in results:
+            verdict = "[green]job would start[/green]" if r["start"] else "[yellow]no job[/yellow]"
+            out.print(
+                f"{r['pipeline']} / study {r['study_instance_uid']}: {verdict}: {r['reason']}"
+            )
+            for uid, s in r["series"].items():
+                out.print(f"  {s['role']:<10} {s['description'] or '(no description)'}  {uid}")
+        for path, why in found.skipped[:10]:
+            out.print(f"  skipped {path.name}: {why}")
+    if not any(r["start"] for r in results):
+        raise typer.Exit(1)
 
 
 @app.command("echo")

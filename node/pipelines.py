@@ -1,0 +1,226 @@
+"""Pipelines as configuration: which studies start a job, and with which series in which role.
+
+A pipeline file (``config/pipelines/*.yaml``) has a trigger (modality, a
+series selection rule, the sequence-role rules, required and optional
+roles, how long to wait for a missing optional role), the stages, the model
+folders and the destinations. :func:`decide` is the one place that says
+whether a study starts a job; ``sarcnode pipelines test STUDY_DIR`` prints
+its answer (and the reason) for a folder, and the scheduler asks it for
+every study whose series are stable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipelines.io.roles import RoleRules, Rule, RuleError, load_role_rules, parse_rule
+
+STAGES = ("segment", "radiomics", "score", "encode", "deliver")
+PRIORITIES = ("urgent", "normal", "offpeak")
+
+
+class PipelineError(ValueError):
+    """A pipeline file is malformed; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One pipeline definition, paths resolved against its file."""
+
+    name: str
+    path: Path
+    modality: str
+    series_rule: Rule | None
+    roles: RoleRules
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    wait_for_optional_s: float
+    priority: str
+    stages: tuple[str, ...]
+    segmentation_model: Path
+    signature: Path | None
+    destinations: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """What the decision needs to know about one series of a study."""
+
+    series_instance_uid: str
+    attributes: Mapping[str, Any]
+    instances: int
+    stable: bool
+    stable_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Would ``pipeline`` start a job for this study now, with which series, and why (not)."""
+
+    pipeline: str
+    start: bool
+    reason: str
+    roles: dict[str, str] = field(default_factory=dict)  # role -> series UID
+    classified: dict[str, str] = field(default_factory=dict)  # series UID -> role / why left out
+    retry_at: datetime | None = None
+
+
+def _list(data: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    value = data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise PipelineError(f"{where}: '{key}' must be a list of names")
+    return tuple(value)
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    """Read and check one pipeline file (every problem names the file and key)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelineError(f"{path}: {exc}") from exc
+    where = path.name
+    if not isinstance(data, Mapping):
+        raise PipelineError(f"{where}: must be a mapping")
+    known = {
+        "name", "description", "trigger", "priority", "stages", "segmentation_model",
+        "signature", "destinations",
+    }  # fmt: skip
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise PipelineError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    trigger = data.get("trigger")
+    if not isinstance(trigger, Mapping):
+        raise PipelineError(f"{where}: needs a 'trigger' mapping")
+    base = path.parent
+    try:
+        if "roles_file" in trigger:
+            roles = load_role_rules((base / str(trigger["roles_file"])).resolve())
+        elif "roles" in trigger:
+            roles = RoleRules(
+                tuple(
+                    (str(e["role"]), parse_rule(e["rule"], f"{where}: trigger.roles[{i}]"))
+                    for i, e in enumerate(trigger["roles"])
+                )
+            )
+        else:
+            raise PipelineError(f"{where}: trigger needs 'roles_file' or 'roles'")
+        series_rule = (
+            parse_rule(trigger["series"], f"{where}: trigger.series")
+            if "series" in trigger
+            else None
+        )
+    except (RuleError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{where}: {exc}") from exc
+    required = _list(trigger, "required", f"{where}: trigger")
+    if not required:
+        raise PipelineError(f"{where}: trigger.required needs at least one role")
+    known_roles = {r for r, _ in roles.roles}
+    for role in (*required, *_list(trigger, "optional", f"{where}: trigger")):
+        if role not in known_roles:
+            raise PipelineError(
+                f"{where}: role {role!r} has no rule (known: {sorted(known_roles)})"
+            )
+    stages = _list(data, "stages", where) or STAGES
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise PipelineError(f"{where}: unknown stage(s) {', '.join(bad)} (known: {STAGES})")
+    priority = str(data.get("priority", "normal"))
+    if priority not in PRIORITIES:
+        raise PipelineError(f"{where}: priority must be one of {PRIORITIES}")
+    if "segmentation_model" not in data:
+        raise PipelineError(f"{where}: needs 'segmentation_model'")
+    model = (base / str(data["segmentation_model"])).resolve()
+    signature = (base / str(data["signature"])).resolve() if data.get("signature") else None
+    for what, folder in (("segmentation_model", model), ("signature", signature)):
+        if folder is not None and not (folder / "card.yaml").is_file():
+            raise PipelineError(f"{where}: {what} {folder} has no card.yaml")
+    return Pipeline(
+        name=str(data.get("name") or path.stem),
+        path=path,
+        modality=str(trigger.get("modality", "MR")),
+        series_rule=series_rule,
+        roles=roles,
+        required=required,
+        optional=_list(trigger, "optional", f"{where}: trigger"),
+        wait_for_optional_s=float(trigger.get("wait_for_optional_s", 0)),
+        priority=priority,
+        stages=stages,
+        segmentation_model=model,
+        signature=signature,
+        destinations=_list(data, "destinations", where),
+        description=str(data.get("description", "")),
+    )
+
+
+def load_pipelines(folder: Path) -> list[Pipeline]:
+    """Every ``*.yaml`` under ``folder``, sorted by name; duplicate names are an error."""
+    found = [load_pipeline(p) for p in sorted(folder.glob("*.yaml"))]
+    names = [p.name for p in found]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise PipelineError(f"{folder}: pipeline name(s) used twice: {', '.join(twice)}")
+    return found
+
+
+def decide(
+    pipeline: Pipeline, series: Sequence[SeriesInfo], *, now: datetime | None = None
+) -> Decision:
+    """Whether ``pipeline`` starts a job for a study made of ``series`` now, and why.
+
+    Per role the series with the most instances is chosen. No job without
+    every required role; none while a chosen series is still receiving; and
+    while an optional role is missing, none until ``wait_for_optional_s``
+    after the last chosen series became stable.
+    """
+    classified: dict[str, str] = {}
+    by_role: dict[str, list[SeriesInfo]] = {}
+    for info in series:
+        modality = str(info.attributes.get("Modality") or "")
+        if modality != pipeline.modality:
+            classified[info.series_instance_uid] = f"modality {modality or '?'}"
+            continue
+        if pipeline.series_rule is not None and not pipeline.series_rule.matches(info.attributes):
+            classified[info.series_instance_uid] = "excluded by trigger.series"
+            continue
+        role = pipeline.roles.classify(info.attributes)
+        classified[info.series_instance_uid] = role
+        by_role.setdefault(role, []).append(info)
+    chosen = {
+        role: max(items, key=lambda s: (s.instances, s.series_instance_uid))
+        for role, items in by_role.items()
+        if role in (*pipeline.required, *pipeline.optional)
+    }
+    roles = {role: s.series_instance_uid for role, s in chosen.items()}
+    missing = [r for r in pipeline.required if r not in chosen]
+    if missing:
+        found = ", ".join(sorted(set(classified.values()))) or "no series"
+        return Decision(pipeline.name, False, f"no {'/'.join(missing)} series (found: {found})",
+                        roles, classified)  # fmt: skip
+    receiving = [r for r, s in chosen.items() if not s.stable]
+    if receiving:
+        return Decision(pipeline.name, False, f"{', '.join(receiving)} series still receiving",
+                        roles, classified)  # fmt: skip
+    absent = [r for r in pipeline.optional if r not in chosen]
+    if absent and pipeline.wait_for_optional_s > 0:
+        stable_times = [s.stable_at for s in chosen.values() if s.stable_at is not None]
+        if stable_times:
+            until = max(stable_times) + timedelta(seconds=pipeline.wait_for_optional_s)
+            if (now or datetime.now()) < until:
+                return Decision(
+                    pipeline.name,
+                    False,
+                    f"waiting for optional {', '.join(absent)} until {until:%H:%M:%S}",
+                    roles,
+                    classified,
+                    retry_at=until,
+                )
+    used = ", ".join(f"{r}: {chosen[r].attributes.get('SeriesDescription') or uid}"
+                     for r, uid in roles.items())  # fmt: skip
+    return Decision(pipeline.name, True, f"starts with {used}", roles, classified)
