@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from datetime import datetime
+from datetime import time as dtime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -284,6 +286,26 @@ class DeliverySettings(_Section):
     jitter: Annotated[float, Field(ge=0, le=1)] = 0.2
 
 
+class JobSettings(_Section):
+    """How jobs run: parallelism, retries, device, the off-peak window, pipeline files."""
+
+    pipelines_dir: Path = Field(
+        Path(__file__).resolve().parents[1] / "config" / "pipelines",
+        description="Folder of pipeline YAML files.",
+    )
+    max_parallel: Annotated[int, Field(ge=1, le=64)] = 1
+    max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
+    retry_base_s: Annotated[float, Field(ge=0)] = 30.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    offpeak: str = Field("20:00-06:00", pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")
+
+    def in_offpeak(self, now: datetime) -> bool:
+        """Whether ``now`` (UTC, naive) falls in the off-peak window (may wrap midnight)."""
+        start, end = (dtime.fromisoformat(t) for t in self.offpeak.split("-"))
+        t = now.time()
+        return start <= t < end if start < end else (t >= start or t < end)
+
+
 class UidSettings(_Section):
     """The node's UID root for everything it writes (None: UUID-derived 2.25)."""
 
@@ -322,6 +344,7 @@ class Settings(BaseSettings):
     destinations: list[DestinationSettings] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     uids: UidSettings = Field(default_factory=UidSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
 
     @field_validator("destinations")
     @classmethod

@@ -89,9 +89,15 @@ def load_pipeline(path: Path) -> Pipeline:
     if not isinstance(data, Mapping):
         raise PipelineError(f"{where}: must be a mapping")
     known = {
-        "name", "description", "trigger", "priority", "stages", "segmentation_model",
-        "signature", "destinations",
-    }  # fmt: skip
+        "name",
+        "description",
+        "trigger",
+        "priority",
+        "stages",
+        "segmentation_model",
+        "signature",
+        "destinations",
+    }
     unknown = sorted(set(data) - known)
     if unknown:
         raise PipelineError(f"{where}: unknown key(s) {', '.join(unknown)}")
@@ -201,12 +207,22 @@ def decide(
     missing = [r for r in pipeline.required if r not in chosen]
     if missing:
         found = ", ".join(sorted(set(classified.values()))) or "no series"
-        return Decision(pipeline.name, False, f"no {'/'.join(missing)} series (found: {found})",
-                        roles, classified)  # fmt: skip
+        return Decision(
+            pipeline.name,
+            False,
+            f"no {'/'.join(missing)} series (found: {found})",
+            roles,
+            classified,
+        )
     receiving = [r for r, s in chosen.items() if not s.stable]
     if receiving:
-        return Decision(pipeline.name, False, f"{', '.join(receiving)} series still receiving",
-                        roles, classified)  # fmt: skip
+        return Decision(
+            pipeline.name,
+            False,
+            f"{', '.join(receiving)} series still receiving",
+            roles,
+            classified,
+        )
     absent = [r for r in pipeline.optional if r not in chosen]
     if absent and pipeline.wait_for_optional_s > 0:
         stable_times = [s.stable_at for s in chosen.values() if s.stable_at is not None]
@@ -221,6 +237,7 @@ def decide(
                     classified,
                     retry_at=until,
                 )
-    used = ", ".join(f"{r}: {chosen[r].attributes.get('SeriesDescription') or uid}"
-                     for r, uid in roles.items())  # fmt: skip
+    used = ", ".join(
+        f"{r}: {chosen[r].attributes.get('SeriesDescription') or uid}" for r, uid in roles.items()
+    )
     return Decision(pipeline.name, True, f"starts with {used}", roles, classified)

@@ -1,8 +1,11 @@
 """``sarcnode serve``: the long-running node, wired in one place.
 
 Start-up order: database (migrated), storage root (partial files from a crash
-removed), Storage SCP, then the scheduler tick that marks quiet series stable
-and refreshes the heartbeat file the CLI's ``status`` reads. SIGTERM and
+removed), pipelines (``jobs.pipelines_dir``), jobs interrupted by a crash
+re-queued, Storage SCP, then the tick that marks quiet series stable, turns
+stable studies into jobs and hands queued jobs to the local executor, and
+refreshes the heartbeat file the CLI's ``status`` reads; the delivery outbox
+runs on its own tick. SIGTERM and
 SIGINT stop it cleanly; ``kill -9`` loses nothing that was answered Success,
 because the SCP answers only after the file and its row are committed.
 """
@@ -24,6 +27,9 @@ from node.audit.trail import record
 from node.config import Settings
 from node.db.session import Database
 from node.dicom.scp import StorageSCP
+from node.jobs import Runner, recover
+from node.jobs import Scheduler as JobScheduler
+from node.pipelines import load_pipelines
 from node.store.files import InstanceFiles
 from node.store.ingest import Ingestor, mark_stable_series
 
@@ -49,6 +55,12 @@ class Node:
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
+        folder = settings.jobs.pipelines_dir
+        self.pipelines = load_pipelines(folder) if folder.is_dir() else []
+        if not self.pipelines:
+            log.warning("no pipeline files in %s: studies are stored but start no job", folder)
+        self.job_scheduler = JobScheduler(self.db, settings, self.pipelines)
+        self.runner: Runner | None = None
 
     def start(self) -> None:
         """Recover, open the SCP, start the tick, and audit the start."""
@@ -66,6 +78,11 @@ class Node:
                     "partial_files_removed": removed,
                 },
             )
+        recovered = recover(self.db)
+        if recovered:
+            log.info("re-queued %d job(s) interrupted by a stop: %s", len(recovered), recovered)
+        if self.pipelines:
+            self.runner = Runner(self.db, self.settings, self.pipelines)
         self.scp.start()
         self.scheduler.add_job(
             self.tick,
@@ -112,6 +129,11 @@ class Node:
             stable = mark_stable_series(self.db, self.settings.scheduler.series_stable_seconds)
             for uid in stable:
                 log.info("series %s is stable", uid)
+            for job_id in self.job_scheduler.tick():
+                log.info("job %d created", job_id)
+            if self.runner is not None:
+                for job_id in self.runner.tick():
+                    log.info("job %d started", job_id)
         except Exception:
             log.exception("scheduler tick failed")
         self._write_heartbeat()
@@ -140,6 +162,8 @@ class Node:
         """Stop the tick and the SCP, audit the stop, close the database."""
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        if self.runner is not None:
+            self.runner.shutdown()
         self.scp.stop()
         with self.db.session() as s:
             record(s, "node.stopped", actor="node", detail={"pid": os.getpid()})

@@ -174,6 +174,8 @@ def node_factory(tmp_path: Path) -> Iterator[Any]:
             "storage": {"root": str(root / "storage"), "min_free_mb": 50},
             "scheduler": {"series_stable_seconds": 2, "tick_seconds": 0.5},
             "logging": {"level": "INFO"},
+            # No pipelines unless a test asks: studies are stored, no job starts.
+            "jobs": {"pipelines_dir": str(root / "no-pipelines")},
         }
         _deep_update(settings, overrides or {})
         config = root / "node.yaml"

@@ -48,6 +48,8 @@ deliveries_app = typer.Typer(
     help="The delivery outbox: what was sent where, what is waiting, what is dead."
 )
 app.add_typer(deliveries_app, name="deliveries")
+jobs_app = typer.Typer(help="Pipeline jobs: list, show one, retry, cancel.")
+app.add_typer(jobs_app, name="jobs")
 pipelines_app = typer.Typer(
     help="Pipeline definitions (config/pipelines): list them, dry-run one on a study folder.",
     no_args_is_help=True,
@@ -132,11 +134,17 @@ def _root(
 def serve(config: ConfigOpt = None) -> None:
     """Run the node: Storage SCP, storage, audit, scheduler tick (until SIGTERM)."""
     from node.logs import setup_logging
+    from node.pipelines import PipelineError
     from node.service import Node
 
     settings = _settings(config)
     setup_logging(settings.logging.level, settings.logging.file)
-    Node(settings).run_forever()
+    try:
+        node = Node(settings)
+    except PipelineError as exc:
+        err.print(f"[red]pipeline error: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    node.run_forever()
 
 
 @app.command()
@@ -618,6 +626,202 @@ def deliver_cmd(
     finally:
         db.dispose()
     out.print(f"queued {len(created)} delivery(ies)")
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    seconds = None
+    if job.started_at and job.finished_at:
+        seconds = round((job.finished_at - job.started_at).total_seconds(), 1)
+    return {
+        "id": job.id,
+        "pipeline": job.pipeline,
+        "study_instance_uid": job.study_instance_uid,
+        "state": job.state,
+        "stage": job.stage,
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "seconds": seconds,
+        "superseded_by": job.superseded_by,
+        "error": job.error,
+    }
+
+
+@jobs_app.callback(invoke_without_command=True)
+def jobs(
+    ctx: typer.Context,
+    config: ConfigOpt = None,
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest N jobs.")] = 100,
+    as_json: JsonOpt = False,
+) -> None:
+    """List jobs, newest last: state, stage, timing, error."""
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = config
+        return
+    settings = _settings(config)
+    db = _db(settings)
+    with db.session() as s:
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            q = q.where(Job.state == state)
+        if study:
+            q = q.where(Job.study_instance_uid == study)
+        rows = [_job_row(j) for j in reversed(s.scalars(q).all())]
+    db.dispose()
+    _emit(
+        rows,
+        as_json,
+        "Jobs",
+        ["id", "pipeline", "state", "stage", "attempts", "seconds", "created_at", "error"],
+    )
+
+
+@jobs_app.command("show")
+def jobs_show(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One job: inputs, stages with start/end/duration and outputs, deliveries, audit trail."""
+    from node.db.models import JobStage
+
+    settings = _settings(config or ctx.obj)
+    db = _db(settings)
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            err.print(f"[red]no job with id {job_id}[/red]")
+            raise typer.Exit(2)
+        detail = _job_row(job) | {"inputs": json.loads(job.inputs or "{}"), "folder": job.folder}
+        detail["stages"] = [
+            {
+                "stage": st.stage,
+                "state": st.state,
+                "attempts": st.attempts,
+                "started_at": _iso(st.started_at),
+                "ended_at": _iso(st.ended_at),
+                "seconds": round((st.ended_at - st.started_at).total_seconds(), 2)
+                if st.started_at and st.ended_at
+                else None,
+                "outputs": json.loads(st.outputs) if st.outputs else None,
+                "error": st.error,
+            }
+            for st in s.scalars(
+                select(JobStage).where(JobStage.job_id == job_id).order_by(JobStage.id)
+            )
+        ]
+        detail["deliveries"] = [
+            {
+                "id": d.id,
+                "kind": d.kind,
+                "destination": d.destination,
+                "state": d.state,
+                "attempts": d.attempts,
+                "last_error": d.last_error,
+            }
+            for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id))
+        ]
+        detail["audit"] = [
+            {
+                "seq": e.seq,
+                "ts": _iso(e.ts),
+                "action": e.action,
+                "outcome": e.outcome,
+                "detail": json.loads(e.detail),
+            }
+            for e in s.scalars(
+                select(AuditEvent)
+                .where(
+                    AuditEvent.study_instance_uid == job.study_instance_uid,
+                    AuditEvent.action.startswith("job."),
+                )
+                .order_by(AuditEvent.seq)
+            )
+            if json.loads(e.detail).get("job") == job_id
+        ]
+    db.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps(detail, default=str) + "\n")
+        return
+    out.print(
+        f"job {job_id}: {detail['state']} ({detail['pipeline']}), study "
+        f"{detail['study_instance_uid']}"
+    )
+    out.print(f"  inputs: {detail['inputs']}; folder {detail['folder']}")
+    if detail["error"]:
+        out.print(f"  [red]error: {detail['error']}[/red]")
+    _emit(
+        detail["stages"],
+        False,
+        "Stages",
+        ["stage", "state", "attempts", "started_at", "seconds", "error"],
+    )
+    if detail["deliveries"]:
+        _emit(
+            detail["deliveries"],
+            False,
+            "Deliveries",
+            ["id", "kind", "destination", "state", "attempts", "last_error"],
+        )
+
+
+@jobs_app.command("retry")
+def jobs_retry(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    config: ConfigOpt = None,
+) -> None:
+    """Queue a failed, dead or cancelled job again (finished stages are kept)."""
+    settings = _settings(config or ctx.obj)
+    db = _db(settings)
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state not in ("failed", "dead", "cancelled"):
+            what = "no such job" if job is None else f"it is {job.state}"
+            err.print(f"[red]job {job_id} cannot be retried: {what}[/red]")
+            raise typer.Exit(2)
+        job.state, job.attempts, job.error, job.finished_at = "queued", 0, None, None
+        record(
+            s,
+            "job.retry",
+            actor=os_actor(),
+            study_instance_uid=job.study_instance_uid,
+            detail={"job": job_id},
+        )
+    db.dispose()
+    out.print(f"job {job_id} queued again")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    config: ConfigOpt = None,
+) -> None:
+    """Cancel a queued or running job (a running stage finishes; no further stage starts)."""
+    settings = _settings(config or ctx.obj)
+    db = _db(settings)
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or job.state not in ("queued", "running"):
+            what = "no such job" if job is None else f"it is {job.state}"
+            err.print(f"[red]job {job_id} cannot be cancelled: {what}[/red]")
+            raise typer.Exit(2)
+        job.state = "cancelled"
+        record(
+            s,
+            "job.cancelled",
+            actor=os_actor(),
+            study_instance_uid=job.study_instance_uid,
+            detail={"job": job_id},
+        )
+    db.dispose()
+    out.print(f"job {job_id} cancelled")
 
 
 def _pipelines(folder: Path) -> list[Any]:

@@ -151,7 +151,11 @@ class AuditEvent(Base):
 
 
 class Job(Base):
-    """A pipeline run over one study (filled by the scheduler, next issue)."""
+    """A pipeline run over one study: ``queued -> running -> done | failed | dead | cancelled``.
+
+    ``stage`` is the stage running (or last finished); ``inputs`` is JSON
+    (role -> series UID); ``folder`` holds every stage's outputs.
+    """
 
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("idempotency_key"),)
@@ -168,6 +172,27 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime)
     updated_at: Mapped[datetime] = mapped_column(DateTime)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    inputs: Mapped[str | None] = mapped_column(Text)
+    folder: Mapped[str | None] = mapped_column(String(255))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class JobStage(Base):
+    """One stage of one job: state, timing, outputs (JSON), error."""
+
+    __tablename__ = "job_stages"
+    __table_args__ = (UniqueConstraint("job_id", "stage"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"))
+    stage: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))  # pending | running | done | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime)
+    outputs: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 class Delivery(Base):

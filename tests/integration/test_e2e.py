@@ -1,0 +1,131 @@
+"""End to end: dcmtk storescu -> sarcnode serve -> pipeline jobs -> a real Orthanc."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+import yaml
+
+from pipelines.synth.study import write_study
+from tests.conftest import NodeProcess
+from tests.orthanc import Orthanc, orthanc  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pipeline_folder(tmp_path: Path) -> Path:
+    """The shipped sarcoma-mr pipeline with absolute paths and no wait for T1."""
+    data = yaml.safe_load((REPO / "config" / "pipelines" / "sarcoma-mr.yaml").read_text())
+    data["trigger"]["roles_file"] = str(REPO / "config" / "sequence_roles.yaml")
+    data["trigger"]["wait_for_optional_s"] = 0
+    data["segmentation_model"] = str(REPO / "models" / "sarcnode-seg-demo")
+    data["signature"] = str(REPO / "models" / "sarcnode-pfs-demo")
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    (folder / "sarcoma-mr.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+def wait_for(node: NodeProcess, what: str, check: Any, timeout: float = 300) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}:\n{node.log()[-3000:]}")
+
+
+def send(node: NodeProcess, folder: Path) -> None:
+    proc = subprocess.run(
+        [*node.storescu_cmd("+sd", "+r"), str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_study_sent_by_storescu_comes_back_to_orthanc_as_seg_sr_and_pdf(
+    node_factory: Any,
+    orthanc: Orthanc,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    node: NodeProcess = node_factory(
+        {
+            "scheduler": {"series_stable_seconds": 1, "tick_seconds": 0.5},
+            "jobs": {"pipelines_dir": str(pipeline_folder(tmp_path)), "device": "cpu"},
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "kind": "dicom",
+                    "ae_title": orthanc.aet,
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                }
+            ],
+            "delivery": {"backoff_base_s": 1, "backoff_max_s": 2},
+        }
+    )
+    node.start()
+    study = tmp_path / "study"
+    write_study(study, 21)
+    study_uid = str(pydicom.dcmread(next((study / "dicom" / "T2FS").iterdir())).StudyInstanceUID)
+
+    # FS-T2 alone: a job runs (SEG and measurements; the signature needs T1 too).
+    send(node, study / "dicom" / "T2FS")
+    first = wait_for(
+        node,
+        "the first job",
+        lambda: [j for j in node.json("jobs") if j["state"] in ("done", "failed", "dead")],
+    )
+    assert first[0]["state"] == "done", node.cli("jobs", "show", str(first[0]["id"])).stdout
+
+    # T1 arrives: the inputs change, a new job supersedes the first and scores the study.
+    send(node, study / "dicom" / "T1")
+    jobs = wait_for(
+        node,
+        "the second job",
+        lambda: [
+            j
+            for j in node.json("jobs")
+            if j["id"] != first[0]["id"] and j["state"] in ("done", "failed", "dead")
+        ],
+    )
+    second = jobs[0]
+    shown = json.loads(node.cli("jobs", "show", str(second["id"]), "--json").stdout)
+    assert second["state"] == "done", shown
+    assert [s["stage"] for s in shown["stages"]] == [
+        "segment",
+        "radiomics",
+        "score",
+        "encode",
+        "deliver",
+    ]
+    assert all(s["state"] == "done" and s["seconds"] is not None for s in shown["stages"])
+    assert shown["inputs"].keys() == {"T2FS", "T1"}
+    score = next(s for s in shown["stages"] if s["stage"] == "score")["outputs"]
+    assert score["risk_group"] in ("high", "low")
+    assert (
+        next(j for j in node.json("jobs") if j["id"] == first[0]["id"])["superseded_by"]
+        == (second["id"])
+    )
+
+    # Everything delivered, and QIDO-RS on Orthanc finds the results in the source study.
+    wait_for(
+        node,
+        "deliveries",
+        lambda: (rows := node.json("deliveries")) and all(r["state"] == "done" for r in rows),
+    )
+    modalities = sorted(s["modality"] for s in orthanc.series_of_study(study_uid))
+    assert modalities.count("SEG") >= 2 and "SR" in modalities and "DOC" in modalities
+    assert modalities.count("MR") == 0  # the node sends results, not the images
+
+    # The same study again: no new job.
+    send(node, study / "dicom")
+    time.sleep(4)  # stability window + ticks
+    assert len(node.json("jobs")) == 2
