@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import datetime, timedelta
@@ -206,8 +207,29 @@ _GPU_LOCK: Any = None
 
 
 def _init_worker(lock: Any) -> None:
+    """Worker set-up: the GPU lock, and death with the parent (no orphan finishing a stage)."""
     global _GPU_LOCK
     _GPU_LOCK = lock
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed when the forkserver goes
+    except OSError:
+        pass
+
+
+def _fault_pause(stage: str) -> None:
+    """Fault injection for crash tests: ``SARCNODE_FAULT_PAUSE=<stage>:<seconds>``.
+
+    Sleeps after the stage's work and before its outputs are committed, so a
+    test can ``kill -9`` the node at a known point of a known stage.
+    """
+    spec = os.environ.get("SARCNODE_FAULT_PAUSE", "")
+    name, _, seconds = spec.partition(":")
+    if name == stage and seconds:
+        time.sleep(float(seconds))
 
 
 def _write_marker(folder: Path, outputs: Mapping[str, Any]) -> None:
@@ -268,6 +290,7 @@ def execute(ctx: JobContext, stages: Sequence[str], max_attempts: int) -> str:
                     final=None,
                     max_attempts=max_attempts,
                 )
+            _fault_pause(stage)
             _write_marker(ctx.folder / stage, outputs)
             with db.session() as s:
                 row = s.scalar(

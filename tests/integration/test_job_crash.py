@@ -1,0 +1,85 @@
+"""``kill -9`` of ``serve`` during each stage in turn: the job resumes and delivers once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+
+from pipelines.synth.study import write_study
+from tests.conftest import NodeProcess
+from tests.integration.test_e2e import pipeline_folder, send, wait_for
+from tests.orthanc import Orthanc, orthanc  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.integration
+STAGES = ["segment", "radiomics", "score", "encode", "deliver"]
+
+
+def test_kill_9_in_every_stage_then_the_job_finishes_with_one_copy_of_each_object(
+    node_factory: Any,
+    orthanc: Orthanc,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    node: NodeProcess = node_factory(
+        {
+            "scheduler": {"series_stable_seconds": 1, "tick_seconds": 0.5},
+            "jobs": {
+                "pipelines_dir": str(pipeline_folder(tmp_path)),
+                "device": "cpu",
+                "retry_base_s": 0,
+            },
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "kind": "dicom",
+                    "ae_title": orthanc.aet,
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                }
+            ],
+            "delivery": {"backoff_base_s": 1, "backoff_max_s": 2},
+        }
+    )
+    study = tmp_path / "study"
+    write_study(study, 23)
+    study_uid = str(pydicom.dcmread(next((study / "dicom" / "T1").iterdir())).StudyInstanceUID)
+    for i, stage in enumerate(STAGES):
+        node.extra_env = {"SARCNODE_FAULT_PAUSE": f"{stage}:120"}
+        node.start()
+        if i == 0:
+            send(node, study / "dicom")
+        wait_for(
+            node,
+            f"the job to reach {stage}",
+            lambda s=stage: [
+                j for j in node.json("jobs") if j["state"] == "running" and j["stage"] == s
+            ],
+            timeout=180,
+        )
+        node.kill9()
+    node.extra_env = {}
+    node.start()
+    done = wait_for(
+        node,
+        "the job to finish",
+        lambda: [j for j in node.json("jobs") if j["state"] in ("done", "failed", "dead")],
+    )
+    (job,) = done
+    shown = json.loads(node.cli("jobs", "show", str(job["id"]), "--json").stdout)
+    assert job["state"] == "done", shown
+    # Each stage was interrupted once and finished once; none ran again after finishing.
+    assert {s["stage"]: s["attempts"] for s in shown["stages"]} == dict.fromkeys(STAGES, 2)
+    assert len(node.json("jobs")) == 1  # recovery resumed the job, it made no second one
+    wait_for(
+        node,
+        "deliveries",
+        lambda: (rows := node.json("deliveries")) and all(r["state"] == "done" for r in rows),
+    )
+    assert orthanc.instance_count() == 4  # SEG (FS-T2), SEG (T1), SR, PDF: one copy each
+    series = orthanc.series_of_study(study_uid)
+    assert sorted(s["modality"] for s in series) == ["DOC", "SEG", "SEG", "SR"]
+    recovered = node.json("audit", "--action", "job.recovered")
+    assert len(recovered) == len(STAGES)
