@@ -9,9 +9,14 @@ PIP := $(PY) -m pip
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
 # Debian packages the tests run against for real (see tests/peers.py).
-DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl
+DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl chromium
+# The viewer test drives OHIF (npm @ohif/app, cached under var/cache) with
+# playwright-core (tests/viewer/package-lock.json) in Debian's Chromium; it
+# needs Node >= 20 (not Debian bookworm's 18: install it from NodeSource).
+VIEWER := tests/viewer
+OHIF_DIST := var/cache/ohif-3.12.10/dist/index.html
 
-.PHONY: all venv demo test test-fast lint typecheck peers bench seg-model pfs-model lock clean
+.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model pfs-model lock clean
 
 all: venv
 
@@ -39,7 +44,15 @@ peers:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else echo "peers: not root, cannot install:$$missing (tests needing them will skip, or fail under CI=true)"; fi
 
-test: venv peers
+# npm packages for the viewer test, and OHIF fetched once (npm pack) into var/cache.
+viewer: $(VIEWER)/node_modules/.package-lock.json $(OHIF_DIST)
+$(VIEWER)/node_modules/.package-lock.json: $(VIEWER)/package.json $(VIEWER)/package-lock.json
+	@if command -v npm >/dev/null; then cd $(VIEWER) && npm ci --no-audit --no-fund --silent; \
+	else echo "viewer: npm not found (the viewer test will skip, or fail under CI=true)"; fi
+$(OHIF_DIST): | $(STAMP)
+	@if command -v npm >/dev/null; then $(PY) -c 'from tests.viewer.ohif import ensure_ohif; ensure_ohif()'; fi
+
+test: venv peers viewer
 	$(PY) -m pytest -q
 
 test-fast: venv

@@ -42,7 +42,7 @@ class SegmentKind:
 _ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
 SEGMENT_KINDS: dict[str, SegmentKind] = {
     "tumour": SegmentKind(
-        "Tumour", _ABNORMAL, hd.sr.CodedConcept("108369006", "SCT", "Neoplasm"), (230, 40, 40)
+        "Tumour", _ABNORMAL, hd.sr.CodedConcept("108369006", "SCT", "Neoplasm"), (255, 140, 0)
     ),
     "ring": SegmentKind(
         "Peritumoral ring 10 mm",

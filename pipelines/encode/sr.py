@@ -40,7 +40,7 @@ from pipelines.encode.seg import (
 )
 from pipelines.encode.uids import derived_uid
 
-ML = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
+ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")  # OHIF prints the code as the unit
 MM = codes.UCUM.Millimeter
 MM2 = codes.UCUM.SquareMillimeter
 PERCENT = codes.UCUM.Percent
