@@ -269,11 +269,8 @@ class DestinationSettings(_Section):
                 raise ValueError(f"destination {self.name!r}: AE title must be 1-16 characters")
         if self.kind == "stow" and not str(self.url).startswith(("http://", "https://")):
             raise ValueError(f"destination {self.name!r}: url must be http(s)://...")
-        if self.storage_commitment:
-            raise ValueError(
-                f"destination {self.name!r}: storage commitment is not implemented yet "
-                "(a delivery counts as done when the C-STORE succeeds)"
-            )
+        if self.storage_commitment and self.kind != "dicom":
+            raise ValueError(f"destination {self.name!r}: storage commitment is DICOM only")
         return self
 
 
@@ -284,6 +281,9 @@ class DeliverySettings(_Section):
     backoff_base_s: Annotated[float, Field(gt=0)] = 30.0
     backoff_max_s: Annotated[float, Field(gt=0)] = 3600.0
     jitter: Annotated[float, Field(ge=0, le=1)] = 0.2
+    commitment_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        300.0, description="Wait this long for a storage commitment report, then resend."
+    )
 
 
 class JobSettings(_Section):

@@ -51,7 +51,9 @@ class Node:
         self.db = Database(settings.database_url, echo=settings.database.echo)
         self.files = InstanceFiles(settings.storage.root, fsync=settings.storage.fsync)
         self.ingestor = Ingestor(self.db, self.files, min_free_mb=settings.storage.min_free_mb)
-        self.scp = StorageSCP(settings.dicom, self.db, self.ingestor)
+        self.scp = StorageSCP(
+            settings.dicom, self.db, self.ingestor, on_commitment=self._commitment_report
+        )
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
@@ -103,6 +105,15 @@ class Node:
             )
         self.scheduler.start()
         self.tick()
+
+    def _commitment_report(
+        self, transaction: str, committed: list[str], failed: dict[str, int], actor: str
+    ) -> int:
+        from node.delivery import commitment_report
+
+        return commitment_report(
+            self.db, transaction, committed, failed, actor=actor, policy=self.settings.delivery
+        )
 
     def deliver(self) -> None:
         """One outbox round: send what is due (its own job, so a slow peer never blocks ticks)."""

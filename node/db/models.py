@@ -198,8 +198,9 @@ class JobStage(Base):
 class Delivery(Base):
     """One outbox row per (result object, destination); see :mod:`node.delivery`.
 
-    ``state``: ``pending`` (due at ``next_attempt_at``), ``done`` (the
-    destination confirmed it), ``dead`` (``max_attempts`` failures; only
+    ``state``: ``pending`` (due at ``next_attempt_at``), ``committing``
+    (stored; waiting for the destination's storage commitment report),
+    ``done`` (the destination confirmed it), ``dead`` (``max_attempts`` failures; only
     ``sarcnode deliveries retry`` revives it).
     """
 
@@ -224,3 +225,5 @@ class Delivery(Base):
     sop_class_uid: Mapped[str | None] = mapped_column(String(64))
     kind: Mapped[str | None] = mapped_column(String(16))  # seg, sr, pdf
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime)
+    commitment_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    commitment_requested_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -17,13 +17,14 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from node.audit.trail import record
 from node.config import DeliverySettings, DestinationSettings, Settings
 from node.db.models import Delivery, utcnow
 from node.db.session import Database
-from node.delivery.senders import DeliveryError, send
+from node.delivery.senders import DeliveryError, request_commitment, send
 
 ACTOR = "node"
 KINDS = {  # SOP class -> the short kind shown in listings
@@ -32,7 +33,17 @@ KINDS = {  # SOP class -> the short kind shown in listings
     "1.2.840.10008.5.1.4.1.1.104.1": "pdf",
 }
 
-__all__ = ["DeliveryError", "Outcome", "backoff", "deliver_due", "enqueue", "retry", "send"]
+__all__ = [
+    "DeliveryError",
+    "Outcome",
+    "backoff",
+    "commitment_report",
+    "deliver_due",
+    "enqueue",
+    "expire_commitments",
+    "retry",
+    "send",
+]
 
 
 @dataclass(frozen=True)
@@ -138,6 +149,7 @@ def deliver_due(
         except KeyError:
             destination = None
         error: str | None = None
+        transaction: str | None = None
         if destination is None:
             error = f"destination {name!r} is no longer configured"
         else:
@@ -145,8 +157,94 @@ def deliver_due(
                 send(Path(path), destination, calling_ae=settings.dicom.ae_title)
             except DeliveryError as exc:
                 error = str(exc)
-        outcomes.append(_settle(db, delivery_id, error, settings.delivery, rng))
+            if error is None and destination.storage_commitment:
+                transaction = str(generate_uid())
+        # Committed to the row before the N-ACTION: the report can arrive at once.
+        outcome = _settle(db, delivery_id, error, settings.delivery, rng, commitment=transaction)
+        if transaction is not None and destination is not None:
+            try:
+                request_commitment(Path(path), destination, settings.dicom.ae_title, transaction)
+            except DeliveryError as exc:
+                outcome = _settle(db, delivery_id, str(exc), settings.delivery, rng, counted=False)
+        outcomes.append(outcome)
+    outcomes += expire_commitments(db, settings, now=moment, rng=rng)
     return outcomes
+
+
+def expire_commitments(
+    db: Database,
+    settings: Settings,
+    *,
+    now: datetime | None = None,
+    rng: random.Random | None = None,
+) -> list[Outcome]:
+    """Rows whose commitment report did not come in time count as a failed attempt."""
+    moment = now or utcnow()
+    limit = moment - timedelta(seconds=settings.delivery.commitment_timeout_s)
+    with db.session() as session:
+        late = session.scalars(
+            select(Delivery.id).where(
+                Delivery.state == "committing", Delivery.commitment_requested_at <= limit
+            )
+        ).all()
+    error = (
+        f"no storage commitment report within {settings.delivery.commitment_timeout_s:g} s "
+        "(does the destination know this node's AE title, host and port?)"
+    )
+    return [_settle(db, i, error, settings.delivery, rng, counted=False) for i in late]
+
+
+def commitment_report(
+    db: Database,
+    transaction_uid: str,
+    committed: Sequence[str],
+    failed: dict[str, int],
+    *,
+    actor: str,
+    policy: DeliverySettings,
+) -> int:
+    """Record a destination's N-EVENT-REPORT: committed rows are done, failed ones retry.
+
+    Returns how many outbox rows the report settled.
+    """
+    with db.session() as session:
+        rows = session.scalars(
+            select(Delivery).where(
+                Delivery.commitment_uid == transaction_uid, Delivery.state == "committing"
+            )
+        ).all()
+        sops = {r.id: r.sop_instance_uid for r in rows}
+    settled = 0
+    for delivery_id, sop in sops.items():
+        if sop in committed:
+            _commit_done(db, delivery_id, actor)
+            settled += 1
+        elif sop in failed:
+            error = f"storage commitment failed (failure reason 0x{failed[sop]:04X})"
+            _settle(db, delivery_id, error, policy, None, counted=False)
+            settled += 1
+    return settled
+
+
+def _commit_done(db: Database, delivery_id: int, actor: str) -> None:
+    now = utcnow()
+    with db.session() as session:
+        row = session.get(Delivery, delivery_id)
+        if row is None or row.state != "committing":
+            return
+        row.state, row.delivered_at, row.updated_at, row.last_error = "done", now, now, None
+        record(
+            session,
+            "delivery.committed",
+            actor=actor,
+            study_instance_uid=row.study_instance_uid,
+            sop_instance_uid=row.sop_instance_uid,
+            detail={
+                "delivery": row.id,
+                "destination": row.destination,
+                "transaction": row.commitment_uid,
+            },
+        )
 
 
 def _settle(
@@ -155,23 +253,33 @@ def _settle(
     error: str | None,
     policy: DeliverySettings,
     rng: random.Random | None,
+    *,
+    commitment: str | None = None,
+    counted: bool = True,
 ) -> Outcome:
-    """Record one attempt's result on the row and in the audit trail, in one transaction."""
+    """Record one attempt's result on the row and in the audit trail, in one transaction.
+
+    ``commitment``: the object is stored and its storage commitment asked
+    under that transaction UID (state ``committing``). ``counted=False``: the
+    attempt was already counted when the object was sent (a late or failed
+    commitment report).
+    """
     now = utcnow()
     with db.session() as session:
         row = session.get(Delivery, delivery_id)
         assert row is not None
-        row.attempts += 1
+        if counted:
+            row.attempts += 1
         row.updated_at = now
-        if error is None:
-            row.state, row.delivered_at, row.last_error, row.next_attempt_at = (
-                "done",
-                now,
-                None,
-                None,
-            )
+        if error is None and commitment is not None:
+            row.state, row.commitment_uid = "committing", commitment
+            row.commitment_requested_at, row.last_error, row.next_attempt_at = now, None, None
+        elif error is None:
+            row.state, row.delivered_at = "done", now
+            row.last_error, row.next_attempt_at = None, None
         else:
             row.last_error = error[:2000]
+            row.state, row.commitment_uid = "pending", None
             if row.attempts >= policy.max_attempts:
                 row.state, row.next_attempt_at = "dead", None
             else:

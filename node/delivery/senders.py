@@ -84,6 +84,55 @@ def c_store(path: Path, destination: DestinationSettings, calling_ae: str) -> No
         raise DeliveryError(f"{where}: C-STORE failed with status 0x{code:04X}")
 
 
+def request_commitment(
+    path: Path, destination: DestinationSettings, calling_ae: str, transaction_uid: str
+) -> None:
+    """Storage Commitment Push Model N-ACTION for the object at ``path`` (PS3.4 J.3).
+
+    The destination answers later, with an N-EVENT-REPORT to this node's
+    SCP (``serve`` must be running and known to the destination as
+    ``calling_ae``); :func:`node.delivery.commitment_report` records it.
+    """
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    request = Dataset()
+    request.TransactionUID = transaction_uid
+    item = Dataset()
+    item.ReferencedSOPClassUID = ds.SOPClassUID
+    item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+    request.ReferencedSOPSequence = [item]
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout_s
+    ae.add_requested_context(StorageCommitmentPushModel)
+    where = f"{destination.ae_title}@{destination.host}:{destination.port}"
+    try:
+        assoc = ae.associate(
+            str(destination.host), int(destination.port or 0), ae_title=str(destination.ae_title)
+        )
+    except OSError as exc:
+        raise DeliveryError(f"{where}: storage commitment: {exc}") from exc
+    if not assoc.is_established:
+        raise DeliveryError(f"{where}: storage commitment: association not accepted")
+    try:
+        status, _ = assoc.send_n_action(
+            request, 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
+        )
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if not status or int(status.get("Status", 0xFFFF)) != 0:
+        code = int(status.get("Status", 0xFFFF)) if status else None
+        if code is None:
+            raise DeliveryError(
+                f"{where}: storage commitment got no answer (does the destination know "
+                f"{calling_ae} as a modality, with this node's host and port?)"
+            )
+        raise DeliveryError(f"{where}: storage commitment refused (status 0x{code:04X})")
+
+
 def stow(path: Path, destination: DestinationSettings) -> None:
     """STOW-RS: POST the file as multipart/related to ``<url>/studies``."""
     boundary = uuid.uuid4().hex

@@ -28,7 +28,10 @@ from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StorageCommitmentPushModel,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
@@ -125,7 +128,16 @@ def build_ssl_context(
 class StorageSCP:
     """The node's DICOM listener; start with :meth:`start`, stop with :meth:`stop`."""
 
-    def __init__(self, settings: DicomSettings, db: Database, ingestor: Ingestor) -> None:
+    def __init__(
+        self,
+        settings: DicomSettings,
+        db: Database,
+        ingestor: Ingestor,
+        *,
+        on_commitment: Callable[[str, list[str], dict[str, int], str], int] | None = None,
+    ) -> None:
+        """``on_commitment(transaction, committed, failed, actor)`` records commitment reports."""
+        self.on_commitment = on_commitment
         self.settings = settings
         self.db = db
         self.ingestor = ingestor
@@ -148,6 +160,9 @@ class StorageSCP:
         # Called-AE and calling-AE checks happen in _on_requested (audited).
         ae.require_called_aet = False
         ae.add_supported_context(Verification)
+        # Storage commitment reports (N-EVENT-REPORT) from destinations we asked:
+        # the destination opens the association in the SCP role of the SOP class.
+        ae.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
         for name in s.storage_sop_classes:
             ae.add_supported_context(sop_class_uid(name), s.transfer_syntaxes)
         return ae
@@ -165,6 +180,7 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
         ]
         self._server = self.ae.start_server(
             (self.settings.bind, self.settings.port),
@@ -405,6 +421,37 @@ class StorageSCP:
             return status
         status.Status = SUCCESS
         return status
+
+    def _handle_event_report(self, event: Event) -> tuple[int, Dataset | None]:
+        """N-EVENT-REPORT of a storage commitment we asked for (PS3.4 J.3.3)."""
+        peer = self._peer(event.assoc)
+        if (
+            self.on_commitment is None
+            or str(event.request.AffectedSOPClassUID) != StorageCommitmentPushModel
+        ):
+            return 0x0112, None  # No such SOP instance: nothing here expects reports
+        try:
+            info = event.event_information
+            transaction = str(info.TransactionUID)
+            committed = [
+                str(i.ReferencedSOPInstanceUID) for i in info.get("ReferencedSOPSequence", [])
+            ]
+            failed = {
+                str(i.ReferencedSOPInstanceUID): int(i.get("FailureReason", 0x0110))
+                for i in info.get("FailedSOPSequence", [])
+            }
+        except (AttributeError, ValueError) as exc:
+            log.warning("unreadable storage commitment report from %s: %s", peer.calling_ae, exc)
+            return 0x0110, None  # Processing failure
+        settled = self.on_commitment(transaction, committed, failed, peer.actor)
+        log.info(
+            "storage commitment report from %s: %d committed, %d failed, %d row(s) settled",
+            peer.calling_ae,
+            len(committed),
+            len(failed),
+            settled,
+        )
+        return SUCCESS, None
 
     def _audit_failure(self, peer: Peer, command_sop_uid: str, exc: ServiceError) -> None:
         log.warning(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -55,8 +56,16 @@ def test_results_reach_orthanc_by_c_store_and_stow_rs_once(
     config = node_config(tmp_path, orthanc)
     by_dimse = _results(study, tmp_path / "a", job_key="job-dimse")
     by_web = _results(study, tmp_path / "b", job_key="job-web")
-    queued = sarcnode("deliver", *map(str, by_dimse.values()), "--to", "pacs", "--to", "archive",
-                      "-c", str(config))  # fmt: skip
+    queued = sarcnode(
+        "deliver",
+        *map(str, by_dimse.values()),
+        "--to",
+        "pacs",
+        "--to",
+        "archive",
+        "-c",
+        str(config),
+    )
     assert queued.returncode == 0, queued.stderr
     queued = sarcnode("deliver", *map(str, by_web.values()), "--to", "web", "-c", str(config))
     assert queued.returncode == 0, queued.stderr
@@ -84,8 +93,10 @@ def test_outbox_survives_a_pacs_outage_and_retry_revives_dead_rows(
     config = node_config(tmp_path, orthanc)
     files = _results(study, tmp_path / "a", job_key="job-outage")
     orthanc.stop()
-    assert sarcnode("deliver", *map(str, files.values()), "--to", "pacs",
-                    "-c", str(config)).returncode == 0  # fmt: skip
+    assert (
+        sarcnode("deliver", *map(str, files.values()), "--to", "pacs", "-c", str(config)).returncode
+        == 0
+    )
     first = sarcnode("deliveries", "run", "-c", str(config))
     assert first.returncode == 0 and "pending" in first.stderr
     waiting = rows(config)
@@ -118,3 +129,94 @@ def test_outbox_survives_a_pacs_outage_and_retry_revives_dead_rows(
     assert orthanc.instance_count() == 6  # each object exactly once
     unknown = sarcnode("deliveries", "retry", "999", "-c", str(config))
     assert unknown.returncode == 2 and "no delivery with id 999" in unknown.stderr
+
+
+def test_storage_commitment_marks_rows_done_only_when_orthanc_confirms(
+    node_factory: Any,
+    study: dict[str, object],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """C-STORE, then N-ACTION; Orthanc's N-EVENT-REPORT reaches `serve`'s SCP."""
+    from tests.orthanc import DICOMWEB_PLUGIN, ORTHANC_BIN
+    from tests.peers import require
+
+    require(ORTHANC_BIN, "Orthanc (Debian orthanc)")
+    require(DICOMWEB_PLUGIN, "Orthanc DICOMweb plugin")
+    pacs = Orthanc(tmp_path / "orthanc")
+    node = node_factory(
+        {
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "kind": "dicom",
+                    "ae_title": pacs.aet,
+                    "host": "127.0.0.1",
+                    "port": pacs.dicom_port,
+                    "storage_commitment": True,
+                    "timeout_s": 5,
+                }
+            ],
+            "delivery": {"backoff_base_s": 0.5, "backoff_max_s": 1, "commitment_timeout_s": 30},
+        }
+    )
+    pacs.modalities = {"SARCNODE": ("SARCNODE", "127.0.0.1", node.port)}
+    pacs.start()
+    try:
+        node.start()
+        files = _results(study, tmp_path / "a", job_key="job-commit")
+        queued = node.cli("deliver", *map(str, files.values()), "--to", "pacs")
+        assert queued.returncode == 0, queued.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            states = {r["state"] for r in node.json("deliveries")}
+            if states == {"done"}:
+                break
+            time.sleep(0.5)
+        assert states == {"done"}, node.log()[-3000:]
+        committed = node.json("audit", "--action", "delivery.committed")
+        assert len(committed) == 3 and all(e["actor"] == f"ae:{pacs.aet}" for e in committed)
+        assert pacs.instance_count() == 3
+    finally:
+        pacs.stop(kill=True)
+
+
+def test_a_missing_commitment_report_sends_again_after_the_timeout(
+    study: dict[str, object],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Orthanc accepts the N-ACTION but cannot reach the node to report: no `done`."""
+    from tests.conftest import free_port
+    from tests.orthanc import DICOMWEB_PLUGIN, ORTHANC_BIN
+    from tests.peers import require
+
+    require(ORTHANC_BIN, "Orthanc (Debian orthanc)")
+    require(DICOMWEB_PLUGIN, "Orthanc DICOMweb plugin")
+    pacs = Orthanc(tmp_path / "orthanc")
+    pacs.modalities = {"SARCNODE": ("SARCNODE", "127.0.0.1", free_port())}  # nobody listens
+    pacs.start()
+    try:
+        config = node_config(tmp_path, pacs)
+        data = yaml.safe_load(config.read_text())
+        data["destinations"][0] |= {"storage_commitment": True}
+        data["delivery"]["commitment_timeout_s"] = 1
+        config.write_text(yaml.safe_dump(data))
+        files = _results(study, tmp_path / "a", job_key="job-no-report")
+        queued = sarcnode("deliver", str(files["sr"]), "--to", "pacs", "-c", str(config))
+        assert queued.returncode == 0
+        assert sarcnode("deliveries", "run", "-c", str(config)).returncode == 0
+        (row,) = rows(config)
+        assert row["state"] == "committing" and pacs.instance_count() == 1, row["last_error"]
+        time.sleep(1.5)
+        assert sarcnode("deliveries", "run", "-c", str(config)).returncode == 0
+        (row,) = rows(config)
+        assert row["state"] == "pending"  # timed out: it will be sent again
+        timeouts = sarcnode("audit", "--json", "--action", "delivery.failed", "-c", str(config))
+        (event,) = json.loads(timeouts.stdout)
+        assert "no storage commitment report within 1 s" in event["detail"]["error"]
+        time.sleep(1.0)  # the back-off
+        assert sarcnode("deliveries", "run", "-c", str(config)).returncode == 0
+        (row,) = rows(config)
+        assert row["attempts"] == 2 and row["state"] == "committing"
+        assert pacs.instance_count() == 1  # stored again under the same UID: one copy
+    finally:
+        pacs.stop(kill=True)

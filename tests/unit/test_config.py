@@ -101,7 +101,7 @@ def test_destinations_are_checked_by_kind_and_named(tmp_path: Path) -> None:
     text = "\n".join(info.value.problems)
     assert "'pacs' (dicom) needs ae_title" in text
     assert "'web': url must be http(s)" in text
-    assert "storage commitment is not implemented" in text
+    assert "storage commitment is DICOM only" in text
     assert "uids.root" in text
 
 
