@@ -29,7 +29,7 @@ $(PY):
 # a newer torch with gigabytes of CUDA packages; then the project itself.
 $(STAMP): $(PY) pyproject.toml $(CONSTRAINTS)
 	$(PIP) install -q -c $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev]'
+	$(PIP) install -q -c $(CONSTRAINTS) -e '.[dev,ray]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -70,6 +70,7 @@ bench: venv peers
 	$(PY) bench/ingest.py
 	$(PY) bench/segment.py
 	$(PY) bench/radiomics.py
+	$(PY) bench/e2e.py
 
 # How models/sarcnode-seg-demo was made (CPU, 2 cores: about 50 minutes):
 # 32 synthetic studies (seed 7) + the real cropped T1 patients, never STS_001.

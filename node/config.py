@@ -286,6 +286,18 @@ class DeliverySettings(_Section):
     )
 
 
+class ExecutorSettings(_Section):
+    """Where job stages run: a local process pool, or a Ray cluster."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = Field(
+        None, description="Ray cluster address (ray://host:10001 or auto); none = start locally."
+    )
+    num_cpus: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="CPUs of a locally started Ray instance."
+    )
+
+
 class JobSettings(_Section):
     """How jobs run: parallelism, retries, device, the off-peak window, pipeline files."""
 
@@ -298,6 +310,7 @@ class JobSettings(_Section):
     retry_base_s: Annotated[float, Field(ge=0)] = 30.0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     offpeak: str = Field("20:00-06:00", pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
 
     def in_offpeak(self, now: datetime) -> bool:
         """Whether ``now`` (UTC, naive) falls in the off-peak window (may wrap midnight)."""

@@ -16,6 +16,7 @@ derived from the job key, so nothing is sent twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -183,7 +184,7 @@ def context(db: Database, settings: Settings, job: Job, pipeline: Pipeline) -> J
                 raise BadInput(f"series {uid} ({role}) is no longer in the index")
             paths = s.scalars(select(Instance.path).where(Instance.series_id == series.id)).all()
             files[role] = [root / p for p in paths]
-    clinical_file = Path(str(job.folder)) / "clinical.json"
+    clinical_file = clinical_path(settings, job.study_instance_uid)
     clinical = json.loads(clinical_file.read_text()) if clinical_file.is_file() else {}
     return JobContext(
         job_id=job.id,
@@ -203,21 +204,83 @@ def context(db: Database, settings: Settings, job: Job, pipeline: Pipeline) -> J
     )
 
 
+def clinical_path(settings: Settings, study_uid: str) -> Path:
+    """Where ``sarcnode clinical set`` keeps a study's clinical factors (JSON)."""
+    from node.dicom.validate import validate_uid
+
+    ok, reason = validate_uid(study_uid)
+    if not ok:
+        raise ValueError(f"Study Instance UID {study_uid!r}: {reason}")
+    return settings.storage.root / "clinical" / f"{study_uid}.json"
+
+
+def rescore(db: Database, study_uid: str, *, actor: str) -> int | None:
+    """Queue the study's latest finished job again from its score stage; return its id."""
+    later = ("score", "encode", "deliver")
+    with db.session() as s:
+        job = s.scalars(
+            select(Job)
+            .where(
+                Job.study_instance_uid == study_uid,
+                Job.superseded_by.is_(None),
+                Job.state.in_(("done", "failed")),
+            )
+            .order_by(Job.id.desc())
+        ).first()
+        if job is None:
+            return None
+        for row in s.scalars(select(JobStage).where(JobStage.job_id == job.id)):
+            if row.stage in later:
+                row.state, row.outputs, row.error = "pending", None, None
+                (Path(str(job.folder)) / row.stage / "outputs.json").unlink(missing_ok=True)
+        job.state, job.attempts, job.error, job.finished_at = "queued", 0, None, None
+        job.updated_at = utcnow()
+        record(s, "job.rescore", actor=actor, study_instance_uid=study_uid, detail={"job": job.id})
+        return job.id
+
+
 _GPU_LOCK: Any = None
 
 
-def _init_worker(lock: Any) -> None:
-    """Worker set-up: the GPU lock, and death with the parent (no orphan finishing a stage)."""
+def _init_worker(lock: Any, owner: int) -> None:
+    """Worker set-up: the GPU lock, and a watchdog so no worker outlives the node.
+
+    Workers are children of the forkserver, not of ``serve``; after ``kill -9``
+    of ``serve`` they (and the forkserver) would live on and could finish a
+    stage the restarted node runs again. The watchdog checks ``owner`` (the
+    node's PID) every half second and then ends the forkserver and itself.
+    """
     global _GPU_LOCK
     _GPU_LOCK = lock
-    try:
-        import ctypes
+
+    def watch() -> None:
         import signal
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: killed when the forkserver goes
-    except OSError:
-        pass
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                parent = os.getppid()
+                if parent not in (1, owner):
+                    with contextlib.suppress(OSError):
+                        os.kill(parent, signal.SIGKILL)  # the orphaned forkserver
+                os._exit(70)
+
+    threading.Thread(target=watch, name="owner-watchdog", daemon=True).start()
+
+
+def _worker() -> str:
+    """Which executor and process ran a stage (``ray@host:pid`` or ``local@host:pid``)."""
+    import socket
+    import sys
+
+    kind = "local"
+    if "ray" in sys.modules:
+        import ray
+
+        kind = "ray" if ray.is_initialized() else "local"
+    return f"{kind}@{socket.gethostname()}:{os.getpid()}"
 
 
 def _fault_pause(stage: str) -> None:
@@ -305,7 +368,12 @@ def execute(ctx: JobContext, stages: Sequence[str], max_attempts: int) -> str:
                     "job.stage.done",
                     actor=ACTOR,
                     study_instance_uid=ctx.study_instance_uid,
-                    detail={"job": ctx.job_id, "stage": stage, "seconds": round(seconds, 2)},
+                    detail={
+                        "job": ctx.job_id,
+                        "stage": stage,
+                        "seconds": round(seconds, 2),
+                        "worker": _worker(),
+                    },
                 )
         with db.session() as s:
             job = s.get(Job, ctx.job_id)
@@ -376,29 +444,43 @@ class Runner:
 
     def __init__(self, db: Database, settings: Settings, pipelines: Sequence[Pipeline]) -> None:
         """Start nothing yet; :meth:`tick` claims and submits."""
-        import multiprocessing
-
         self.db, self.settings = db, settings
         self.pipelines = {p.name: p for p in pipelines}
+        self.running: dict[int, Any] = {}
+        self._mutex = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        import multiprocessing
+
         context_mp = multiprocessing.get_context("forkserver")
         self._lock = context_mp.Lock()
         self.pool = ProcessPoolExecutor(
-            max_workers=settings.jobs.max_parallel,
+            max_workers=self.settings.jobs.max_parallel,
             mp_context=context_mp,
             initializer=_init_worker,
-            initargs=(self._lock,),
+            initargs=(self._lock, os.getpid()),
         )
-        self.running: dict[int, Future[str]] = {}
-        self._mutex = threading.Lock()
+
+    def _submit(self, ctx: JobContext, stages: list[str]) -> Any:
+        return self.pool.submit(execute, ctx, stages, self.settings.jobs.max_attempts)
+
+    @staticmethod
+    def _finished(handle: Any) -> tuple[bool, BaseException | None]:
+        future: Future[str] = handle
+        if not future.done():
+            return False, None
+        return True, future.exception()
 
     def tick(self, now: datetime | None = None) -> list[int]:
         """Forget finished futures, then submit queued jobs while slots are free."""
         with self._mutex:
-            for job_id, future in list(self.running.items()):
-                if future.done():
+            for job_id, handle in list(self.running.items()):
+                finished, error = self._finished(handle)
+                if finished:
                     del self.running[job_id]
-                    if future.exception() is not None:
-                        self._crashed(job_id, repr(future.exception()))
+                    if error is not None:
+                        self._crashed(job_id, repr(error))
             submitted = []
             while len(self.running) < self.settings.jobs.max_parallel:
                 claimed = self._claim(now or utcnow())
@@ -450,9 +532,7 @@ class Runner:
                     detail={"job": job_id, "error": str(exc)},
                 )
             return job_id
-        self.running[job_id] = self.pool.submit(
-            execute, ctx, stages or list(pipeline.stages), self.settings.jobs.max_attempts
-        )
+        self.running[job_id] = self._submit(ctx, stages or list(pipeline.stages))
         return job_id
 
     def _crashed(self, job_id: int, error: str) -> None:
@@ -476,3 +556,59 @@ class Runner:
     def shutdown(self) -> None:
         """Stop accepting work; running stages are abandoned (they resume after restart)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class RayRunner(Runner):
+    """The Ray executor: the same :func:`execute` as a Ray task, GPUs as Ray resources.
+
+    With ``jobs.executor.address`` it joins that cluster (``ray://head:10001``
+    or ``auto``); without, it starts a local Ray instance. A job whose device
+    is CUDA asks Ray for one GPU, so Ray runs one such job per GPU at a time.
+    Workers reach the database and the job folders by the same URL and paths,
+    so on a multi-machine cluster these must be shared (PostgreSQL and a
+    shared file system).
+    """
+
+    def _start(self) -> None:
+        import ray
+
+        executor = self.settings.jobs.executor
+        if not ray.is_initialized():
+            if executor.address:
+                ray.init(address=executor.address, include_dashboard=False)
+            else:
+                ray.init(num_cpus=executor.num_cpus, include_dashboard=False)
+        self._task = ray.remote(execute)
+
+    def _submit(self, ctx: JobContext, stages: list[str]) -> Any:
+        gpus = 1 if ctx.device == "cuda" else 0
+        return self._task.options(num_gpus=gpus, max_retries=0).remote(
+            ctx, stages, self.settings.jobs.max_attempts
+        )
+
+    @staticmethod
+    def _finished(handle: Any) -> tuple[bool, BaseException | None]:
+        import ray
+
+        ready, _ = ray.wait([handle], timeout=0)
+        if not ready:
+            return False, None
+        try:
+            ray.get(handle)
+        except Exception as exc:  # a worker died, or the task raised (not a stage error)
+            return True, exc
+        return True, None
+
+    def shutdown(self) -> None:
+        """Leave the cluster (a local instance stops with it)."""
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def make_runner(db: Database, settings: Settings, pipelines: Sequence[Pipeline]) -> Runner:
+    """The executor the configuration names (``jobs.executor.kind``)."""
+    if settings.jobs.executor.kind == "ray":
+        return RayRunner(db, settings, pipelines)
+    return Runner(db, settings, pipelines)

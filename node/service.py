@@ -27,7 +27,7 @@ from node.audit.trail import record
 from node.config import Settings
 from node.db.session import Database
 from node.dicom.scp import StorageSCP
-from node.jobs import Runner, recover
+from node.jobs import Runner, make_runner, recover
 from node.jobs import Scheduler as JobScheduler
 from node.pipelines import load_pipelines
 from node.store.files import InstanceFiles
@@ -84,7 +84,7 @@ class Node:
         if recovered:
             log.info("re-queued %d job(s) interrupted by a stop: %s", len(recovered), recovered)
         if self.pipelines:
-            self.runner = Runner(self.db, self.settings, self.pipelines)
+            self.runner = make_runner(self.db, self.settings, self.pipelines)
         self.scp.start()
         self.scheduler.add_job(
             self.tick,

@@ -147,6 +147,18 @@ def serve(config: ConfigOpt = None) -> None:
     node.run_forever()
 
 
+def _device(wanted: str) -> str:
+    """The device jobs run on: what ``jobs.device`` asks and what this machine has."""
+    try:
+        import torch
+    except ImportError:
+        return "cpu (torch not installed)"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        return f"cuda ({name}, {torch.cuda.device_count()} GPU)" if wanted != "cpu" else "cpu"
+    return "cpu" + (" (no CUDA device visible)" if wanted == "cuda" else "")
+
+
 @app.command()
 def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Is the node up, what does it hold, how much disk is left."""
@@ -195,11 +207,12 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             "associations_open": s.scalar(
                 select(func.count()).select_from(Association).where(Association.state == "open")
             ),
-            "jobs_queued": s.scalar(
-                select(func.count()).select_from(Job).where(Job.state == "queued")
-            ),
-            "deliveries_pending": s.scalar(
-                select(func.count()).select_from(Delivery).where(Delivery.state == "pending")
+            "jobs": dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all()),
+            "jobs_running": [
+                f"{j.id}:{j.stage}" for j in s.scalars(select(Job).where(Job.state == "running"))
+            ],
+            "deliveries": dict(
+                s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
             ),
             "last_received_at": _iso(s.scalar(select(func.max(Instance.received_at)))),
         }
@@ -215,6 +228,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         "storage_root": str(settings.storage.root.resolve()),
         "disk_free_mb": round(usage.free / 2**20) if usage else None,
         "disk_floor_mb": settings.storage.min_free_mb,
+        "device": _device(settings.jobs.device),
         **counts,
     }
     db.dispose()
@@ -1579,6 +1593,71 @@ def analyze_cmd(
         return
     out.print((out_dir / "summary.txt").read_text().rstrip())
     out.print(f"outputs in {out_dir}: masks, features.csv, score.json, summary.txt")
+
+
+clinical_app = typer.Typer(
+    help="Clinical factors of a study (the nomogram's inputs).", no_args_is_help=True
+)
+app.add_typer(clinical_app, name="clinical")
+
+
+@clinical_app.command("set")
+def clinical_set(
+    study_uid: Annotated[str, typer.Argument(metavar="STUDY_UID")],
+    config: ConfigOpt = None,
+    edema: Annotated[str | None, typer.Option(help="Peritumoral edema: yes/no.")] = None,
+    metastasis: Annotated[str | None, typer.Option(help="Metastasis at diagnosis: yes/no.")] = None,
+    grade: Annotated[int | None, typer.Option(min=1, max=3, help="Histological grade.")] = None,
+    age: Annotated[int | None, typer.Option(min=0, max=120)] = None,
+    sex: Annotated[str | None, typer.Option(help="M or F.")] = None,
+) -> None:
+    """Record clinical factors and re-score the study's latest job (new SR and PDF).
+
+    The job is queued again from its score stage; segmentation and radiomics
+    are kept. The new SR (nomogram) names the radiomics-only one as its
+    predecessor.
+    """
+    from node.jobs import clinical_path, rescore
+
+    given = {
+        "edema": _yes_no(edema),
+        "metastasis": _yes_no(metastasis),
+        "age": age,
+        "grade3": None if grade is None else int(grade == 3),
+        "sex_male": None if sex is None else int(sex.upper() == "M"),
+    }
+    facts = {k: v for k, v in given.items() if v is not None}
+    if not facts:
+        err.print("[red]give at least one factor (--edema, --metastasis, --grade ...)[/red]")
+        raise typer.Exit(2)
+    settings = _settings(config)
+    try:
+        path = clinical_path(settings, study_uid)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    known: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    known.update(facts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(known, indent=2))
+    db = _db(settings)
+    try:
+        with db.session() as s:
+            record(
+                s,
+                "clinical.set",
+                actor=os_actor(),
+                study_instance_uid=study_uid,
+                detail={"factors": sorted(facts)},
+            )
+        job_id = rescore(db, study_uid, actor=os_actor())
+    finally:
+        db.dispose()
+    out.print(f"clinical factors of {study_uid}: {known}")
+    if job_id is None:
+        out.print("no finished job for this study yet: the factors apply to its next job")
+    else:
+        out.print(f"job {job_id} queued again from its score stage")
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import SimpleITK as sitk
 
 from pipelines.encode.pdf import encode_pdf, report_pdf
@@ -73,6 +74,7 @@ def write_results(
     sources = sources_by_role[primary]
     wanted = {f["name"] for f in (signature_card or {}).get("features", [])}
     chosen = {k: v for k, v in (features or {}).items() if k in wanted}
+    previous = pydicom.dcmread(out / "sr.dcm") if (out / "sr.dcm").is_file() else None
     sr = encode_sr(
         sources,
         images[primary],
@@ -83,6 +85,7 @@ def write_results(
         features=chosen,
         not_for_clinical_use=not_clinical,
         uid_root=uid_root,
+        previous=previous,
     )
     sr.save_as(out / "sr.dcm", enforce_file_format=True)
     written["sr"] = out / "sr.dcm"
@@ -103,7 +106,9 @@ def write_results(
     )
     (out / "report.pdf").write_bytes(document)
     version_key = algorithm.version + (
-        f"/{score['signature']}:{score.get('version')}" if score is not None else ""
+        f"/{score['signature']}:{score.get('version')}:{score.get('model', '')}"
+        if score is not None
+        else ""
     )
     pdf = encode_pdf(sources, document, job_key=job_key, version_key=version_key, uid_root=uid_root)
     pdf.save_as(out / "report_pdf.dcm", enforce_file_format=True)

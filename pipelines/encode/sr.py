@@ -134,13 +134,16 @@ def encode_sr(
     not_for_clinical_use: bool = True,
     series_number: int = 9102,
     uid_root: str | None = None,
+    previous: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The report for the tumour on ``sources`` (the series ``tumour`` and ``image`` live on).
 
     ``score`` is :func:`pipelines.scoring.score`'s result (rad-score, risk
     group, PFS probabilities, signature id and version); ``features`` the
     signature's input values by card name. Without a score the report holds
-    the tumour measurements only.
+    the tumour measurements only. A report made with other inputs (a
+    radiomics-only score now re-scored with the nomogram) gets new UIDs and
+    names ``previous`` as its predecessor document.
     """
     mask = mask_array(tumour, sources)
     facts = tumour_measurements(image, mask)
@@ -163,7 +166,7 @@ def encode_sr(
         signature = hd.sr.AlgorithmIdentification(
             name=str(score["signature"]), version=str(score.get("version") or "1")
         )
-        version_key += "/" + str(score["signature"]) + ":" + str(score.get("version"))
+        version_key += f"/{score['signature']}:{score.get('version')}:{score.get('model', '')}"
         for name, value in sorted((features or {}).items()):
             measurements.append(_measurement(local(name, name), value, NO_UNITS, signature))
         measurements.append(_measurement(RADSCORE, score["radscore"], NO_UNITS, signature))
@@ -231,6 +234,11 @@ def encode_sr(
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
+        previous_versions=[previous]
+        if previous is not None
+        and previous.SOPInstanceUID
+        != derived_uid("instance", kind_of, version_key, job_key, root=uid_root)
+        else None,
     )
     suffix = " NOT FOR CLINICAL USE" if not_for_clinical_use else ""
     sr.SeriesDescription = f"sarcnode tumour report{suffix}"[:64]

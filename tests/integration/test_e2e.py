@@ -129,3 +129,43 @@ def test_a_study_sent_by_storescu_comes_back_to_orthanc_as_seg_sr_and_pdf(
     send(node, study / "dicom")
     time.sleep(4)  # stability window + ticks
     assert len(node.json("jobs")) == 2
+
+    # Clinical factors arrive: the study is re-scored with the nomogram, and a new SR
+    # (naming the radiomics-only one as its predecessor) reaches the PACS.
+    before = {s["series_uid"] for s in orthanc.series_of_study(study_uid)}
+    told = node.cli(
+        "clinical",
+        "set",
+        study_uid,
+        "--edema",
+        "yes",
+        "--metastasis",
+        "no",
+        "--grade",
+        "3",
+        "--age",
+        "60",
+        "--sex",
+        "M",
+    )
+    assert told.returncode == 0 and f"job {second['id']} queued again" in told.stdout, told.stderr
+    wait_for(
+        node,
+        "the re-score",
+        lambda: [j for j in node.json("jobs") if j["id"] == second["id"] and j["state"] == "done"],
+    )
+    shown = json.loads(node.cli("jobs", "show", str(second["id"]), "--json").stdout)
+    rescored = next(s for s in shown["stages"] if s["stage"] == "score")["outputs"]
+    assert rescored["model"] == "nomogram" and rescored["radscore"] == score["radscore"]
+    wait_for(
+        node,
+        "the new SR",
+        lambda: [
+            s
+            for s in orthanc.series_of_study(study_uid)
+            if s["modality"] == "SR" and s["series_uid"] not in before
+        ],
+    )
+    sr_files = list((Path(shown["folder"]) / "encode").glob("sr.dcm"))
+    new_sr = pydicom.dcmread(sr_files[0])
+    assert "PredecessorDocumentsSequence" in new_sr

@@ -1,0 +1,158 @@
+"""End-to-end latency: the last instance received -> all results stored in the PACS.
+
+Starts a throw-away Orthanc (Debian package) as the PACS and ``sarcnode
+serve`` with the shipped pipeline, sends the real STS_001 study (T1 + FS-T2,
+``../shared/data/sts-raw/STS_001``) with dcmtk's storescu, and prints, from
+the node's own records: the stability window, the wait in the queue, each
+stage's seconds, the delivery, and the total from the last instance received
+to the last result delivered to Orthanc. ``--device cuda`` for the GPU figure.
+
+Run: ``.venv/bin/python bench/e2e.py [--device cpu|cuda|auto] [--stable-s 2] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
+sys.path.insert(0, str(REPO))
+
+from node.demo import STS_001, _free_port, _orthanc, _send  # noqa: E402
+
+SARCNODE = str(Path(sys.executable).parent / "sarcnode")
+
+
+def _t(value: str | None) -> datetime:
+    assert value is not None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def main() -> int:
+    """Run the study through the node once; print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    parser.add_argument("--stable-s", type=float, default=2.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if not STS_001.exists():
+        print(f"bench/e2e.py needs {STS_001}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        pacs = _orthanc(root / "orthanc")
+        if pacs is None:
+            print("bench/e2e.py needs Orthanc (Debian orthanc)", file=sys.stderr)
+            return 2
+        port = _free_port(11112)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SARCNODE_")} | {
+            "SARCNODE_STORAGE__ROOT": str(root / "node"),
+            "SARCNODE_STORAGE__MIN_FREE_MB": "100",
+            "SARCNODE_DICOM__PORT": str(port),
+            "SARCNODE_SCHEDULER__SERIES_STABLE_SECONDS": str(args.stable_s),
+            "SARCNODE_SCHEDULER__TICK_SECONDS": "0.5",
+            "SARCNODE_JOBS__DEVICE": args.device,
+            "SARCNODE_DESTINATIONS": json.dumps(
+                [
+                    {
+                        "name": "pacs",
+                        "kind": "dicom",
+                        "ae_title": "DEMOPACS",
+                        "host": "127.0.0.1",
+                        "port": pacs[2],
+                    }
+                ]
+            ),
+            "SARCNODE_DELIVERY__BACKOFF_BASE_S": "1",
+        }
+
+        def cli(*a: str) -> Any:
+            proc = subprocess.run(
+                [SARCNODE, *a, "--json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+            return json.loads(proc.stdout)
+
+        log = (root / "serve.log").open("wb")
+        serve = subprocess.Popen([SARCNODE, "serve"], env=env, stdout=log, stderr=log)
+        try:
+            while not (root / "node" / "run" / "serve.json").exists():
+                if serve.poll() is not None:
+                    print((root / "serve.log").read_text(), file=sys.stderr)
+                    return 1
+                time.sleep(0.2)
+            _send(STS_001 / "MR_T1" / "image", port)
+            _send(STS_001 / "MR_T2FS" / "image", port)
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                jobs = cli("jobs")
+                if jobs and jobs[0]["state"] in ("done", "failed", "dead"):
+                    deliveries = cli("deliveries")
+                    if jobs[0]["state"] != "done" or (
+                        deliveries and all(d["state"] == "done" for d in deliveries)
+                    ):
+                        break
+                time.sleep(0.5)
+            (job,) = jobs
+            shown = json.loads(
+                subprocess.run(
+                    [SARCNODE, "jobs", "show", str(job["id"]), "--json"],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+            )
+            received = max(_t(i["received_at"]) for i in cli("instances"))
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            serve.wait(30)
+            pacs[0].terminate()
+            pacs[0].wait(30)
+    if job["state"] != "done":
+        print(f"job {job['state']}: {job['error']}", file=sys.stderr)
+        return 1
+    stages = {s["stage"]: s for s in shown["stages"]}
+    first_start = min(_t(s["started_at"]) for s in stages.values())
+    last_stage_end = max(_t(s["ended_at"]) for s in stages.values())
+    delivered = max(_t(d["delivered_at"]) for d in deliveries)
+    figures = {
+        "device": args.device,
+        "stable_window_s": args.stable_s,
+        "to_job_start_s": round((first_start - received).total_seconds(), 2),
+        "stages_s": {k: v["seconds"] for k, v in stages.items()},
+        "delivery_after_stages_s": round((delivered - last_stage_end).total_seconds(), 2),
+        "total_s": round((delivered - received).total_seconds(), 2),
+        "objects": len(deliveries),
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print(f"STS_001 (T1 + FS-T2) on {args.device}; stability window {args.stable_s:g} s")
+        print(f"  last instance received -> job start: {figures['to_job_start_s']:7.2f} s")
+        for name, seconds in figures["stages_s"].items():
+            print(f"  {name:<36} {seconds:7.2f} s")
+        print(f"  deliveries after the last stage:     {figures['delivery_after_stages_s']:7.2f} s")
+        print(
+            f"  total, last instance -> in the PACS: {figures['total_s']:7.2f} s "
+            f"({figures['objects']} objects)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
