@@ -37,9 +37,14 @@ def ring(
     T1 body of the same study, carried over, is the better outline).
     """
     inside = sitk.Cast(tumour > 0, sitk.sitkUInt8)
-    distance = sitk.SignedMaurerDistanceMap(
-        inside, insideIsPositive=False, squaredDistance=False, useImageSpacing=True
-    )
+    maurer = sitk.SignedMaurerDistanceMapImageFilter()
+    maurer.SetInsideIsPositive(False)
+    maurer.SetSquaredDistance(False)
+    maurer.SetUseImageSpacing(True)
+    # One thread: with several, voxels at exactly width_mm were seen to fall on
+    # either side of the limit from one call to the next (a ring must not change).
+    maurer.SetNumberOfThreads(1)
+    distance = maurer.Execute(inside)
     shell = sitk.And(distance > 0, distance <= width_mm)
     if image is not None:
         body = body_mask(image) if body is None else sitk.Cast(body > 0, sitk.sitkUInt8)
