@@ -37,7 +37,7 @@ from node.db.models import Instance, Job, JobStage, Series, Study, utcnow
 from node.db.session import Database
 from node.pipelines import Decision, Pipeline, SeriesInfo, decide
 from node.stages import STAGE_FUNCTIONS, BadInput, JobContext
-from pipelines.io.dicom import ROLE_ATTRIBUTES
+from pipelines.io.dicom import series_attributes
 
 ACTOR = "node"
 PRIORITY_ORDER = {"urgent": 0, "normal": 1, "offpeak": 2}
@@ -61,7 +61,7 @@ class Scheduler:
         if series_uid not in self._headers:
             try:
                 ds = pydicom.dcmread(root / path, stop_before_pixels=True)
-                self._headers[series_uid] = {k: ds.get(k) for k in ROLE_ATTRIBUTES}
+                self._headers[series_uid] = series_attributes(ds)
             except (OSError, pydicom.errors.InvalidDicomError):
                 self._headers[series_uid] = {"Modality": modality}
         return self._headers[series_uid]

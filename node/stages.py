@@ -22,7 +22,7 @@ import pydicom
 import SimpleITK as sitk
 import yaml
 
-from pipelines.io.dicom import ROLE_ATTRIBUTES, GeometryError, SeriesRef, load_series
+from pipelines.io.dicom import GeometryError, SeriesRef, load_series, series_attributes
 
 
 class BadInput(ValueError):
@@ -52,7 +52,7 @@ class JobContext:
 def _series(ctx: JobContext, role: str) -> SeriesRef:
     files = sorted(ctx.files[role])
     ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    attrs = {k: ds.get(k) for k in ROLE_ATTRIBUTES}
+    attrs = series_attributes(ds)
     return SeriesRef(ctx.study_instance_uid, ctx.inputs[role], tuple(files), ds.SOPClassUID, attrs)
 
 

@@ -91,6 +91,42 @@ class ScanResult:
         return dict(out)
 
 
+def orientation_label(iop: Any) -> str | None:
+    """AXIAL, CORONAL or SAGITTAL from ImageOrientationPatient; OBLIQUE when > ~25 deg off.
+
+    The label is the patient axis the slice normal is closest to; a normal
+    whose largest component is below 0.9 is OBLIQUE. Pipelines match it like
+    any attribute (``{attribute: Orientation, equals: AXIAL}``).
+    """
+    try:
+        values = [float(v) for v in iop]
+    except (TypeError, ValueError):
+        return None
+    if len(values) != 6:
+        return None
+    normal = np.cross(values[:3], values[3:])
+    length = float(np.linalg.norm(normal))
+    if length < 1e-6:
+        return None
+    normal = np.abs(normal / length)
+    axis = int(np.argmax(normal))
+    if normal[axis] < 0.9:
+        return "OBLIQUE"
+    return ("SAGITTAL", "CORONAL", "AXIAL")[axis]
+
+
+def series_attributes(ds: Dataset) -> dict[str, Any]:
+    """The header attributes role and pipeline rules see, plus the derived ``Orientation``."""
+    attrs = {k: _value(ds, k) for k in ROLE_ATTRIBUTES}
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        if shared and "PlaneOrientationSequence" in shared[0]:
+            iop = shared[0].PlaneOrientationSequence[0].get("ImageOrientationPatient")
+    attrs["Orientation"] = orientation_label(iop)
+    return attrs
+
+
 def _value(ds: Dataset, keyword: str) -> Any:
     value = ds.get(keyword)
     if value is None or value == "":
@@ -133,7 +169,7 @@ def scan(folder: Path) -> ScanResult:
                 series_instance_uid=uid,
                 files=tuple(p for p, _ in items),
                 sop_class_uid=str(first.SOPClassUID),
-                attributes={k: _value(first, k) for k in ROLE_ATTRIBUTES},
+                attributes=series_attributes(first),
             )
         )
     return ScanResult(tuple(series), tuple(rtstructs), tuple(skipped))
