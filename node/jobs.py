@@ -295,14 +295,19 @@ def _fault_pause(stage: str) -> None:
         time.sleep(float(seconds))
 
 
-def _write_marker(folder: Path, outputs: Mapping[str, Any]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    temp = folder / ".outputs.json.part"
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON atomically (temp file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.part")
     with temp.open("w") as f:
-        json.dump(outputs, f, indent=2, default=str)
+        json.dump(data, f, indent=2, default=str)
         f.flush()
         os.fsync(f.fileno())
-    temp.replace(folder / "outputs.json")
+    temp.replace(path)
+
+
+def _write_marker(folder: Path, outputs: Mapping[str, Any]) -> None:
+    _write_json(folder / "outputs.json", outputs)
 
 
 def execute(ctx: JobContext, stages: Sequence[str], max_attempts: int) -> str:
@@ -335,6 +340,10 @@ def execute(ctx: JobContext, stages: Sequence[str], max_attempts: int) -> str:
                     study_instance_uid=ctx.study_instance_uid,
                     detail={"job": ctx.job_id, "stage": stage, "attempt": row.attempts},
                 )
+            _write_json(
+                ctx.folder / "running.json",
+                {"stage": stage, "pid": os.getpid(), "started": time.time()},
+            )
             try:
                 if stage in GPU_STAGES and _GPU_LOCK is not None and ctx.device != "cpu":
                     with _GPU_LOCK:
@@ -481,6 +490,7 @@ class Runner:
                     del self.running[job_id]
                     if error is not None:
                         self._crashed(job_id, repr(error))
+            self._enforce_timeouts()
             submitted = []
             while len(self.running) < self.settings.jobs.max_parallel:
                 claimed = self._claim(now or utcnow())
@@ -534,6 +544,60 @@ class Runner:
             return job_id
         self.running[job_id] = self._submit(ctx, stages or list(pipeline.stages))
         return job_id
+
+    def _enforce_timeouts(self) -> None:
+        """Kill a stage that runs past its pipeline's limit; the job retries or goes dead."""
+        for job_id in list(self.running):
+            with self.db.session() as s:
+                job = s.get(Job, job_id)
+                folder = Path(str(job.folder)) if job is not None and job.folder else None
+                pipeline = self.pipelines.get(job.pipeline) if job is not None else None
+            if folder is None or pipeline is None:
+                continue
+            try:
+                info = json.loads((folder / "running.json").read_text())
+            except (OSError, ValueError):
+                continue
+            stage = str(info.get("stage"))
+            limit = pipeline.timeouts_s.get(stage)
+            if limit is None or time.time() - float(info.get("started", 0)) <= limit:
+                continue
+            self._kill(self.running.pop(job_id), int(info.get("pid", 0)))
+            self._timed_out(job_id, stage, limit)
+
+    def _kill(self, handle: Any, pid: int) -> None:
+        """Stop the process running a stage (the local pool is rebuilt: it breaks)."""
+        import signal
+
+        if pid > 0:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self._start()
+
+    def _timed_out(self, job_id: int, stage: str, limit: float) -> None:
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            row = s.scalar(
+                select(JobStage).where(JobStage.job_id == job_id, JobStage.stage == stage)
+            )
+            if job is None or row is None:
+                return
+            error = f"{stage} timed out after {limit:g} s"
+            row.state, row.ended_at, row.error = "failed", utcnow(), error
+            job.attempts += 1
+            job.state = "dead" if job.attempts >= self.settings.jobs.max_attempts else "queued"
+            job.error, job.updated_at = error, utcnow()
+            if job.state == "dead":
+                job.finished_at = utcnow()
+            record(
+                s,
+                "job.stage.timeout",
+                actor=ACTOR,
+                outcome="failed",
+                study_instance_uid=job.study_instance_uid,
+                detail={"job": job_id, "stage": stage, "limit_s": limit, "state": job.state},
+            )
 
     def _crashed(self, job_id: int, error: str) -> None:
         """A worker died under the job (not an error the stage raised): re-queue it."""
@@ -598,6 +662,11 @@ class RayRunner(Runner):
         except Exception as exc:  # a worker died, or the task raised (not a stage error)
             return True, exc
         return True, None
+
+    def _kill(self, handle: Any, pid: int) -> None:
+        import ray
+
+        ray.cancel(handle, force=True)
 
     def shutdown(self) -> None:
         """Leave the cluster (a local instance stops with it)."""

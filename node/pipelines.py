@@ -22,6 +22,14 @@ import yaml
 from pipelines.io.roles import RoleRules, Rule, RuleError, load_role_rules, parse_rule
 
 STAGES = ("segment", "radiomics", "score", "encode", "deliver")
+# Per-stage limits (seconds) unless a pipeline's ``timeouts_s`` says otherwise.
+STAGE_TIMEOUTS_S: dict[str, float] = {
+    "segment": 1800.0,
+    "radiomics": 3600.0,
+    "score": 120.0,
+    "encode": 600.0,
+    "deliver": 300.0,
+}
 PRIORITIES = ("urgent", "normal", "offpeak")
 
 
@@ -47,6 +55,7 @@ class Pipeline:
     signature: Path | None
     destinations: tuple[str, ...]
     description: str = ""
+    timeouts_s: dict[str, float] = field(default_factory=lambda: dict(STAGE_TIMEOUTS_S))
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ def load_pipeline(path: Path) -> Pipeline:
         "segmentation_model",
         "signature",
         "destinations",
+        "timeouts_s",
     }
     unknown = sorted(set(data) - known)
     if unknown:
@@ -137,6 +147,16 @@ def load_pipeline(path: Path) -> Pipeline:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise PipelineError(f"{where}: unknown stage(s) {', '.join(bad)} (known: {STAGES})")
+    timeouts: dict[str, float] = dict(STAGE_TIMEOUTS_S)
+    given = data.get("timeouts_s") or {}
+    if not isinstance(given, Mapping) or any(k not in STAGES for k in given):
+        raise PipelineError(f"{where}: timeouts_s maps stage names to seconds")
+    try:
+        timeouts |= {str(k): float(v) for k, v in given.items()}
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"{where}: timeouts_s: {exc}") from exc
+    if any(v <= 0 for v in timeouts.values()):
+        raise PipelineError(f"{where}: timeouts_s must be positive")
     priority = str(data.get("priority", "normal"))
     if priority not in PRIORITIES:
         raise PipelineError(f"{where}: priority must be one of {PRIORITIES}")
@@ -162,6 +182,7 @@ def load_pipeline(path: Path) -> Pipeline:
         signature=signature,
         destinations=_list(data, "destinations", where),
         description=str(data.get("description", "")),
+        timeouts_s=timeouts,
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pydicom
 import pytest
+import yaml
 
 from pipelines.synth.study import write_study
 from tests.conftest import NodeProcess
@@ -83,3 +84,41 @@ def test_kill_9_in_every_stage_then_the_job_finishes_with_one_copy_of_each_objec
     assert sorted(s["modality"] for s in series) == ["DOC", "SEG", "SEG", "SR"]
     recovered = node.json("audit", "--action", "job.recovered")
     assert len(recovered) == len(STAGES)
+
+
+def test_a_stage_past_its_timeout_is_killed_and_the_job_goes_dead(
+    node_factory: Any, tmp_path: Path
+) -> None:
+    folder = pipeline_folder(tmp_path)
+    path = folder / "sarcoma-mr.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["timeouts_s"] = {"score": 3}
+    path.write_text(yaml.safe_dump(data))
+    node: NodeProcess = node_factory(
+        {
+            "scheduler": {"series_stable_seconds": 1, "tick_seconds": 0.5},
+            "jobs": {"pipelines_dir": str(folder), "device": "cpu", "max_attempts": 1},
+        }
+    )
+    node.extra_env = {"SARCNODE_FAULT_PAUSE": "score:120"}  # the score stage hangs
+    node.start()
+    study = tmp_path / "study"
+    write_study(study, 29)
+    send(node, study / "dicom")
+    (job,) = wait_for(
+        node,
+        "the job to end",
+        lambda: [j for j in node.json("jobs") if j["state"] in ("done", "failed", "dead")],
+        timeout=240,
+    )
+    assert job["state"] == "dead" and job["error"] == "score timed out after 3 s", job
+    shown = json.loads(node.cli("jobs", "show", str(job["id"]), "--json").stdout)
+    states = {s["stage"]: s["state"] for s in shown["stages"]}
+    assert states == {
+        "segment": "done",
+        "radiomics": "done",
+        "score": "failed",
+        "encode": "pending",
+        "deliver": "pending",
+    }
+    assert node.json("audit", "--action", "job.stage.timeout")
