@@ -242,11 +242,13 @@ def main() -> int:
         )
         if pacs is not None:
             print(
-                f"== look: Orthanc Explorer http://127.0.0.1:{pacs[1]}/app/explorer.html "
-                "(SEG, SR and the PDF in each study); OHIF: point its dicomweb data source "
-                f"at http://127.0.0.1:{pacs[1]}/dicom-web (see README, 'Results in the PACS')"
+                "== to look at the results, start the demo PACS again and OHIF in front of it:\n"
+                f"     /usr/sbin/Orthanc {DEMO / 'orthanc' / 'config'}/ &\n"
+                f"     .venv/bin/python -m tests.viewer.ohif http://127.0.0.1:{pacs[1]}\n"
+                "   then open the printed OHIF address: each study shows the MR, the SEG "
+                "overlay, the SR (outline and numbers on the key slice) and the PDF report;\n"
+                f"   or Orthanc Explorer at http://127.0.0.1:{pacs[1]}/app/explorer.html"
             )
-            print("== the demo PACS stops with the demo; its files stay under var/demo/orthanc")
         ok = (
             len([j for j in jobs if j["state"] == "done"]) == studies
             and deliveries

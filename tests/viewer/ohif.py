@@ -333,3 +333,24 @@ def ohif_viewer(orthanc: Any) -> Iterator[ViewerServer]:
     dist = ensure_ohif(DEFAULT_CACHE)
     with ViewerServer(dist, orthanc.http_url) as server:
         yield server
+
+
+def main() -> int:
+    """Serve OHIF in front of an Orthanc until Ctrl-C: ``python -m tests.viewer.ohif URL``."""
+    import sys
+    import time
+
+    if len(sys.argv) != 2 or not sys.argv[1].startswith("http"):
+        print("usage: python -m tests.viewer.ohif http://127.0.0.1:8042", file=sys.stderr)
+        return 2
+    with ViewerServer(ensure_ohif(DEFAULT_CACHE), sys.argv[1].rstrip("/")) as server:
+        print(f"OHIF {OHIF_VERSION} at {server.url}/ (Orthanc {sys.argv[1]}); Ctrl-C stops it")
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
