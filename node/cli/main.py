@@ -103,6 +103,18 @@ def _emit(rows: list[dict[str, Any]], as_json: bool, title: str, columns: list[s
     out.print(table)
 
 
+def _newest(
+    model: type[Job] | type[Delivery], limit: int, *, state: str | None, study: str | None
+) -> Any:
+    """The newest ``limit`` rows of jobs or deliveries, optionally of one state and study."""
+    q = select(model).order_by(model.id.desc()).limit(limit)
+    if state:
+        q = q.where(model.state == state)
+    if study:
+        q = q.where(model.study_instance_uid == study)
+    return q
+
+
 _REL_RE = re.compile(r"^(\d+)\s*([smhd])$")
 
 
@@ -524,11 +536,7 @@ def deliveries(
     settings = _settings(config)
     db = _db(settings)
     with db.session() as s:
-        q = select(Delivery).order_by(Delivery.id.desc()).limit(limit)
-        if state:
-            q = q.where(Delivery.state == state)
-        if study:
-            q = q.where(Delivery.study_instance_uid == study)
+        q = _newest(Delivery, limit, state=state, study=study)
         rows = [
             {
                 "id": d.id,
@@ -679,11 +687,7 @@ def jobs(
     settings = _settings(config)
     db = _db(settings)
     with db.session() as s:
-        q = select(Job).order_by(Job.id.desc()).limit(limit)
-        if state:
-            q = q.where(Job.state == state)
-        if study:
-            q = q.where(Job.study_instance_uid == study)
+        q = _newest(Job, limit, state=state, study=study)
         rows = [_job_row(j) for j in reversed(s.scalars(q).all())]
     db.dispose()
     _emit(

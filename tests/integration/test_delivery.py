@@ -11,6 +11,7 @@ import pydicom
 import pytest
 import yaml
 
+from tests.integration.test_e2e import pacs_destination
 from tests.orthanc import Orthanc, orthanc  # noqa: F401 (fixture)
 from tests.pipelines.test_encode import _results, study  # noqa: F401 (fixture)
 from tests.pipelines.test_segment_cli import sarcnode
@@ -23,14 +24,7 @@ def node_config(tmp_path: Path, pacs: Orthanc) -> Path:
     config = {
         "storage": {"root": str(tmp_path / "node"), "min_free_mb": 0},
         "destinations": [
-            {
-                "name": "pacs",
-                "kind": "dicom",
-                "ae_title": pacs.aet,
-                "host": "127.0.0.1",
-                "port": pacs.dicom_port,
-                "timeout_s": 5,
-            },
+            pacs_destination(pacs, timeout_s=5),
             {"name": "web", "kind": "stow", "url": f"{pacs.http_url}/dicom-web", "timeout_s": 5},
             {"name": "archive", "kind": "folder", "path": str(tmp_path / "archive")},
         ],
@@ -39,6 +33,16 @@ def node_config(tmp_path: Path, pacs: Orthanc) -> Path:
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def unstarted_orthanc(tmp_path: Path) -> Orthanc:
+    """An Orthanc not started yet (its modalities must name the node first)."""
+    from tests.orthanc import DICOMWEB_PLUGIN, ORTHANC_BIN
+    from tests.peers import require
+
+    require(ORTHANC_BIN, "Orthanc (Debian orthanc)")
+    require(DICOMWEB_PLUGIN, "Orthanc DICOMweb plugin")
+    return Orthanc(tmp_path / "orthanc")
 
 
 def rows(config: Path, *extra: str) -> list[dict[str, object]]:
@@ -137,25 +141,10 @@ def test_storage_commitment_marks_rows_done_only_when_orthanc_confirms(
     tmp_path: Path,
 ) -> None:
     """C-STORE, then N-ACTION; Orthanc's N-EVENT-REPORT reaches `serve`'s SCP."""
-    from tests.orthanc import DICOMWEB_PLUGIN, ORTHANC_BIN
-    from tests.peers import require
-
-    require(ORTHANC_BIN, "Orthanc (Debian orthanc)")
-    require(DICOMWEB_PLUGIN, "Orthanc DICOMweb plugin")
-    pacs = Orthanc(tmp_path / "orthanc")
+    pacs = unstarted_orthanc(tmp_path)
     node = node_factory(
         {
-            "destinations": [
-                {
-                    "name": "pacs",
-                    "kind": "dicom",
-                    "ae_title": pacs.aet,
-                    "host": "127.0.0.1",
-                    "port": pacs.dicom_port,
-                    "storage_commitment": True,
-                    "timeout_s": 5,
-                }
-            ],
+            "destinations": [pacs_destination(pacs, storage_commitment=True, timeout_s=5)],
             "delivery": {"backoff_base_s": 0.5, "backoff_max_s": 1, "commitment_timeout_s": 30},
         }
     )
@@ -186,12 +175,8 @@ def test_a_missing_commitment_report_sends_again_after_the_timeout(
 ) -> None:
     """Orthanc accepts the N-ACTION but cannot reach the node to report: no `done`."""
     from tests.conftest import free_port
-    from tests.orthanc import DICOMWEB_PLUGIN, ORTHANC_BIN
-    from tests.peers import require
 
-    require(ORTHANC_BIN, "Orthanc (Debian orthanc)")
-    require(DICOMWEB_PLUGIN, "Orthanc DICOMweb plugin")
-    pacs = Orthanc(tmp_path / "orthanc")
+    pacs = unstarted_orthanc(tmp_path)
     pacs.modalities = {"SARCNODE": ("SARCNODE", "127.0.0.1", free_port())}  # nobody listens
     pacs.start()
     try:

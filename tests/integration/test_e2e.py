@@ -33,6 +33,27 @@ def pipeline_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def pacs_destination(pacs: Orthanc, **extra: Any) -> dict[str, Any]:
+    """The node's destination entry for a test Orthanc (C-STORE)."""
+    return {
+        "name": "pacs",
+        "kind": "dicom",
+        "ae_title": pacs.aet,
+        "host": "127.0.0.1",
+        "port": pacs.dicom_port,
+    } | extra
+
+
+def pipeline_node(tmp_path: Path, pacs: Orthanc, **jobs: Any) -> dict[str, Any]:
+    """Node settings: the shipped pipeline on CPU, quick stability and retries, ``pacs``."""
+    return {
+        "scheduler": {"series_stable_seconds": 1, "tick_seconds": 0.5},
+        "jobs": {"pipelines_dir": str(pipeline_folder(tmp_path)), "device": "cpu"} | jobs,
+        "destinations": [pacs_destination(pacs)],
+        "delivery": {"backoff_base_s": 1, "backoff_max_s": 2},
+    }
+
+
 def wait_for(node: NodeProcess, what: str, check: Any, timeout: float = 300) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -55,22 +76,7 @@ def test_a_study_sent_by_storescu_comes_back_to_orthanc_as_seg_sr_and_pdf(
     orthanc: Orthanc,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    node: NodeProcess = node_factory(
-        {
-            "scheduler": {"series_stable_seconds": 1, "tick_seconds": 0.5},
-            "jobs": {"pipelines_dir": str(pipeline_folder(tmp_path)), "device": "cpu"},
-            "destinations": [
-                {
-                    "name": "pacs",
-                    "kind": "dicom",
-                    "ae_title": orthanc.aet,
-                    "host": "127.0.0.1",
-                    "port": orthanc.dicom_port,
-                }
-            ],
-            "delivery": {"backoff_base_s": 1, "backoff_max_s": 2},
-        }
-    )
+    node: NodeProcess = node_factory(pipeline_node(tmp_path, orthanc))
     node.start()
     study = tmp_path / "study"
     write_study(study, 21)

@@ -12,7 +12,7 @@ import yaml
 
 from pipelines.synth.study import write_study
 from tests.conftest import NodeProcess
-from tests.integration.test_e2e import pipeline_folder, send, wait_for
+from tests.integration.test_e2e import pipeline_folder, pipeline_node, send, wait_for
 from tests.orthanc import Orthanc, orthanc  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.integration
@@ -24,26 +24,7 @@ def test_kill_9_in_every_stage_then_the_job_finishes_with_one_copy_of_each_objec
     orthanc: Orthanc,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    node: NodeProcess = node_factory(
-        {
-            "scheduler": {"series_stable_seconds": 1, "tick_seconds": 0.5},
-            "jobs": {
-                "pipelines_dir": str(pipeline_folder(tmp_path)),
-                "device": "cpu",
-                "retry_base_s": 0,
-            },
-            "destinations": [
-                {
-                    "name": "pacs",
-                    "kind": "dicom",
-                    "ae_title": orthanc.aet,
-                    "host": "127.0.0.1",
-                    "port": orthanc.dicom_port,
-                }
-            ],
-            "delivery": {"backoff_base_s": 1, "backoff_max_s": 2},
-        }
-    )
+    node: NodeProcess = node_factory(pipeline_node(tmp_path, orthanc, retry_base_s=0))
     study = tmp_path / "study"
     write_study(study, 23)
     study_uid = str(pydicom.dcmread(next((study / "dicom" / "T1").iterdir())).StudyInstanceUID)
