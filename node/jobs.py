@@ -56,6 +56,8 @@ class Scheduler:
         """Keep the pipelines and a cache of series headers (read once per series)."""
         self.db, self.settings, self.pipelines = db, settings, list(pipelines)
         self._headers: dict[str, dict[str, Any]] = {}
+        # study UID -> (series UID, instance count) pairs already decided on
+        self._settled: dict[str, tuple[tuple[str, int], ...]] = {}
 
     def _attributes(self, root: Path, series_uid: str, path: str, modality: str | None) -> Any:
         if series_uid not in self._headers:
@@ -78,6 +80,11 @@ class Scheduler:
             for study in studies:
                 if not study.series or any(x.state != "stable" for x in study.series):
                     continue
+                signature = tuple(
+                    sorted((x.series_instance_uid, x.instance_count) for x in study.series)
+                )
+                if self._settled.get(study.study_instance_uid) == signature:
+                    continue  # decided before with these very series: nothing new
                 infos = []
                 for x in study.series:
                     first = s.scalar(
@@ -93,14 +100,18 @@ class Scheduler:
                         )
                     )
                 counts = {x.series_instance_uid: x.instance_count for x in study.series}
-                candidates.append((study.study_instance_uid, infos, counts))
-        for study_uid, infos, counts in candidates:
+                candidates.append((study.study_instance_uid, infos, counts, signature))
+        for study_uid, infos, counts, signature in candidates:
+            waiting = False
             for pipeline in self.pipelines:
                 decision = decide(pipeline, infos, now=moment)
+                waiting |= decision.retry_at is not None
                 if decision.start:
                     job_id = self._create(study_uid, pipeline, decision, counts)
                     if job_id is not None:
                         created.append(job_id)
+            if not waiting:  # final for these series until one changes or a new one comes
+                self._settled[study_uid] = signature
         return created
 
     def _create(
