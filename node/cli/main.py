@@ -1514,7 +1514,7 @@ def evaluate_cmd(
         err.print(f"[red]evaluate: {exc}[/red]")
         raise typer.Exit(2) from exc
     for key, value in result["metrics"].items():
-        if isinstance(value, dict) and "value" in value:
+        if isinstance(value, dict) and "ci95" in value:
             out.print(
                 f"{key}: {value['value']:.3f} "
                 f"(95% CI {value['ci95'][0]:.3f}-{value['ci95'][1]:.3f})"
