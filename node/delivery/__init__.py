@@ -15,10 +15,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pydicom.uid import generate_uid
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from node.audit.trail import record
 from node.config import DeliverySettings, DestinationSettings, Settings
@@ -55,6 +57,21 @@ class Outcome:
     ok: bool
     state: str
     error: str | None = None
+
+
+def _audit(
+    session: Session, row: Delivery, action: str, actor: str, *, outcome: str = "ok", **facts: Any
+) -> None:
+    """One audit event about an outbox row: its object, destination and ``facts``."""
+    record(
+        session,
+        action,
+        actor=actor,
+        outcome=outcome,
+        study_instance_uid=row.study_instance_uid,
+        sop_instance_uid=row.sop_instance_uid,
+        detail={"delivery": row.id, "destination": row.destination, **facts},
+    )
 
 
 def backoff(attempts: int, policy: DeliverySettings, rng: random.Random | None = None) -> float:
@@ -113,14 +130,7 @@ def enqueue(
                 session.add(row)
                 session.flush()
                 created.append(row.id)
-                record(
-                    session,
-                    "delivery.queued",
-                    actor=ACTOR,
-                    study_instance_uid=row.study_instance_uid,
-                    sop_instance_uid=sop_uid,
-                    detail={"delivery": row.id, "destination": name, "kind": row.kind},
-                )
+                _audit(session, row, "delivery.queued", ACTOR, kind=row.kind)
     return created
 
 
@@ -233,18 +243,7 @@ def _commit_done(db: Database, delivery_id: int, actor: str) -> None:
         if row is None or row.state != "committing":
             return
         row.state, row.delivered_at, row.updated_at, row.last_error = "done", now, now, None
-        record(
-            session,
-            "delivery.committed",
-            actor=actor,
-            study_instance_uid=row.study_instance_uid,
-            sop_instance_uid=row.sop_instance_uid,
-            detail={
-                "delivery": row.id,
-                "destination": row.destination,
-                "transaction": row.commitment_uid,
-            },
-        )
+        _audit(session, row, "delivery.committed", actor, transaction=row.commitment_uid)
 
 
 def _settle(
@@ -284,26 +283,13 @@ def _settle(
                 row.state, row.next_attempt_at = "dead", None
             else:
                 row.next_attempt_at = now + timedelta(seconds=backoff(row.attempts, policy, rng))
-        record(
-            session,
-            "delivery.sent" if error is None else "delivery.failed",
-            actor=ACTOR,
-            outcome="ok" if error is None else "failed",
-            study_instance_uid=row.study_instance_uid,
-            sop_instance_uid=row.sop_instance_uid,
-            detail={
-                "delivery": row.id,
-                "destination": row.destination,
-                "attempt": row.attempts,
-                "state": row.state,
-                **({"error": error[:500]} if error else {}),
-                **(
-                    {"next_attempt_at": row.next_attempt_at.isoformat()}
-                    if row.next_attempt_at
-                    else {}
-                ),
-            },
-        )
+        facts: dict[str, Any] = {"attempt": row.attempts, "state": row.state}
+        if error:
+            facts["error"] = error[:500]
+        if row.next_attempt_at:
+            facts["next_attempt_at"] = row.next_attempt_at.isoformat()
+        action = "delivery.sent" if error is None else "delivery.failed"
+        _audit(session, row, action, ACTOR, outcome="ok" if error is None else "failed", **facts)
         return Outcome(row.id, row.destination, error is None, row.state, error)
 
 
@@ -326,12 +312,5 @@ def retry(
             if row.state == "done":
                 raise ValueError(f"delivery {row.id} is already done; nothing to retry")
             row.state, row.attempts, row.next_attempt_at, row.updated_at = "pending", 0, now, now
-            record(
-                session,
-                "delivery.retry",
-                actor=actor,
-                study_instance_uid=row.study_instance_uid,
-                sop_instance_uid=row.sop_instance_uid,
-                detail={"delivery": row.id, "destination": row.destination},
-            )
+            _audit(session, row, "delivery.retry", actor)
         return [r.id for r in rows]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
+from scipy.ndimage import distance_transform_edt
 from sklearn.cluster import KMeans
 
 from pipelines.preprocess import body_mask
@@ -36,16 +37,15 @@ def ring(
     found on ``image`` (fat-suppressed T2 shows muscle barely above air; the
     T1 body of the same study, carried over, is the better outline).
     """
-    inside = sitk.Cast(tumour > 0, sitk.sitkUInt8)
-    maurer = sitk.SignedMaurerDistanceMapImageFilter()
-    maurer.SetInsideIsPositive(False)
-    maurer.SetSquaredDistance(False)
-    maurer.SetUseImageSpacing(True)
-    # One thread: with several, voxels at exactly width_mm were seen to fall on
-    # either side of the limit from one call to the next (a ring must not change).
-    maurer.SetNumberOfThreads(1)
-    distance = maurer.Execute(inside)
-    shell = sitk.And(distance > 0, distance <= width_mm)
+    inside = sitk.GetArrayViewFromImage(tumour) > 0
+    # scipy's exact Euclidean distance in mm (double precision, one thread). ITK's
+    # Maurer map put voxels at exactly width_mm on either side of the limit from
+    # one call to the next under load; a small tolerance keeps them inside.
+    distance = distance_transform_edt(~inside, sampling=tumour.GetSpacing()[::-1])
+    shell = sitk.GetImageFromArray(
+        ((distance > 0) & (distance <= width_mm + 1e-6)).astype(np.uint8)
+    )
+    shell.CopyInformation(tumour)
     if image is not None:
         body = body_mask(image) if body is None else sitk.Cast(body > 0, sitk.sitkUInt8)
         values = sitk.GetArrayViewFromImage(image)

@@ -17,9 +17,11 @@ second run does not extract again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,19 @@ def _study_inputs(folder: Path) -> tuple[dict[str, sitk.Image], dict[str, sitk.I
     return images, masks
 
 
+@contextlib.contextmanager
+def _pool(workers: int | None) -> Iterator[ProcessPoolExecutor | None]:
+    """One extraction pool for a whole cohort (none when one process is asked for)."""
+    if (workers or len(os.sched_getaffinity(0))) <= 1:
+        yield None
+        return
+    pool = worker_pool(workers)
+    try:
+        yield pool
+    finally:
+        pool.shutdown()
+
+
 def extract_cohort(
     root: Path,
     params: Mapping[str, Any] | None,
@@ -94,8 +109,7 @@ def extract_cohort(
     base = root / "cases" if (root / "cases").is_dir() else root
     folders = _case_folders(root)
     tables = []
-    pool = worker_pool(workers) if (workers or len(os.sched_getaffinity(0))) > 1 else None
-    try:
+    with _pool(workers) as pool:
         for i, folder in enumerate(folders):
             inputs = _study_inputs(folder)
             if inputs is None or not inputs[1]:
@@ -116,9 +130,6 @@ def extract_cohort(
             )
             if progress:
                 progress(i + 1, len(folders), case_id)
-    finally:
-        if pool is not None:
-            pool.shutdown()
     if not tables:
         raise ValueError(f"no studies with tumour masks under {base}")
     return pd.concat(tables, ignore_index=True)
@@ -162,8 +173,7 @@ def perturbation_icc(
         raise ValueError(f"ICC needs at least 2 studies with masks under {root}")
     chosen = sorted(rng.choice(len(folders), size=min(cases, len(folders)), replace=False))
     raters: dict[str, list[pd.DataFrame]] = {}
-    pool = worker_pool(workers) if (workers or len(os.sched_getaffinity(0))) > 1 else None
-    try:
+    with _pool(workers) as pool:
         for n, index in enumerate(chosen):
             folder = folders[index]
             inputs = _study_inputs(folder)
@@ -188,9 +198,6 @@ def perturbation_icc(
                 raters.setdefault(name, []).append(wide(table))
             if progress:
                 progress(n + 1, len(chosen), folder.name)
-    finally:
-        if pool is not None:
-            pool.shutdown()
     tables = [pd.concat(frames) for frames in raters.values()]
     common = sorted(set.intersection(*(set(t.columns) for t in tables)))
     values = feature_icc([t[common].reset_index() for t in tables], id_column="id")
