@@ -14,7 +14,7 @@ __all__ = ["bootstrap_ci", "dice", "hd95"]
 
 def _surface_distances(a: sitk.Image, b: sitk.Image) -> np.ndarray:
     """Distances (mm) from each surface voxel of ``a`` to the surface of ``b``."""
-    surface_a = sitk.GetArrayViewFromImage(sitk.LabelContour(a > 0, fullyConnected=True)) > 0
+    surface_a = sitk.GetArrayFromImage(sitk.LabelContour(a > 0, fullyConnected=True)) > 0
     distance_b = sitk.Abs(
         sitk.SignedMaurerDistanceMap(
             sitk.LabelContour(b > 0, fullyConnected=True),

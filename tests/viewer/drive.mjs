@@ -313,7 +313,8 @@ async function segPhase(page, a, deadline, result) {
       .catch(e => log('jumpToSegmentCenter failed:', String(e.message || e)));
     // Poll: the overlay appears once the labelmap is rendered on the shown slice.
     let stats = null;
-    const until = Math.min(deadline - 3000, Date.now() + 12_000);
+    // Up to 30 s: under load (CI, 2 cores) OHIF drew the SR text after 12 s.
+  const until = Math.min(deadline - 3000, Date.now() + 30_000);
     do {
       await sleep(600);
       stats = await screenshotStats(page, seg.color);
@@ -354,7 +355,8 @@ async function srPhase(page, a, deadline, result) {
   // Poll until the measurements are drawn (SVG text) and the image is rendered.
   let state = null;
   let stats = null;
-  const until = Math.min(deadline - 3000, Date.now() + 12_000);
+  // Up to 30 s: under load (CI, 2 cores) OHIF drew the SR text after 12 s.
+  const until = Math.min(deadline - 3000, Date.now() + 30_000);
   do {
     await sleep(600);
     state = await page.evaluate(pageSrState, a.sr_series).catch(() => null);
