@@ -72,19 +72,31 @@ bench: venv peers
 	$(PY) bench/radiomics.py
 	$(PY) bench/e2e.py
 
-# How models/sarcnode-seg-demo was made (CPU, 2 cores: about 50 minutes):
-# 32 synthetic studies (seed 7) + the real cropped T1 patients, never STS_001.
-# Step 1 trains both stages; its fine stage is kept. Step 2 retrains the
-# locator on synthetic full fields and real crops (a synthetic-only locator
-# mislocated real crops: held-out real Dice 0.38 against 0.61).
+# How models/sarcnode-seg-demo (2.x) was made (CPU, 2 cores; figures in its card):
+# 1. the locator (coarse stage), as for 1.0: 32 synthetic studies (seed 7) and
+#    the real cropped T1 patients, never STS_001 (about 50 minutes);
+# 2. patient-level 5-fold CV of the candidate recipes on the real patients
+#    (+ the synthetic studies in training), each fold resumable: a finished
+#    fold is kept (`make seg-model` again continues; `--fold N` runs one);
+# 3. the winner's five fold models shipped as the ensemble, with the CV
+#    figures, the candidates compared and the quality threshold on the card.
 SEG_MODEL := models/sarcnode-seg-demo
 SEG_DATA := ../shared/data/sts-t1-cropped var/train/synth --exclude STS_001
+SEG_REAL := ../shared/data/sts-t1-cropped
+SEG_RECIPE ?= 25d-heavy
 seg-model: venv
 	$(VENV)/bin/sarcnode synth cohort var/train/synth --n 32 --seed 7
-	$(VENV)/bin/sarcnode train-seg $(SEG_DATA) --coarse-steps 1500 --fine-steps 6000 \
-	  --val-every 200 --out var/train/model-v1
-	$(VENV)/bin/sarcnode train-seg $(SEG_DATA) --stage coarse --reuse var/train/model-v1 \
-	  --coarse-source synthetic --coarse-source real --coarse-steps 800 --out $(SEG_MODEL)
+	test -f var/train/locator/card.yaml || { \
+	  $(VENV)/bin/sarcnode train-seg $(SEG_DATA) --coarse-steps 1500 --fine-steps 6000 \
+	    --val-every 200 --out var/train/model-v1 && \
+	  $(VENV)/bin/sarcnode train-seg $(SEG_DATA) --stage coarse --reuse var/train/model-v1 \
+	    --coarse-source synthetic --coarse-source real --coarse-steps 800 --out var/train/locator; }
+	$(VENV)/bin/sarcnode cv-seg $(SEG_REAL) var/train/synth --out var/cv/3d-heavy \
+	  --recipe 3d-heavy --steps 2000 --threads 1 & \
+	$(VENV)/bin/sarcnode cv-seg $(SEG_REAL) var/train/synth --out var/cv/25d-heavy \
+	  --recipe 25d-heavy --steps 1500 --threads 1; wait
+	$(VENV)/bin/sarcnode seg-ensemble var/cv/$(SEG_RECIPE) --locator var/train/locator \
+	  --data $(SEG_REAL) --out $(SEG_MODEL)
 
 # How models/sarcnode-pfs-demo was fitted (CPU, 2 cores: about 40 minutes):
 # 200 synthetic studies (seed 11), features from the truth masks (tumour and

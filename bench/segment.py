@@ -117,8 +117,16 @@ def main() -> int:
     if args.json:
         print(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))
         return 0
+    from pipelines.segment.card import load_card
+    from pipelines.segment.infer import members
+
+    card = load_card(args.model)
+    views = (card.get("ensemble") or {}).get("tta") or ["none"]
     print(
-        f"model {args.model.name}; torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+        f"model {args.model.name} {card.get('version')}: {len(members(card))} fine member(s), "
+        f"{len(views)} test-time view(s) on the first; inference "
+        f"{card['architecture']['fine'].get('inference', 'window')}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
     )
     cols = [
         "load_s",

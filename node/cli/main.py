@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import func, select
 
@@ -698,6 +699,23 @@ def jobs(
     )
 
 
+def quality_text(quality: dict[str, Any] | None) -> str:
+    """One line on a segmentation's quality estimate, for ``jobs show``.
+
+    ``segmentation quality 0.93 (review below 0.80) - review: no``, or, for a
+    mask flagged for review, ``segmentation quality 0.42 - REVIEW: <reasons>``.
+    """
+    if quality is None:
+        return "segmentation quality: not recorded (a model card or a job older than the estimate)"
+    score = quality.get("score")
+    figure = "n/a (one test-time view)" if score is None else f"{float(score):.2f}"
+    if quality.get("review"):
+        reasons = "; ".join(str(r) for r in quality.get("reasons") or []) or "no reason recorded"
+        return f"segmentation quality {figure} - REVIEW: {reasons}"
+    below = float(quality.get("threshold", 0))
+    return f"segmentation quality {figure} (review below {below:.2f}) - review: no"
+
+
 @jobs_app.command("show")
 def jobs_show(
     ctx: typer.Context,
@@ -705,7 +723,11 @@ def jobs_show(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One job: inputs, stages with start/end/duration and outputs, deliveries, audit trail."""
+    """One job: inputs, segmentation quality, stages with timing and outputs, deliveries, audit.
+
+    ``--json`` gives the segment stage's quality estimate both in that stage's
+    ``outputs`` and as ``segmentation_quality`` (None until the stage is done).
+    """
     from node.db.models import JobStage
 
     settings = _settings(config or ctx.obj)
@@ -733,6 +755,10 @@ def jobs_show(
                 select(JobStage).where(JobStage.job_id == job_id).order_by(JobStage.id)
             )
         ]
+        segmented = next(
+            (st for st in detail["stages"] if st["stage"] == "segment" and st["outputs"]), None
+        )
+        detail["segmentation_quality"] = segmented["outputs"].get("quality") if segmented else None
         detail["deliveries"] = [
             {
                 "id": d.id,
@@ -773,6 +799,10 @@ def jobs_show(
     out.print(f"  inputs: {detail['inputs']}; folder {detail['folder']}")
     if detail["error"]:
         out.print(f"  [red]error: {detail['error']}[/red]")
+    if segmented is not None:
+        line = escape(quality_text(detail["segmentation_quality"]))
+        flagged = (detail["segmentation_quality"] or {}).get("review")
+        out.print(f"  [bold red]{line}[/bold red]" if flagged else f"  {line}", soft_wrap=True)
     _emit(
         detail["stages"],
         False,
@@ -1121,6 +1151,145 @@ def train_seg(
     out.print(f"model card: {out_dir / 'card.yaml'}")
 
 
+@app.command("cv-seg")
+def cv_seg(
+    data: Annotated[
+        list[Path], typer.Argument(help="Folders of cases: the real NIfTI pairs (+ synthetic).")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for folds, weights and report.")],
+    recipe: Annotated[str, typer.Option(help="Candidate recipe (see --help).")] = "3d-heavy",
+    folds: Annotated[int, typer.Option("--folds", min=2)] = 5,
+    fold: Annotated[
+        list[int], typer.Option("--fold", help="Run only this fold (repeatable); resumable.")
+    ] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int | None, typer.Option(min=1, help="Override the recipe's steps.")] = None,
+    synthetic: Annotated[
+        bool, typer.Option(help="Train on the synthetic studies found too.")
+    ] = True,
+    exclude: Annotated[
+        list[str], typer.Option("--exclude", help="Patient id never to use (repeatable).")
+    ] = [],  # noqa: B006
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads.")] = None,
+    rescore: Annotated[
+        Path | None,
+        typer.Option(
+            "--rescore",
+            help="A finished CV folder to score again with --inference (nothing is trained).",
+        ),
+    ] = None,
+    inference: Annotated[
+        str, typer.Option(help="Test-time inference: window (sliding) or whole.")
+    ] = "window",
+    as_json: JsonOpt = False,
+) -> None:
+    """Patient-level k-fold CV of a segmentation recipe: out-of-fold Dice/HD95 per patient.
+
+    Recipes: 3d-light (the first demo model's), 3d-heavy, 25d-heavy. STS_001
+    is never used. Writes folds.json, fold<i>.pt/.json (a finished fold is
+    not trained again), oof/ masks, cv.json and report.html.
+    """
+    import dataclasses
+
+    import torch
+
+    from pipelines.segment.card import ModelError
+    from pipelines.segment.cv import CANDIDATES, cross_validate, rescore_cv
+
+    if inference not in ("window", "whole"):
+        err.print(f"[red]cv-seg: --inference must be window or whole, not {inference!r}[/red]")
+        raise typer.Exit(2)
+    if recipe not in CANDIDATES:
+        err.print(f"[red]cv-seg: unknown recipe {recipe!r} ({', '.join(CANDIDATES)})[/red]")
+        raise typer.Exit(2)
+    chosen = CANDIDATES[recipe]
+    changes: dict[str, Any] = {"synthetic": synthetic}
+    if steps is not None:
+        changes |= {"steps": steps, "val_every": max(1, min(chosen.val_every, steps))}
+    chosen = dataclasses.replace(chosen, **changes)
+    chosen.arch = dict(chosen.arch) | {"inference": inference}
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        if rescore is not None:
+            summary = rescore_cv(
+                rescore,
+                out_dir,
+                data,
+                inference=inference,
+                device=device,
+                log=lambda line: err.print(line),
+            )
+        else:
+            summary = cross_validate(
+                data,
+                out_dir,
+                chosen,
+                k=folds,
+                seed=seed,
+                exclude=set(exclude),
+                only_folds=fold or None,
+                device=device,
+                log=lambda line: err.print(line),
+            )
+    except (ValueError, FileNotFoundError, ModelError) as exc:
+        err.print(f"[red]cv-seg: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    if "dice_mean" not in summary:
+        out.print(f"{summary['folds_done']} of {summary['k']} folds done in {out_dir}")
+        return
+    q = summary["quality_flag"]["out_of_fold"]
+    out.print(
+        f"{chosen.name}: out-of-fold Dice {summary['dice_mean']:.3f} "
+        f"(95% CI {summary['dice_ci95'][0]:.3f}-{summary['dice_ci95'][1]:.3f}) over "
+        f"{summary['n']} patients; HD95 {summary['hd95_mm_mean']:.1f} mm; "
+        f"quality flag caught {q['caught']}/{q['failures']} failures, "
+        f"flagged {q['false_flags']}/{q['successes']} successes"
+    )
+    out.print(f"report: {out_dir / 'report.html'}")
+
+
+@app.command("seg-ensemble")
+def seg_ensemble(
+    cv_dir: Annotated[Path, typer.Argument(metavar="CV_DIR", help="A finished cv-seg folder.")],
+    locator: Annotated[Path, typer.Option(help="Model folder whose coarse locator to keep.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Model folder to write.")],
+    data: Annotated[
+        list[Path], typer.Option("--data", help="The real training data (for input-check limits).")
+    ],
+    version: Annotated[str, typer.Option()] = "2.0.0",
+    model_id: Annotated[
+        str | None, typer.Option("--id", help="Model id (default: folder).")
+    ] = None,
+) -> None:
+    """Ship a cross-validation's fold models as one ensemble, with its CV figures on the card.
+
+    Candidates compared are the other finished CVs beside CV_DIR (their
+    cv.json); the quality threshold is the one chosen on the out-of-fold cases.
+    """
+    from pipelines.segment.card import ModelError
+    from pipelines.segment.ensemble import assemble
+
+    try:
+        card = assemble(
+            cv_dir,
+            locator,
+            out_dir,
+            model_id=model_id or out_dir.name,
+            version=version,
+            data=data,
+        )
+    except (ValueError, FileNotFoundError, KeyError, ModelError) as exc:
+        err.print(f"[red]seg-ensemble: {exc}[/red]")
+        raise typer.Exit(2) from exc
+    out.print(card["validation"]["headline"])
+    out.print(f"model card: {out_dir / 'card.yaml'}")
+
+
 RULES_FILE = Path(__file__).resolve().parents[2] / "config" / "sequence_roles.yaml"
 RulesOpt = Annotated[Path, typer.Option("--rules", help="Sequence-role rules (YAML).")]
 
@@ -1157,6 +1326,7 @@ def segment_cmd(
 
     from pipelines.io.dicom import GeometryError
     from pipelines.io.roles import RuleError, load_role_rules
+    from pipelines.segment.quality import InputRejected
     from pipelines.segment.study import InputError, segment_input
 
     if sequence not in ("T2FS", "T1"):
@@ -1165,7 +1335,7 @@ def segment_cmd(
     segmenter = _segmenter(model, device)
     try:
         seg = segment_input(source, segmenter, load_role_rules(rules), sequence)
-    except (InputError, GeometryError, RuleError, OSError, RuntimeError) as exc:
+    except (InputError, InputRejected, GeometryError, RuleError, OSError, RuntimeError) as exc:
         err.print(f"[red]segment: {source}: {exc}[/red]")
         raise typer.Exit(2) from exc
     mask_out.parent.mkdir(parents=True, exist_ok=True)
@@ -1182,6 +1352,7 @@ def segment_cmd(
         "located": seg.result.located,
         "volume_ml": round(seg.result.volume_ml, 2),
         "seconds": {k: round(v, 2) for k, v in seg.result.seconds.items()},
+        "quality": seg.result.quality.as_dict() if seg.result.quality else None,
         "masks": written,
         "registration": None
         if seg.registration is None
@@ -1200,10 +1371,11 @@ def segment_cmd(
         f"{segmenter.model_id} on {segmenter.device}: {seg.sequence} segmented, "
         f"{report['volume_ml']} ml, {sum(seg.result.seconds.values()):.1f} s"
     )
-    if not seg.result.located:
-        out.print(
-            "[yellow]the locator found no tumour; the fine model searched the whole image[/yellow]"
-        )
+    quality = seg.result.quality
+    if quality is not None and quality.review:
+        out.print(f"[yellow]REVIEW the mask: {'; '.join(quality.reasons)}[/yellow]")
+    elif quality is not None and quality.score is not None:
+        out.print(f"quality {quality.score:.2f} (review below {quality.threshold:.2f})")
     for role, where in written.items():
         how = "segmented" if role == seg.sequence else "carried"
         out.print(f"  {role} ({how}): {where}")

@@ -1,11 +1,15 @@
-"""Inference: an MR image in, a tumour mask on the same grid out.
+"""Inference: an MR image in, a tumour mask on the same grid out, with how far to trust it.
 
 :class:`Segmenter` loads a model folder (card checked, weights checksummed),
-then for each image: coarse pass on the whole field of view at 5 mm, box
-``margin_mm`` around the tumour it finds, fine pass in that box with
-sliding-window inference, probabilities resampled back onto the input grid,
-and post-processing (plausible components kept, holes filled). CUDA with
-automatic mixed precision when available, else CPU.
+then for each image: input checks (:mod:`.quality`: a constant or noise-like
+image is refused before any network runs), coarse pass on the whole field of
+view at 5 mm, box ``margin_mm`` around the tumour it finds, fine pass in that
+box by every ensemble member under mirror test-time augmentation
+(sliding-window inference), the mean probability resampled back onto the
+input grid, post-processing (components kept by the rule the card's
+cross-validation chose, holes filled), and a quality estimate: the agreement
+between the mirrored views, with the ``review`` flag below the card's
+threshold. CUDA with automatic mixed precision when available, else CPU.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from monai.inferers.utils import sliding_window_inference
 from pipelines.segment import network
 from pipelines.segment.card import ModelError, load_card
 from pipelines.segment.prep import box_around, crop, normalise, to_spacing
+from pipelines.segment.quality import Quality, agreement, check_input
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -67,13 +72,14 @@ def postprocess(mask: sitk.Image, *, keep_fraction: float = 0.1) -> sitk.Image:
 
 @dataclass
 class Result:
-    """A segmentation with what it took: the mask on the input grid, timings, and the box used."""
+    """A segmentation with what it took: the mask on the input grid, timings, box and quality."""
 
     mask: sitk.Image
     probability: sitk.Image
     seconds: dict[str, float] = field(default_factory=dict)
     box: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
     located: bool = True
+    quality: Quality | None = None
 
     @property
     def volume_ml(self) -> float:
@@ -82,82 +88,214 @@ class Result:
         return float(sitk.GetArrayViewFromImage(self.mask).sum()) * voxel
 
 
-def predict(
-    net: torch.nn.Module, array: np.ndarray, patch: list[int], device: torch.device
-) -> np.ndarray:
-    """Sigmoid probabilities over a (z, y, x) array by sliding windows of ``patch`` (x, y, z).
+#: Mirror views of test-time augmentation: axes flipped, on (z, y, x) arrays.
+TTA_VIEWS: dict[str, tuple[int, ...]] = {"none": (), "x": (2,), "y": (1,), "xy": (1, 2)}
 
-    Gaussian-weighted overlap of 25 %; autocast (AMP) on CUDA.
+
+def _slices_as_channels(array: np.ndarray, k: int) -> np.ndarray:
+    """(z, y, x) -> (z, k, y, x): each axial slice with its neighbours (edges repeated)."""
+    half = k // 2
+    idx = np.clip(
+        np.arange(array.shape[0])[:, None] + np.arange(-half, half + 1), 0, array.shape[0] - 1
+    )
+    out: np.ndarray = array[idx]
+    return out
+
+
+def whole_roi(shape: tuple[int, ...], multiple: int, cap: int) -> tuple[int, ...]:
+    """A window covering ``shape`` (rounded up to ``multiple``, at most ``cap`` per axis)."""
+    return tuple(min(cap, -(-int(n) // multiple) * multiple) for n in shape)
+
+
+def predict(
+    net: torch.nn.Module,
+    array: np.ndarray,
+    arch: dict[str, Any],
+    device: torch.device,
+    *,
+    inference: str | None = None,
+) -> np.ndarray:
+    """Sigmoid probabilities over a (z, y, x) array.
+
+    3D networks see ``patch``-sized (x, y, z) windows, or a 2.5D network 2D
+    windows over every axial slice with its neighbours as channels.
+    ``inference`` (default: the arch's ``inference``, else ``window``):
+    ``window`` slides the training patch with 25 % Gaussian-weighted overlap;
+    ``whole`` gives the network the whole array at once (padded to what its
+    strides need): the same fully convolutional network, 3-10x faster on a
+    CPU, scored on the same folds before a card adopts it. Autocast (AMP) on CUDA.
     """
-    roi = (int(patch[2]), int(patch[1]), int(patch[0]))  # torch's (D, H, W) is (z, y, x)
-    x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
+    patch = arch["patch"]
+    k = network.context(arch)
+    whole = (inference or arch.get("inference") or "window") == "whole"
+    multiple = int(np.prod(arch["strides"]))
     with (
         torch.inference_mode(),
         torch.autocast(device_type=device.type, enabled=device.type == "cuda"),
     ):
+        if k:
+            stack = _slices_as_channels(np.ascontiguousarray(array, dtype=np.float32), k)
+            x = torch.from_numpy(np.ascontiguousarray(stack)).to(device)
+            roi: tuple[int, ...] = (int(patch[1]), int(patch[0]))
+            if whole:
+                roi = whole_roi(array.shape[1:], multiple, 384)
+            logits = sliding_window_inference(
+                x,
+                roi,
+                sw_batch_size=4 if whole else 16,
+                predictor=net,
+                overlap=0.0 if whole else 0.25,
+                mode="gaussian",
+            )
+            assert isinstance(logits, torch.Tensor)
+            out: np.ndarray = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+            return out
+        roi = (int(patch[2]), int(patch[1]), int(patch[0]))  # torch's (D, H, W) is (z, y, x)
+        if whole:
+            roi = whole_roi(array.shape, multiple, 256)
+        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
         logits = sliding_window_inference(
-            x, roi, sw_batch_size=4, predictor=net, overlap=0.25, mode="gaussian"
+            x,
+            roi,
+            sw_batch_size=1 if whole else 4,
+            predictor=net,
+            overlap=0.0 if whole else 0.25,
+            mode="gaussian",
         )
     assert isinstance(logits, torch.Tensor)
-    out: np.ndarray = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+    out = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
     return out
 
 
+def predict_views(
+    net: torch.nn.Module,
+    array: np.ndarray,
+    arch: dict[str, Any],
+    device: torch.device,
+    views: list[str],
+    *,
+    inference: str | None = None,
+) -> list[np.ndarray]:
+    """Probabilities of each mirror view (``TTA_VIEWS`` names), flipped back onto ``array``."""
+    out = []
+    for view in views:
+        axes = TTA_VIEWS[view]
+        flipped = np.flip(array, axes) if axes else array
+        prob = predict(net, np.ascontiguousarray(flipped), arch, device, inference=inference)
+        out.append(np.flip(prob, axes) if axes else prob)
+    return out
+
+
+def load_weights(net: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """Load a state dict (stored in half precision to keep models small) as float32."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return net
+
+
+def members(card: dict[str, Any]) -> list[str]:
+    """Weight entries of the fine ensemble: the card's ``ensemble.members``, else ``fine``."""
+    listed = (card.get("ensemble") or {}).get("members")
+    return [str(m) for m in listed] if listed else ["fine"]
+
+
 class Segmenter:
-    """A loaded model: :meth:`segment` turns an image into a tumour mask."""
+    """A loaded model: :meth:`segment` turns an image into a tumour mask with a quality estimate."""
 
     def __init__(self, model_dir: Path, device: str = "auto") -> None:
-        """Load the card and both networks; refuses weights whose checksum differs."""
+        """Load the card, the locator and every ensemble member; refuse mismatched checksums."""
         self.model_dir = model_dir
         self.card: dict[str, Any] = load_card(model_dir)
         self.device = pick_device(device)
         self.nets: dict[str, torch.nn.Module] = {}
-        for stage in ("coarse", "fine"):
-            arch = self.card["architecture"][stage]
-            net = network.build(arch)
-            path = model_dir / self.card["weights"][stage]["file"]
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            net.load_state_dict(state)
-            self.nets[stage] = net.to(self.device).eval()
+        try:
+            for name in ["coarse", *members(self.card)]:
+                arch = self.card["architecture"]["coarse" if name == "coarse" else "fine"]
+                path = model_dir / self.card["weights"][name]["file"]
+                self.nets[name] = load_weights(network.build(arch), path).to(self.device).eval()
+        except KeyError as exc:
+            raise ModelError(f"model {model_dir}: card.yaml lacks {exc}") from exc
+        ensemble = self.card.get("ensemble") or {}
+        self.views: list[str] = list(ensemble.get("tta") or ["none"])
+        unknown = [v for v in self.views if v not in TTA_VIEWS]
+        if unknown:
+            raise ModelError(f"model {model_dir}: unknown test-time views {unknown}")
+        self.post: dict[str, Any] = dict(self.card.get("postprocess") or {"keep_fraction": 0.1})
 
     @property
     def model_id(self) -> str:
         """``id`` and ``version`` from the card, e.g. ``sarcnode-seg 1.0.0``."""
         return f"{self.card.get('id')} {self.card.get('version')}"
 
-    def _predict(self, stage: str, array: np.ndarray) -> np.ndarray:
-        patch = self.card["architecture"][stage]["patch"]
-        return predict(self.nets[stage], array, patch, self.device)
+    def fine_probability(self, array: np.ndarray) -> tuple[np.ndarray, float | None]:
+        """Ensemble probability and the quality estimate (None with a single view).
+
+        The first member runs every test-time view and its views' agreement is
+        the quality estimate: exactly the figure the cross-validation measured
+        out-of-fold, so the card's threshold applies. The other members run
+        the plain view. The probability is the mean over members of each
+        member's mean over its views.
+        """
+        arch = self.card["architecture"]["fine"]
+        per_member: list[np.ndarray] = []
+        agreed: float | None = None
+        for i, name in enumerate(members(self.card)):
+            views = self.views if i == 0 else ["none"]
+            probs = predict_views(self.nets[name], array, arch, self.device, views)
+            if len(probs) > 1:
+                agreed = agreement(probs)
+            per_member.append(np.mean(probs, axis=0))
+        mean: np.ndarray = np.mean(per_member, axis=0)
+        return mean, agreed
 
     def segment(self, image: sitk.Image) -> Result:
-        """Tumour mask (uint8 0/1) on ``image``'s grid, with per-step seconds."""
+        """Tumour mask (uint8 0/1) on ``image``'s grid, with per-step seconds and quality.
+
+        Raises :class:`~.quality.InputRejected` when the image fails the input
+        checks (constant, or noise rather than anatomy).
+        """
         seconds: dict[str, float] = {}
         t0 = time.perf_counter()
         image = sitk.Cast(image, sitk.sitkFloat32)
+        check_input(image, self.card.get("input_checks") or {})
         arch_c, arch_f = self.card["architecture"]["coarse"], self.card["architecture"]["fine"]
         coarse_img = to_spacing(image, arch_c["spacing_mm"])
         coarse_arr = normalise(sitk.GetArrayFromImage(coarse_img))
         seconds["preprocess"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        coarse_prob = self._predict("coarse", coarse_arr)
+        coarse_prob = predict(self.nets["coarse"], coarse_arr, arch_c, self.device)
         coarse_mask = sitk.GetImageFromArray((coarse_prob >= 0.5).astype(np.uint8))
         coarse_mask.CopyInformation(coarse_img)
         if np.any(coarse_prob >= 0.5):
             coarse_mask = postprocess(coarse_mask, keep_fraction=0.2)
         box = box_around(coarse_mask, image, float(arch_f["margin_mm"]))
         located = box is not None
-        if box is None:  # nothing found at 5 mm: let the fine model look everywhere
-            box = ((0, 0, 0), image.GetSize())
+        whole = ((0, 0, 0), image.GetSize())
+        if box is None or np.prod(box[1]) >= 0.5 * np.prod(image.GetSize()):
+            # nothing found at 5 mm, or the image is already a region around the
+            # tumour (a crop): the fine model looks at all of it
+            box = whole
         region = crop(image, box)
         fine_img = to_spacing(region, arch_f["spacing_mm"])
-        fine_prob = self._predict("fine", normalise(sitk.GetArrayFromImage(fine_img)))
+        fine_prob, agreed = self.fine_probability(normalise(sitk.GetArrayFromImage(fine_img)))
         seconds["inference"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
         prob = sitk.GetImageFromArray(fine_prob.astype(np.float32))
         prob.CopyInformation(fine_img)
         prob = sitk.Resample(prob, image, sitk.Transform(), sitk.sitkLinear, 0.0)
-        mask = postprocess(sitk.Cast(prob >= 0.5, sitk.sitkUInt8))
+        mask = postprocess(
+            sitk.Cast(prob >= 0.5, sitk.sitkUInt8),
+            keep_fraction=float(self.post.get("keep_fraction", 0.1)),
+        )
         seconds["postprocess"] = time.perf_counter() - t2
-        return Result(mask=mask, probability=prob, seconds=seconds, box=box, located=located)
+        quality = Quality.judge(agreed, self.card.get("quality") or {}, located=located)
+        return Result(
+            mask=mask,
+            probability=prob,
+            seconds=seconds,
+            box=box,
+            located=located,
+            quality=quality,
+        )

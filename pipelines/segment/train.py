@@ -32,6 +32,7 @@ import torch
 from monai.losses.dice import DiceCELoss
 
 from pipelines.segment import network
+from pipelines.segment.augment import augment
 from pipelines.segment.card import NOT_CLINICAL, load_card, write_card
 from pipelines.segment.data import CaseRef, discover, split
 from pipelines.segment.evaluate import EvalCase, score, summarise
@@ -92,41 +93,49 @@ def _patch(
 
 
 def _batch(
-    samples: list[Sample], size: tuple[int, int, int], n: int, rng: np.random.Generator
+    samples: list[Sample],
+    arch: dict[str, Any],
+    n: int,
+    rng: np.random.Generator,
+    level: str = "light",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` random patches with flips (left-right, front-back) and intensity jitter.
+    """``n`` random augmented patches (:func:`~.augment.augment` at ``level``).
 
     Sources are balanced: a real patient is drawn as often as a synthetic
     one, however many of each there are (real appearance is what the fine
-    model must learn; synthetic cases are plentiful).
+    model must learn; synthetic cases are plentiful). A 2.5D architecture
+    gets ``context`` neighbouring slices as channels and the middle slice's
+    mask as target.
     """
+    k = network.context(arch)
+    patch = arch["patch"]
+    size = (k, int(patch[1]), int(patch[0])) if k else (int(patch[2]), int(patch[1]), int(patch[0]))
     xs, ys = [], []
     by_source: dict[str, list[Sample]] = {}
     for s in samples:
         by_source.setdefault(s.source, []).append(s)
-    pools = [by_source[k] for k in sorted(by_source)]
+    pools = [by_source[key] for key in sorted(by_source)]
     for _ in range(n):
         pool = pools[rng.integers(len(pools))]  # real and synthetic drawn equally often
         x, y = _patch(pool[rng.integers(len(pool))], size, rng)
-        for axis in (1, 2):
-            if rng.random() < 0.5:
-                x, y = np.flip(x, axis), np.flip(y, axis)
-        x = x * rng.uniform(0.9, 1.1) + rng.uniform(-0.1, 0.1)
-        xs.append(np.ascontiguousarray(x))
-        ys.append(np.ascontiguousarray(y))
-    return torch.from_numpy(np.stack(xs)[:, None]).float(), torch.from_numpy(
-        np.stack(ys)[:, None]
-    ).float()
+        x, y = augment(x, y, rng, level)
+        if k:
+            xs.append(np.ascontiguousarray(x))
+            ys.append(np.ascontiguousarray(y[k // 2 : k // 2 + 1]))
+        else:
+            xs.append(np.ascontiguousarray(x)[None])
+            ys.append(np.ascontiguousarray(y)[None])
+    return torch.from_numpy(np.stack(xs)).float(), torch.from_numpy(np.stack(ys)).float()
 
 
 def validate(
-    net: torch.nn.Module, samples: list[Sample], patch: list[int], device: torch.device
+    net: torch.nn.Module, samples: list[Sample], arch: dict[str, Any], device: torch.device
 ) -> float:
     """Mean Dice over ``samples`` at the stage's resolution (prediction cut at 0.5)."""
     net.eval()
     scores = []
     for s in samples:
-        pred = predict(net, s.image, patch, device) >= 0.5
+        pred = predict(net, s.image, arch, device) >= 0.5
         truth = s.mask > 0
         total = int(pred.sum() + truth.sum())
         scores.append(2 * float(np.logical_and(pred, truth).sum()) / total if total else 1.0)
@@ -147,23 +156,38 @@ def train_stage(
     seed: int,
     device: torch.device,
     progress: Progress | None = None,
+    augmentation: str = "light",
+    schedule_name: str = "cosine",
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train one stage; return the best state (by validation Dice) and its history."""
+    """Train one stage; return the best state (by validation Dice) and its history.
+
+    ``schedule_name``: ``cosine`` (to lr/100) or ``poly`` (nnU-Net's
+    (1 - step/steps)^0.9).
+    """
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = network.build(arch).to(device)
     optimiser = torch.optim.Adam(net.parameters(), lr=lr)
-    # Cosine decay to 1 % of lr: late checkpoints stop jumping between validations.
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=lr / 100)
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    if schedule_name == "poly":
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda i: max(1 - i / steps, 0.0) ** 0.9
+        )
+    elif schedule_name == "cosine":
+        # Cosine decay to 1 % of lr: late checkpoints stop jumping between validations.
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimiser, T_max=steps, eta_min=lr / 100
+        )
+    else:
+        raise ValueError(f"unknown learning-rate schedule {schedule_name!r} (cosine, poly)")
     loss_fn = DiceCELoss(sigmoid=True)
-    size = (int(arch["patch"][2]), int(arch["patch"][1]), int(arch["patch"][0]))
     best: dict[str, Any] = {"dice": -1.0, "step": 0}
     best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
     history: list[dict[str, float]] = []
     running = 0.0
     net.train()
     for step in range(1, steps + 1):
-        x, y = _batch(train_set, size, batch, rng)
+        x, y = _batch(train_set, arch, batch, rng, augmentation)
         optimiser.zero_grad(set_to_none=True)
         loss = loss_fn(net(x.to(device)), y.to(device))
         loss.backward()
@@ -172,7 +196,7 @@ def train_stage(
         value = float(loss.detach())
         running = 0.9 * running + 0.1 * value if step > 1 else value
         if step % val_every == 0 or step == steps:
-            score = validate(net, val_set, arch["patch"], device) if val_set else 1 - running
+            score = validate(net, val_set, arch, device) if val_set else 1 - running
             history.append({"step": step, "loss": round(running, 4), "val_dice": round(score, 4)})
             if score > best["dice"]:
                 best = {"dice": score, "step": step}
