@@ -79,14 +79,30 @@ def _card(folder: Path) -> dict[str, Any]:
 
 
 def segment(ctx: JobContext) -> dict[str, Any]:
-    """Tumour mask on the primary series; carried to the other roles by rigid registration."""
+    """Tumour mask on the primary series; carried to the other roles by rigid registration.
+
+    The outputs carry the mask's quality estimate (``quality``: agreement
+    score, ``review`` flag and its reasons; None for a model card without
+    one). A mask flagged for review is still encoded and delivered: the flag
+    travels with it, in the SR, the PDF and ``jobs show``.
+
+    Raises
+    ------
+    BadInput
+        When the primary image fails the model's input checks (constant, or
+        noise rather than anatomy), or no tumour is found.
+    """
     from pipelines.preprocess import carry_mask, register_rigid
+    from pipelines.segment.quality import InputRejected
 
     out = ctx.folder / "segment"
     out.mkdir(parents=True, exist_ok=True)
     images = _images(ctx)
     segmenter = _segmenter(ctx.segmentation_model, ctx.device)
-    result = segmenter.segment(images[ctx.primary])
+    try:
+        result = segmenter.segment(images[ctx.primary])
+    except InputRejected as exc:
+        raise BadInput(f"{ctx.primary} series: {exc}") from exc
     if not sitk.GetArrayViewFromImage(result.mask).any():
         raise BadInput(f"no tumour found on the {ctx.primary} series")
     masks = {ctx.primary: result.mask}
@@ -107,6 +123,7 @@ def segment(ctx: JobContext) -> dict[str, Any]:
         "masks": paths,
         "registration_accepted": accepted,
         "device": str(segmenter.device),
+        "quality": result.quality.as_dict() if result.quality else None,
     }
 
 
@@ -189,6 +206,7 @@ def encode(ctx: JobContext) -> dict[str, Any]:
         result = json.loads((ctx.folder / "score" / "score.json").read_text())
         features = json.loads((ctx.folder / "score" / "features.json").read_text())
         card = _card(ctx.signature) if ctx.signature else None
+    done = json.loads((ctx.folder / "segment" / "outputs.json").read_text())
     written = write_results(
         ctx.folder / "encode",
         series={role: _series(ctx, role) for role in ctx.inputs},
@@ -202,6 +220,7 @@ def encode(ctx: JobContext) -> dict[str, Any]:
         features=features,
         clinical=ctx.clinical,
         uid_root=ctx.uid_root,
+        quality=done.get("quality"),  # absent in a segment stage run before quality existed
     )
     return {"files": {k: str(v) for k, v in written.items()}}
 

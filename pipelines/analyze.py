@@ -76,6 +76,7 @@ def analyze_study(
     if manufacturer and "batch" not in facts:
         facts["batch"] = manufacturer
     result = score(card, row, facts, params_sha256=params_hash(params))
+    quality = seg.result.quality.as_dict() if seg.result.quality else None
     results: dict[str, str] = {}
     if seg.series:  # DICOM input: the objects a PACS receives
         t2 = time.perf_counter()
@@ -92,6 +93,7 @@ def analyze_study(
             features=row,
             clinical=clinical,
             uid_root=uid_root,
+            quality=quality,
         )
         results = {kind: str(path) for kind, path in written.items()}
         seconds["encode"] = time.perf_counter() - t2
@@ -105,6 +107,7 @@ def analyze_study(
             "registration_accepted": None
             if seg.registration is None
             else seg.registration.accepted,
+            "quality": quality,
         },
         "score": result,
         "dicom": results,
@@ -117,11 +120,22 @@ def analyze_study(
 
 
 def summary(report: dict[str, Any]) -> str:
-    """A few lines a person reads: tumour, rad-score, risk group, predictions, the warning."""
+    """Lines a person reads: tumour, mask quality, rad-score, risk group, predictions, warning."""
     s, seg = report["score"], report["segmentation"]
     lines = [
         f"Study {report['study']}: tumour {seg['volume_ml']} ml segmented on {seg['sequence']} "
         f"({seg['model']}).",
+    ]
+    quality = seg.get("quality")
+    if quality and quality.get("review"):
+        reasons = "; ".join(quality.get("reasons") or []) or "no reason recorded"
+        lines.append(f"Segmentation flagged for review: {reasons}.")
+    elif quality and quality.get("score") is not None:
+        lines.append(
+            f"Segmentation quality {quality['score']:.2f} (agreement of ensemble views, "
+            f"review below {quality['threshold']:.2f}): no review needed."
+        )
+    lines += [
         f"Signature {s['signature']} ({s['endpoint']}): rad-score {s['radscore']:.3f}, "
         f"risk group {s['risk_group']}.",
     ]

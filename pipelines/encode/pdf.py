@@ -1,14 +1,17 @@
 """The report for people: a PDF in the study, as an Encapsulated PDF object.
 
 Page 1: the key slice with the tumour outline, the measurements and scores,
-and the warning when a model is not for clinical use. Page 2: the nomogram
-with this patient's points and the Kaplan-Meier curves of the signature's
-training risk groups (stored in the card) with this patient's predicted PFS.
+the segmentation's quality (a red banner with the reasons when the mask is
+flagged for review), and the warning when a model is not for clinical use.
+Page 2: the nomogram with this patient's points and the Kaplan-Meier curves
+of the signature's training risk groups (stored in the card) with this
+patient's predicted PFS.
 """
 
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -52,8 +55,13 @@ def report_pdf(
     clinical: Mapping[str, Any] | None = None,
     models: str = "",
     not_for_clinical_use: bool = True,
+    quality: Mapping[str, Any] | None = None,
 ) -> bytes:
-    """The PDF's bytes. ``mask`` is (frames, rows, cols) on ``image``'s grid."""
+    """The PDF's bytes. ``mask`` is (frames, rows, cols) on ``image``'s grid.
+
+    ``quality`` is the segmentation's quality estimate
+    (:meth:`pipelines.segment.quality.Quality.as_dict`); None leaves it out.
+    """
     buffer = io.BytesIO()
     warning = "NOT FOR CLINICAL USE: research models" if not_for_clinical_use else ""
     with PdfPages(
@@ -87,6 +95,9 @@ def report_pdf(
             f"Intensity inside the tumour: mean {facts['mean_intensity']:.1f}, "
             f"SD {facts['sd_intensity']:.1f}",
         ]
+        flagged = quality_flag(quality)
+        if quality is not None:
+            lines.append(quality_line(quality))
         if score is not None:
             lines += [
                 "",
@@ -100,13 +111,44 @@ def report_pdf(
             if score.get("model"):
                 lines.append(f"  ({score['model']} model)")
         lines += ["", f"Models: {models}", f"Made {datetime.now().isoformat(timespec='minutes')}"]
-        fig.text(0.1, 0.38, "\n".join(lines), va="top", family="monospace", fontsize=9)
+        top = 0.38
+        if flagged:
+            banner = textwrap.wrap(flagged, 78)
+            fig.text(
+                0.1,
+                top,
+                "\n".join(banner),
+                va="top",
+                color="white",
+                fontsize=10,
+                fontweight="bold",
+                bbox={"facecolor": "#b00020", "edgecolor": "none", "pad": 4},
+            )
+            top -= 0.018 * len(banner) + 0.02
+        fig.text(0.1, top, "\n".join(lines), va="top", family="monospace", fontsize=9)
         pdf.savefig(fig)
         plt.close(fig)
         if score is not None and card is not None and card.get("endpoint") == "pfs":
             pdf.savefig(_page_two(score, card, clinical, warning))
             plt.close("all")
     return buffer.getvalue()
+
+
+def quality_line(quality: Mapping[str, Any]) -> str:
+    """``Segmentation quality: 0.93 (agreement of ensemble views), no review needed``."""
+    score = quality.get("score")
+    verdict = "REVIEW RECOMMENDED" if quality.get("review") else "no review needed"
+    if score is None:  # one test-time view: nothing to agree with
+        return f"Segmentation quality: not estimated (a single view), {verdict}"
+    return f"Segmentation quality: {float(score):.2f} (agreement of ensemble views), {verdict}"
+
+
+def quality_flag(quality: Mapping[str, Any] | None) -> str:
+    """The banner of a mask flagged for review, with its reasons; empty when not flagged."""
+    if not quality or not quality.get("review"):
+        return ""
+    reasons = "; ".join(str(r) for r in quality.get("reasons") or []) or "no reason recorded"
+    return f"SEGMENTATION FLAGGED FOR REVIEW: {reasons}"
 
 
 def _page_two(

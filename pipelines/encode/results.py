@@ -36,11 +36,15 @@ def write_results(
     features: Mapping[str, float] | None = None,
     clinical: Mapping[str, Any] | None = None,
     uid_root: str | None = None,
+    quality: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """Write the objects under ``out``; return kind -> path (``seg_<role>``, ``sr``, ``pdf``).
 
     ``primary`` is the sequence the tumour was segmented on: the SR and the
     PDF describe that series; each role in ``series`` with a mask gets a SEG.
+    ``quality`` is the segmentation's quality estimate
+    (:meth:`pipelines.segment.quality.Quality.as_dict`): the SR and the PDF
+    show its score and whether a person should review the mask.
     """
     out.mkdir(parents=True, exist_ok=True)
     algorithm = Algorithm(
@@ -86,6 +90,7 @@ def write_results(
         not_for_clinical_use=not_clinical,
         uid_root=uid_root,
         previous=previous,
+        quality=quality,
     )
     sr.save_as(out / "sr.dcm", enforce_file_format=True)
     written["sr"] = out / "sr.dcm"
@@ -103,6 +108,7 @@ def write_results(
         clinical=clinical,
         models=models,
         not_for_clinical_use=not_clinical,
+        quality=quality,
     )
     (out / "report.pdf").write_bytes(document)
     version_key = algorithm.version + (

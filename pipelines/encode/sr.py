@@ -12,7 +12,13 @@ signature's feature values, the rad-score, predicted PFS probabilities at
 the card's time points, and the risk group as a coded qualitative
 evaluation. The observer is the node as a device; the segmentation model
 and signature appear as algorithm identifications. When either model is not
-for clinical use, a coded qualitative evaluation says so.
+for clinical use, a coded qualitative evaluation says so. The segmentation's
+quality estimate goes in the same group: the agreement score as a NUM (with
+the segmentation model's algorithm identification, like every NUM here:
+OHIF throws on a NUM without a ContentSequence) and whether a person should
+review the mask as a coded qualitative evaluation. Its reasons, free text,
+stay out of the SR (OHIF is not known to tolerate a TEXT item in a group):
+the PDF and ``jobs show`` give them.
 """
 
 from __future__ import annotations
@@ -56,6 +62,14 @@ RADSCORE = local("radscore", "Radiomics score (rad-score)")
 RISK_GROUP = local("riskgroup", "Radiomics risk group")
 CLINICAL_USE = local("clinicaluse", "Clinical use")
 NOT_FOR_CLINICAL_USE = local("notclinical", "NOT FOR CLINICAL USE (research model)")
+# Segmentation quality (pipelines.segment.quality). Local codes, like the risk
+# group: the DCM quality concepts (Quality Assessment, Quality Finding, Quality
+# Issue, Image Quality Rating, ...) rate an image or an acquisition, and none
+# says "trust in this automatic segmentation" or "a person should review it".
+SEG_AGREEMENT = local("segagreement", "Segmentation quality (agreement of ensemble views)")
+SEG_REVIEW = local("segreview", "Segmentation review")
+REVIEW_RECOMMENDED = local("reviewneeded", "Review recommended before trusting the numbers")
+NO_REVIEW_NEEDED = local("noreviewneeded", "No review needed")
 
 
 def key_slice(mask: np.ndarray) -> int:
@@ -135,15 +149,19 @@ def encode_sr(
     series_number: int = 9102,
     uid_root: str | None = None,
     previous: Dataset | None = None,
+    quality: Mapping[str, Any] | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The report for the tumour on ``sources`` (the series ``tumour`` and ``image`` live on).
 
     ``score`` is :func:`pipelines.scoring.score`'s result (rad-score, risk
     group, PFS probabilities, signature id and version); ``features`` the
     signature's input values by card name. Without a score the report holds
-    the tumour measurements only. A report made with other inputs (a
-    radiomics-only score now re-scored with the nomogram) gets new UIDs and
-    names ``previous`` as its predecessor document.
+    the tumour measurements only. ``quality`` is the segmentation's quality
+    estimate (:meth:`pipelines.segment.quality.Quality.as_dict`): its score
+    (when the model has one) and its review flag join the tumour's group.
+    A report made with other inputs (a radiomics-only score now re-scored
+    with the nomogram) gets new UIDs and names ``previous`` as its
+    predecessor document.
     """
     mask = mask_array(tumour, sources)
     facts = tumour_measurements(image, mask)
@@ -161,6 +179,16 @@ def encode_sr(
         _measurement(codes.SCT.StandardDeviation, facts["sd_intensity"], NO_UNITS, seg_algorithm),
     ]
     evaluations = []
+    if quality is not None:
+        if quality.get("score") is not None:
+            measurements.append(
+                _measurement(SEG_AGREEMENT, quality["score"], NO_UNITS, seg_algorithm)
+            )
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                SEG_REVIEW, REVIEW_RECOMMENDED if quality.get("review") else NO_REVIEW_NEEDED
+            )
+        )
     version_key = segmentation_model.version
     if score is not None:
         signature = hd.sr.AlgorithmIdentification(

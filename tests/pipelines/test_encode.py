@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import subprocess
+import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import highdicom as hd
@@ -18,6 +20,7 @@ from pipelines.encode.seg import Algorithm, EncodeError, encode_seg, source_data
 from pipelines.encode.sr import longest_axial_diameter_mm
 from pipelines.encode.uids import check_root, derived_uid
 from pipelines.io.dicom import load_series, scan
+from pipelines.segment.quality import Quality
 from pipelines.synth.study import write_study
 from tests.peers import require
 
@@ -51,7 +54,40 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return {"ref": ref, "image": image, "mask": mask, "folder": folder}
 
 
-def _results(study: dict[str, object], out: Path, job_key: str = "job-1") -> dict[str, Path]:
+def pdf_text(document: bytes) -> str:
+    """The text a PDF draws (matplotlib's: compressed content streams, ``Tj``/``TJ`` strings).
+
+    Each text operation becomes one line; kerning between the pieces of a
+    ``TJ`` array is dropped. Enough for the ASCII a report writes.
+    """
+    lines = []
+    for stream in re.finditer(rb"stream\r?\n(.*?)\r?\nendstream", document, re.S):
+        try:
+            content = zlib.decompress(stream.group(1))
+        except zlib.error:
+            continue  # an image or a font program, not a content stream
+        for op in re.finditer(rb"\[((?:\\.|[^\]])*)\]\s*TJ|(\((?:\\.|[^\\)])*\))\s*Tj", content):
+            pieces = re.findall(rb"\(((?:\\.|[^\\)])*)\)", op.group(1) or op.group(2))
+            raw = b"".join(pieces)
+            lines.append(re.sub(rb"\\(.)", rb"\1", raw).decode("latin-1"))
+    return "\n".join(lines)
+
+
+def sr_items(items: Iterable[pydicom.Dataset]) -> Iterator[pydicom.Dataset]:
+    """Every content item under ``items``, depth first (read back with plain pydicom)."""
+    for item in items:
+        yield item
+        yield from sr_items(item.get("ContentSequence", []))
+
+
+def _results(
+    study: dict[str, object],
+    out: Path,
+    job_key: str = "job-1",
+    *,
+    score: dict[str, object] | None = SCORE,
+    quality: dict[str, object] | None = None,
+) -> dict[str, Path]:
     seg_card = yaml.safe_load((REPO / "models" / "sarcnode-seg-demo" / "card.yaml").read_text())
     pfs_card = yaml.safe_load((REPO / "models" / "sarcnode-pfs-demo" / "card.yaml").read_text())
     features = {f["name"]: 1.0 + i for i, f in enumerate(pfs_card["features"])}
@@ -63,9 +99,10 @@ def _results(study: dict[str, object], out: Path, job_key: str = "job-1") -> dic
         primary="T2FS",
         segmentation_card=seg_card,
         job_key=job_key,
-        score=SCORE,
-        signature_card=pfs_card,
-        features=features,
+        score=score,
+        signature_card=pfs_card if score else None,
+        features=features if score else None,
+        quality=quality,
     )
 
 
@@ -119,6 +156,76 @@ def test_seg_sr_pdf_pass_dciodvfy_and_read_back(study: dict[str, object], tmp_pa
     assert document.startswith(b"%PDF") and pages is not None
     assert int(pages.group(1) or pages.group(2)) == 2  # slice + numbers, nomogram + KM curves
     assert pdf.StudyInstanceUID == sources[0].StudyInstanceUID and pdf.Modality == "DOC"
+
+
+def test_a_mask_flagged_for_review_says_so_in_the_sr_and_the_pdf(
+    study: dict[str, object], tmp_path: Path
+) -> None:
+    quality = Quality.judge(0.4213, {"review_below": 0.8}, located=False)
+    assert quality.review and len(quality.reasons) == 2
+    files = _results(study, tmp_path / "out", quality=quality.as_dict())
+    assert dciodvfy_errors(files["sr"]) == []
+
+    sr = pydicom.dcmread(files["sr"])
+    measurements = next(
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"
+    )
+    (group,) = [g for g in measurements.ContentSequence if g.ValueType == "CONTAINER"]
+    nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
+    agreement = next(i for i in nums if i.ConceptNameCodeSequence[0].CodeValue == "segagreement")
+    value = agreement.MeasuredValueSequence[0]
+    assert float(value.NumericValue) == pytest.approx(0.4213)
+    assert value.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    # OHIF reads every NUM's ContentSequence unguarded: this one has one, like the others.
+    assert all("ContentSequence" in i for i in nums)
+    algorithm = [
+        i.TextValue
+        for i in sr_items(agreement.ContentSequence)
+        if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"
+    ]
+    assert algorithm == ["sarcnode-seg-demo"]
+    evaluations = {
+        i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0]
+        for i in group.ContentSequence
+        if i.ValueType == "CODE" and i.RelationshipType == "CONTAINS"
+    }
+    review = evaluations["segreview"]
+    assert (review.CodeValue, review.CodingSchemeDesignator) == ("reviewneeded", "99SARCNODE")
+    assert review.CodeMeaning == "Review recommended before trusting the numbers"
+    assert evaluations["riskgroup"].CodeValue == "high"  # the scores are still there
+    # One review evaluation in the whole tree: in the tumour's group, where OHIF looks.
+    reviews = [
+        i
+        for i in sr_items(sr.ContentSequence)
+        if "ConceptNameCodeSequence" in i
+        and i.ConceptNameCodeSequence[0].get("CodeValue") == "segreview"
+    ]
+    assert len(reviews) == 1
+
+    pdf = pydicom.dcmread(files["pdf"])
+    text = pdf_text(bytes(pdf.EncapsulatedDocument)[: int(pdf.EncapsulatedDocumentLength)])
+    assert "SEGMENTATION FLAGGED FOR REVIEW: views of the ensemble disagree" in text
+    assert "the locator found no tumour" in text
+    assert "Segmentation quality: 0.42 (agreement of ensemble views), REVIEW RECOMMENDED" in text
+
+
+def test_a_mask_not_flagged_gets_its_score_and_no_review(
+    study: dict[str, object], tmp_path: Path
+) -> None:
+    quality = Quality.judge(0.9312, {"review_below": 0.8})
+    files = _results(study, tmp_path / "out", score=None, quality=quality.as_dict())
+    assert dciodvfy_errors(files["sr"]) == []
+    group = hd.sr.srread(files["sr"]).content.get_planar_roi_measurement_groups()[0]
+    names = {m.name.meaning: m.value for m in group.get_measurements()}
+    assert names["Segmentation quality (agreement of ensemble views)"] == pytest.approx(0.9312)
+    evaluations = {q.name.meaning: q.value.meaning for q in group.get_qualitative_evaluations()}
+    assert evaluations["Segmentation review"] == "No review needed"
+    pdf = pydicom.dcmread(files["pdf"])
+    text = pdf_text(bytes(pdf.EncapsulatedDocument)[: int(pdf.EncapsulatedDocumentLength)])
+    assert "Segmentation quality: 0.93 (agreement of ensemble views), no review needed" in text
+    assert "FLAGGED" not in text
 
 
 def test_uids_are_derived_so_a_rerun_replaces(study: dict[str, object], tmp_path: Path) -> None:

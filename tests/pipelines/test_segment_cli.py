@@ -74,6 +74,30 @@ def test_segment_reads_nifti_and_refuses_what_it_cannot_use(tmp_path: Path) -> N
     assert not (tmp_path / "y.nii.gz").exists()
 
 
+def test_segment_refuses_noise_and_reports_the_quality_of_a_real_mask(tmp_path: Path) -> None:
+    """A real crop gets a mask with a quality estimate; the same grid of random noise is refused."""
+    image_path = shared_data("sts-t1-cropped", "STS_002", "MR_T1_image.nii.gz")
+    ok = sarcnode(
+        "segment", str(image_path), "--out", str(tmp_path / "m.nii.gz"), "--device", "cpu", "--json"
+    )
+    assert ok.returncode == 0, ok.stderr
+    quality = json.loads(ok.stdout)["quality"]
+    assert 0 <= quality["score"] <= 1 and isinstance(quality["review"], bool)
+    assert quality["review"] == (quality["score"] < quality["threshold"])
+
+    image = sitk.ReadImage(str(image_path))
+    arr = sitk.GetArrayFromImage(image)
+    rng = np.random.default_rng(1)
+    noise = sitk.GetImageFromArray(rng.uniform(0, arr.max(), arr.shape).astype(np.float32))
+    noise.CopyInformation(image)
+    sitk.WriteImage(noise, str(tmp_path / "noise.nii.gz"))
+    refused = sarcnode(
+        "segment", str(tmp_path / "noise.nii.gz"), "--out", str(tmp_path / "n.nii.gz")
+    )
+    assert refused.returncode == 2 and "looks like noise" in refused.stderr
+    assert not (tmp_path / "n.nii.gz").exists()
+
+
 def test_eval_seg_on_sts001_scores_against_the_expert_rtstruct(tmp_path: Path) -> None:
     """eval-seg's Dice agrees with segment's mask scored independently against GTV_Mass."""
     study = shared_data("sts-raw", "STS_001")
