@@ -1151,6 +1151,10 @@ def train_seg(
     out.print(f"model card: {out_dir / 'card.yaml'}")
 
 
+RULES_FILE = Path(__file__).resolve().parents[2] / "config" / "sequence_roles.yaml"
+RulesOpt = Annotated[Path, typer.Option("--rules", help="Sequence-role rules (YAML).")]
+
+
 @app.command("cv-seg")
 def cv_seg(
     data: Annotated[
@@ -1265,6 +1269,11 @@ def seg_ensemble(
     model_id: Annotated[
         str | None, typer.Option("--id", help="Model id (default: folder).")
     ] = None,
+    check_study: Annotated[
+        Path | None,
+        typer.Option(help="DICOM study with an RTSTRUCT to score the ensemble on (STS_001)."),
+    ] = None,
+    rules: RulesOpt = RULES_FILE,
 ) -> None:
     """Ship a cross-validation's fold models as one ensemble, with its CV figures on the card.
 
@@ -1282,16 +1291,16 @@ def seg_ensemble(
             model_id=model_id or out_dir.name,
             version=version,
             data=data,
+            check_study=check_study,
+            rules=rules,
         )
     except (ValueError, FileNotFoundError, KeyError, ModelError) as exc:
         err.print(f"[red]seg-ensemble: {exc}[/red]")
         raise typer.Exit(2) from exc
     out.print(card["validation"]["headline"])
+    for row in card["validation"].get("end_to_end_case", {}).get("rows", []):
+        out.print(f"{row['case']}: Dice {row['dice']:.3f}, HD95 {row['hd95_mm']} mm")
     out.print(f"model card: {out_dir / 'card.yaml'}")
-
-
-RULES_FILE = Path(__file__).resolve().parents[2] / "config" / "sequence_roles.yaml"
-RulesOpt = Annotated[Path, typer.Option("--rules", help="Sequence-role rules (YAML).")]
 
 
 def _segmenter(model: Path, device: str) -> Any:

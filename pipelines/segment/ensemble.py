@@ -119,8 +119,15 @@ def assemble(
     version: str,
     data: list[Path],
     extra_validation: dict[str, Any] | None = None,
+    check_study: Path | None = None,
+    rules: Path | None = None,
 ) -> dict[str, Any]:
-    """Write the model folder ``out`` from the CV in ``cv_dir`` and the locator of ``locator``."""
+    """Write the model folder ``out`` from the CV in ``cv_dir`` and the locator of ``locator``.
+
+    ``check_study``: a DICOM study with an RTSTRUCT (the raw STS_001, which no
+    fold trained on) scored with the finished ensemble on its full field of
+    view, each series and the FS-T2 mask carried to T1, into the card.
+    """
     cv = json.loads((cv_dir / "cv.json").read_text())
     folds = json.loads((cv_dir / "folds.json").read_text())
     settings = folds["recipe_settings"]
@@ -233,4 +240,18 @@ def assemble(
         },
     }
     write_card(out, card)
+    if check_study is not None and rules is not None:
+        from pipelines.io.roles import load_role_rules
+        from pipelines.segment.evaluate import dicom_cases, score
+        from pipelines.segment.infer import Segmenter
+
+        cases = dicom_cases(check_study, load_role_rules(rules), "GTV_Mass")
+        rows = score(Segmenter(out, "cpu"), cases)
+        card["validation"]["end_to_end_case"] = {
+            "study": check_study.name,
+            "what": "full field of view, locator + ensemble, against the expert GTV_Mass; "
+            "never trained on",
+            "rows": rows,
+        }
+        write_card(out, card)
     return card

@@ -20,8 +20,11 @@ from pipelines.segment.cv import (
     inner_split,
     rescore_cv,
 )
+from pipelines.segment.data import discover
+from pipelines.segment.ensemble import assemble
+from pipelines.segment.infer import Segmenter
 from pipelines.segment.quality import InputRejected, Quality, agreement, check_input
-from tests.conftest import shared_data
+from tests.conftest import REPO, shared_data
 
 REAL = ("STS_001", "STS_008", "STS_015", "STS_024", "STS_025")
 
@@ -91,6 +94,29 @@ def test_cross_validation_is_out_of_fold_resumable_and_never_uses_sts001(tmp_pat
     whole = rescore_cv(out, tmp_path / "whole", [data], inference="whole", log=lambda _: None)
     assert whole["recipe"] == "3d-heavy+whole" and whole["inference"] == "whole"
     assert [r["patient"] for r in whole["rows"]] == [r["patient"] for r in summary["rows"]]
+    # the fold models shipped as one ensemble, figures and candidates on its card
+    model = tmp_path / "model"
+    card = assemble(
+        out,
+        REPO / "models" / "sarcnode-seg-demo",
+        model,
+        model_id="tiny",
+        version="0.0.1",
+        data=[data],
+    )
+    assert card["ensemble"]["members"] == ["fine_0", "fine_1"]
+    assert card["validation"]["summary"]["real"]["dice_mean"] == summary["dice_mean"]
+    assert {c["recipe"] for c in card["validation"]["candidates"]} == {"3d-heavy", "3d-heavy+whole"}
+    assert card["quality"]["review_below"] == summary["quality_flag"]["threshold_all_folds"]
+    assert (
+        card["input_checks"]["training_range"][0]
+        > card["input_checks"]["min_neighbour_correlation"]
+    )
+    image, _ = discover([data], {"STS_001"})[0].load()
+    result = Segmenter(model, "cpu").segment(image)
+    assert (
+        result.quality is not None and result.quality.threshold == card["quality"]["review_below"]
+    )
     # the folds of a run cannot silently change under it
     with pytest.raises(ValueError, match="other folds"):
         cross_validate(
