@@ -16,7 +16,7 @@ DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl ch
 VIEWER := tests/viewer
 OHIF_DIST := var/cache/ohif-3.12.10/dist/index.html
 
-.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model pfs-model lock clean
+.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model seg-candidates pfs-model lock clean
 
 all: venv
 
@@ -83,7 +83,7 @@ bench: venv peers
 SEG_MODEL := models/sarcnode-seg-demo
 SEG_DATA := ../shared/data/sts-t1-cropped var/train/synth --exclude STS_001
 SEG_REAL := ../shared/data/sts-t1-cropped
-SEG_RECIPE ?= 25d-heavy
+SEG_CV := var/cv/3d-light
 seg-model: venv
 	$(VENV)/bin/sarcnode synth cohort var/train/synth --n 32 --seed 7
 	test -f var/train/locator/card.yaml || { \
@@ -91,12 +91,23 @@ seg-model: venv
 	    --val-every 200 --out var/train/model-v1 && \
 	  $(VENV)/bin/sarcnode train-seg $(SEG_DATA) --stage coarse --reuse var/train/model-v1 \
 	    --coarse-source synthetic --coarse-source real --coarse-steps 800 --out var/train/locator; }
+	for folds in "--fold 0 --fold 1" "--fold 2 --fold 3" "--fold 4"; do \
+	  $(VENV)/bin/sarcnode cv-seg $(SEG_REAL) var/train/synth --out $(SEG_CV) \
+	    --recipe 3d-light --threads 1 $$folds & sleep 5; done; wait
+	$(VENV)/bin/sarcnode cv-seg $(SEG_REAL) var/train/synth --out $(SEG_CV) --recipe 3d-light
+	$(VENV)/bin/sarcnode seg-ensemble $(SEG_CV) --locator var/train/locator --data $(SEG_REAL) \
+	  --check-study ../shared/data/sts-raw/STS_001 --out $(SEG_MODEL)
+	mkdir -p $(SEG_MODEL)/cv && cp $(SEG_CV)/report.html $(SEG_CV)/worst_*.png $(SEG_CV)/cv.json $(SEG_MODEL)/cv/
+
+# The other candidates in the card (CPU budget: 3d-heavy and 25d-heavy stopped
+# after fold 0; --rescore re-scores the chosen CV with whole-image inference).
+seg-candidates: venv
 	$(VENV)/bin/sarcnode cv-seg $(SEG_REAL) var/train/synth --out var/cv/3d-heavy \
-	  --recipe 3d-heavy --steps 2000 --threads 1 & \
+	  --recipe 3d-heavy --steps 2000 --fold 0
 	$(VENV)/bin/sarcnode cv-seg $(SEG_REAL) var/train/synth --out var/cv/25d-heavy \
-	  --recipe 25d-heavy --steps 1500 --threads 1; wait
-	$(VENV)/bin/sarcnode seg-ensemble var/cv/$(SEG_RECIPE) --locator var/train/locator \
-	  --data $(SEG_REAL) --out $(SEG_MODEL)
+	  --recipe 25d-heavy --steps 1500 --fold 0
+	$(VENV)/bin/sarcnode cv-seg $(SEG_REAL) --out var/cv/3d-light+whole \
+	  --rescore $(SEG_CV) --inference whole
 
 # How models/sarcnode-pfs-demo was fitted (CPU, 2 cores: about 40 minutes):
 # 200 synthetic studies (seed 11), features from the truth masks (tumour and

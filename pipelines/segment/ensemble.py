@@ -46,7 +46,7 @@ def candidate_table(cv_root: Path, chosen: Path) -> list[dict[str, Any]]:
     for folds_file in sorted(cv_root.glob("*/folds.json")):
         folder = folds_file.parent
         settings = json.loads(folds_file.read_text()).get("recipe_settings", {})
-        done = sorted(folder.glob("fold*.json"))
+        done = sorted(folder.glob("fold[0-9]*.json"))
         entry: dict[str, Any] = {
             "recipe": settings.get("name", folder.name),
             "description": settings.get("description", ""),

@@ -272,9 +272,7 @@ class Segmenter:
         box = box_around(coarse_mask, image, float(arch_f["margin_mm"]))
         located = box is not None
         whole = ((0, 0, 0), image.GetSize())
-        if box is None or np.prod(box[1]) >= 0.5 * np.prod(image.GetSize()):
-            # nothing found at 5 mm, or the image is already a region around the
-            # tumour (a crop): the fine model looks at all of it
+        if box is None:  # nothing found at 5 mm: let the fine model look everywhere
             box = whole
         region = crop(image, box)
         fine_img = to_spacing(region, arch_f["spacing_mm"])

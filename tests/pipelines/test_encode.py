@@ -124,7 +124,14 @@ def test_seg_sr_pdf_pass_dciodvfy_and_read_back(study: dict[str, object], tmp_pa
     assert (
         segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "sarcnode-seg-demo"
     )
-    assert segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion == "1.0.0"
+    assert (
+        segment.SegmentationAlgorithmIdentificationSequence[0].AlgorithmVersion
+        == (
+            yaml.safe_load((REPO / "models" / "sarcnode-seg-demo" / "card.yaml").read_text())[
+                "version"
+            ]
+        )
+    )
     # Frame k of the SEG is the mask on source slice k (read back by SOP instance).
     pixels = seg.get_pixels_by_source_instance(
         source_sop_instance_uids=[s.SOPInstanceUID for s in sources], segment_numbers=[1]

@@ -120,15 +120,22 @@ def test_cases_are_found_excluded_and_split_by_patient(tmp_path: Path) -> None:
 
 
 def test_demo_model_card_is_honest_and_its_weights_small() -> None:
-    """The shipped model: checksums hold, STS_001 never seen, figures present, < 20 MB."""
+    """The shipped ensemble: checksums hold, STS_001 in no fold, CV figures, candidates, < 20 MB."""
     model = Path(__file__).resolve().parents[2] / "models" / "sarcnode-seg-demo"
     card = load_card(model)
     assert card["clinical_use"] == "not for clinical use"
     training = card["training"]
     assert "STS_001" in training["excluded"]
-    assert "STS_001" not in training["train_ids"] + training["validation_ids"]
-    assert not set(training["train_ids"]) & set(training["validation_ids"])
+    folds = training["folds"]
+    patients = [p for f in folds for p in f]
+    assert "STS_001" not in patients and len(patients) == len(set(patients)) >= 30
+    assert len(card["ensemble"]["members"]) == len(folds)
     real = card["validation"]["summary"]["real"]
-    assert real["n"] >= 5 and real["dice_ci95"][0] <= real["dice_mean"] <= real["dice_ci95"][1]
+    assert real["n"] == len(patients)
+    assert real["dice_ci95"][0] <= real["dice_mean"] <= real["dice_ci95"][1]
+    assert {r["patient"] for r in card["validation"]["cases"]} == set(patients)
+    assert len(card["validation"]["candidates"]) >= 2
+    assert 0 < card["quality"]["review_below"] <= 1
+    assert card["quality"]["out_of_fold"]["failures"] == real["below_0.7"]
     assert sum(f.stat().st_size for f in model.iterdir()) < 20 * 2**20
     assert yaml.safe_load((model / "card.yaml").read_text()) == card
