@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -66,9 +67,7 @@ def test_segment_reads_nifti_and_refuses_what_it_cannot_use(tmp_path: Path) -> N
     assert bad.returncode == 2 and "no MR image series found" in bad.stderr
 
     model = tmp_path / "model"
-    model.mkdir()
-    for f in (REPO / "models" / "sarcnode-seg-demo").iterdir():
-        (model / f.name).write_bytes(f.read_bytes())
+    shutil.copytree(REPO / "models" / "sarcnode-seg-demo", model)
     with (model / "coarse.pt").open("ab") as fh:
         fh.write(b"tampered")
     refused = sarcnode(
