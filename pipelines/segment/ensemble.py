@@ -166,7 +166,7 @@ def assemble(
             "coarse": loc["architecture"]["coarse"],
             "fine": settings["arch"],
             "design": "coarse-to-fine: 5 mm locator, fine ensemble in a 5 cm box around it "
-            "(the whole image when it is already such a box)",
+            "(the whole image when the locator finds nothing)",
         },
         "weights": weights,
         "ensemble": {
