@@ -31,6 +31,31 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def software_versions() -> dict[str, str]:
+    """torch, MONAI and Python versions, as a card records what made its weights."""
+    import platform
+
+    import monai
+    import torch
+
+    return {
+        "torch": str(torch.__version__),
+        "monai": str(monai.__version__),
+        "python": platform.python_version(),
+    }
+
+
+def intended_use(*, synthetic_only: bool = False) -> str:
+    """The card's ``intended_use`` sentence: research only, never clinical."""
+    return (
+        "Research and demonstration of the sarcnode pipeline. "
+        + ("Trained on synthetic data only. " if synthetic_only else "")
+        + "Not a medical device: "
+        + NOT_CLINICAL
+        + "."
+    )
+
+
 def load_card(folder: Path) -> dict[str, Any]:
     """Read ``folder/card.yaml`` and check every weight file against its sha256."""
     path = folder / CARD_FILE

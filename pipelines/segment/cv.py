@@ -39,10 +39,9 @@ import torch
 
 from pipelines.segment import network
 from pipelines.segment.data import CaseRef, discover
-from pipelines.segment.infer import pick_device, postprocess, predict_views
+from pipelines.segment.infer import ensemble_probability, load_weights, pick_device, postprocess
 from pipelines.segment.metrics import bootstrap_ci, dice, hd95
 from pipelines.segment.prep import normalise, to_spacing
-from pipelines.segment.quality import agreement
 from pipelines.segment.train import Sample, prepare, train_stage
 
 #: Never trained on, in any fold: the end-to-end demonstration case.
@@ -137,20 +136,14 @@ def probability(
     views: list[str],
     device: torch.device,
 ) -> tuple[sitk.Image, float | None]:
-    """Mean probability of ``nets`` x ``views`` on ``image``'s grid, and the views' agreement."""
+    """:func:`~.infer.ensemble_probability` of ``image`` at the fine spacing, back on its grid."""
     fine = to_spacing(sitk.Cast(image, sitk.sitkFloat32), arch["spacing_mm"])
     array = normalise(sitk.GetArrayFromImage(fine))
-    probs: list[np.ndarray] = []
-    agreements = []
-    for net in nets:
-        out = predict_views(net, array, arch, device, views)
-        if len(out) > 1:
-            agreements.append(agreement(out))
-        probs.extend(out)
-    prob = sitk.GetImageFromArray(np.mean(probs, axis=0).astype(np.float32))
+    mean, agreed = ensemble_probability(nets, array, arch, device, views)
+    prob = sitk.GetImageFromArray(mean.astype(np.float32))
     prob.CopyInformation(fine)
     prob = sitk.Resample(prob, image, sitk.Transform(), sitk.sitkLinear, 0.0)
-    return prob, (float(np.mean(agreements)) if agreements else None)
+    return prob, agreed
 
 
 def _mask(prob: sitk.Image, keep_fraction: float) -> sitk.Image:
@@ -245,10 +238,7 @@ def evaluate_fold(
     out-of-fold masks under ``out/oof``.
     """
     arch = recipe.arch
-    net = network.build(arch)
-    state = torch.load(out / info["weights"], weights_only=True)
-    net.load_state_dict({k: v.float() for k, v in state.items()})
-    net = net.to(device).eval()
+    net = load_weights(network.build(arch), out / info["weights"]).to(device).eval()
     val_refs = [c for c in cases if c.source == "real" and c.group in info["inner_validation"]]
     val_probs = {
         r.group: probability([net], loaded[r.case_id][0], arch, recipe.tta, device)[0]

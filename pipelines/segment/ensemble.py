@@ -15,22 +15,28 @@ sensitivity, and the input-check limits measured on the training images.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import monai
 import numpy as np
 import SimpleITK as sitk
-import torch
 
-from pipelines.segment.card import NOT_CLINICAL, load_card, write_card
+from pipelines.segment.card import (
+    NOT_CLINICAL,
+    intended_use,
+    load_card,
+    software_versions,
+    write_card,
+)
 from pipelines.segment.cv import ALWAYS_EXCLUDED, FAILURE_DICE
 from pipelines.segment.data import discover
 from pipelines.segment.quality import DEFAULT_MIN_CORRELATION, neighbour_correlation
+
+#: The CV figures a card and its candidates table carry (``cv.json`` keys).
+CV_FIGURES = ("n", "dice_mean", "dice_ci95", "dice_median", "below_0.7", "hd95_mm_mean")
 
 
 def candidate_table(cv_root: Path, chosen: Path) -> list[dict[str, Any]]:
@@ -59,18 +65,7 @@ def candidate_table(cv_root: Path, chosen: Path) -> list[dict[str, Any]]:
             entry |= {"folds_done": [], "stopped": "stopped before its first fold finished"}
         elif (folder / "cv.json").is_file():
             cv = json.loads((folder / "cv.json").read_text())
-            entry |= {
-                key: cv[key]
-                for key in (
-                    "n",
-                    "dice_mean",
-                    "dice_ci95",
-                    "dice_median",
-                    "below_0.7",
-                    "hd95_mm_mean",
-                    "train_minutes_per_fold",
-                )
-            }
+            entry |= {key: cv[key] for key in (*CV_FIGURES, "train_minutes_per_fold")}
             entry["folds_done"] = cv["k"]
         else:
             fold_rows = [r for f in done for r in json.loads(f.read_text())["rows"]]
@@ -149,11 +144,7 @@ def assemble(
         "version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": "tumour segmentation (soft-tissue sarcoma), MR",
-        "intended_use": (
-            "Research and demonstration of the sarcnode pipeline. Not a medical device: "
-            + NOT_CLINICAL
-            + "."
-        ),
+        "intended_use": intended_use(),
         "clinical_use": NOT_CLINICAL,
         "input": {
             "sequences": ["T1", "T2FS"],
@@ -205,11 +196,7 @@ def assemble(
             },
             "minutes_per_fold": cv["train_minutes_per_fold"],
             "device": fold_results[0].get("device"),
-            "versions": {
-                "torch": str(torch.__version__),
-                "monai": str(monai.__version__),
-                "python": platform.python_version(),
-            },
+            "versions": software_versions(),
         },
         "validation": {
             "method": cv["method"],
@@ -219,19 +206,7 @@ def assemble(
                 f"{cv['n']} real T1 patients"
             ),
             "summary": {
-                "real": {
-                    key: cv[key]
-                    for key in (
-                        "n",
-                        "dice_mean",
-                        "dice_ci95",
-                        "dice_median",
-                        "below_0.7",
-                        "hd95_mm_mean",
-                        "hd95_mm_ci95",
-                        "hd95_missed",
-                    )
-                }
+                "real": {key: cv[key] for key in (*CV_FIGURES, "hd95_mm_ci95", "hd95_missed")}
             },
             "candidates": candidate_table(cv_dir.parent, cv_dir),
             "previous_model": previous_model(locator_card=loc),

@@ -129,41 +129,31 @@ def predict(
     k = network.context(arch)
     whole = (inference or arch.get("inference") or "window") == "whole"
     multiple = int(np.prod(arch["strides"]))
+    data = np.ascontiguousarray(array, dtype=np.float32)
+    roi: tuple[int, ...]
+    if k:  # slices are the batch, neighbours the channels: (z, k, y, x)
+        x = torch.from_numpy(np.ascontiguousarray(_slices_as_channels(data, k)))
+        roi = whole_roi(array.shape[1:], multiple, 384) if whole else (patch[1], patch[0])
+        batch = 4 if whole else 16
+    else:  # one volume, one channel: (1, 1, z, y, x); torch's (D, H, W) is (z, y, x)
+        x = torch.from_numpy(data)[None, None]
+        roi = whole_roi(array.shape, multiple, 256) if whole else (patch[2], patch[1], patch[0])
+        batch = 1 if whole else 4
     with (
         torch.inference_mode(),
         torch.autocast(device_type=device.type, enabled=device.type == "cuda"),
     ):
-        if k:
-            stack = _slices_as_channels(np.ascontiguousarray(array, dtype=np.float32), k)
-            x = torch.from_numpy(np.ascontiguousarray(stack)).to(device)
-            roi: tuple[int, ...] = (int(patch[1]), int(patch[0]))
-            if whole:
-                roi = whole_roi(array.shape[1:], multiple, 384)
-            logits = sliding_window_inference(
-                x,
-                roi,
-                sw_batch_size=4 if whole else 16,
-                predictor=net,
-                overlap=0.0 if whole else 0.25,
-                mode="gaussian",
-            )
-            assert isinstance(logits, torch.Tensor)
-            out: np.ndarray = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
-            return out
-        roi = (int(patch[2]), int(patch[1]), int(patch[0]))  # torch's (D, H, W) is (z, y, x)
-        if whole:
-            roi = whole_roi(array.shape, multiple, 256)
-        x = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None].to(device)
         logits = sliding_window_inference(
-            x,
-            roi,
-            sw_batch_size=1 if whole else 4,
+            x.to(device),
+            tuple(int(n) for n in roi),
+            sw_batch_size=batch,
             predictor=net,
             overlap=0.0 if whole else 0.25,
             mode="gaussian",
         )
     assert isinstance(logits, torch.Tensor)
-    out = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+    prob = torch.sigmoid(logits.float())[:, 0].cpu().numpy()
+    out: np.ndarray = prob if k else prob[0]
     return out
 
 
@@ -184,6 +174,32 @@ def predict_views(
         prob = predict(net, np.ascontiguousarray(flipped), arch, device, inference=inference)
         out.append(np.flip(prob, axes) if axes else prob)
     return out
+
+
+def ensemble_probability(
+    nets: list[torch.nn.Module],
+    array: np.ndarray,
+    arch: dict[str, Any],
+    device: torch.device,
+    views: list[str],
+) -> tuple[np.ndarray, float | None]:
+    """Mean probability of ``nets`` and the quality estimate (None with a single view).
+
+    The first net runs every test-time view and its views' agreement is the
+    quality estimate: the figure the cross-validation measures out-of-fold
+    (there with one net), so the card's threshold applies. The other nets run
+    the plain view. The probability is the mean over nets of each net's mean
+    over its views.
+    """
+    per_net: list[np.ndarray] = []
+    agreed: float | None = None
+    for i, net in enumerate(nets):
+        probs = predict_views(net, array, arch, device, views if i == 0 else ["none"])
+        if len(probs) > 1:
+            agreed = agreement(probs)
+        per_net.append(np.mean(probs, axis=0))
+    mean: np.ndarray = np.mean(per_net, axis=0)
+    return mean, agreed
 
 
 def load_weights(net: torch.nn.Module, path: Path) -> torch.nn.Module:
@@ -228,25 +244,11 @@ class Segmenter:
         return f"{self.card.get('id')} {self.card.get('version')}"
 
     def fine_probability(self, array: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """Ensemble probability and the quality estimate (None with a single view).
-
-        The first member runs every test-time view and its views' agreement is
-        the quality estimate: exactly the figure the cross-validation measured
-        out-of-fold, so the card's threshold applies. The other members run
-        the plain view. The probability is the mean over members of each
-        member's mean over its views.
-        """
-        arch = self.card["architecture"]["fine"]
-        per_member: list[np.ndarray] = []
-        agreed: float | None = None
-        for i, name in enumerate(members(self.card)):
-            views = self.views if i == 0 else ["none"]
-            probs = predict_views(self.nets[name], array, arch, self.device, views)
-            if len(probs) > 1:
-                agreed = agreement(probs)
-            per_member.append(np.mean(probs, axis=0))
-        mean: np.ndarray = np.mean(per_member, axis=0)
-        return mean, agreed
+        """Ensemble probability and quality estimate: :func:`ensemble_probability`."""
+        nets = [self.nets[name] for name in members(self.card)]
+        return ensemble_probability(
+            nets, array, self.card["architecture"]["fine"], self.device, self.views
+        )
 
     def segment(self, image: sitk.Image) -> Result:
         """Tumour mask (uint8 0/1) on ``image``'s grid, with per-step seconds and quality.

@@ -17,7 +17,6 @@ project can afford converge; the card records both).
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import monai
 import numpy as np
 import SimpleITK as sitk
 import torch
@@ -33,7 +31,13 @@ from monai.losses.dice import DiceCELoss
 
 from pipelines.segment import network
 from pipelines.segment.augment import augment
-from pipelines.segment.card import NOT_CLINICAL, load_card, write_card
+from pipelines.segment.card import (
+    NOT_CLINICAL,
+    intended_use,
+    load_card,
+    software_versions,
+    write_card,
+)
 from pipelines.segment.data import CaseRef, discover, split
 from pipelines.segment.evaluate import EvalCase, score, summarise
 from pipelines.segment.infer import Segmenter, pick_device, predict
@@ -304,13 +308,7 @@ def train(
         "version": version,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": "tumour segmentation (soft-tissue and bone sarcoma), MR",
-        "intended_use": (
-            "Research and demonstration of the sarcnode pipeline. "
-            + ("Trained on synthetic data only. " if synthetic_only else "")
-            + "Not a medical device: "
-            + NOT_CLINICAL
-            + "."
-        ),
+        "intended_use": intended_use(synthetic_only=synthetic_only),
         "clinical_use": NOT_CLINICAL,
         "input": {
             "sequences": sorted({c.sequence for c in train_refs}),
@@ -344,11 +342,7 @@ def train(
             "checkpoint_selection": f"best validation Dice, evaluated every {val_every} steps",
             "stages": stages,
             "device": str(dev),
-            "versions": {
-                "torch": str(torch.__version__),
-                "monai": str(monai.__version__),
-                "python": platform.python_version(),
-            },
+            "versions": software_versions(),
         },
     }
     write_card(out, card)
