@@ -312,6 +312,17 @@ def flag_threshold(rows: list[dict[str, Any]]) -> float:
     return round(best, 4)
 
 
+def wilson_ci(k: int, n: int, z: float = 1.96) -> list[float] | None:
+    """95 % Wilson score interval of the proportion ``k``/``n`` (None when ``n`` is 0)."""
+    if n == 0:
+        return None
+    p = k / n
+    centre = p + z * z / (2 * n)
+    half = z * float(np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)))
+    scale = 1 + z * z / n
+    return [round((centre - half) / scale, 3), round((centre + half) / scale, 3)]
+
+
 def flag_figures(rows: list[dict[str, Any]], threshold_by_fold: dict[int, float]) -> dict[str, Any]:
     """Sensitivity for failures and false-flag rate of successes.
 
@@ -327,9 +338,11 @@ def flag_figures(rows: list[dict[str, Any]], threshold_by_fold: dict[int, float]
         "failures": len(fails),
         "caught": len(caught),
         "sensitivity": round(len(caught) / len(fails), 3) if fails else None,
+        "sensitivity_ci95": wilson_ci(len(caught), len(fails)),
         "successes": len(goods),
         "false_flags": len(false),
         "false_flag_rate": round(len(false) / len(goods), 3) if goods else None,
+        "false_flag_rate_ci95": wilson_ci(len(false), len(goods)),
         "flagged_patients": sorted(r["patient"] for r in flagged),
     }
 

@@ -19,6 +19,7 @@ from pipelines.segment.cv import (
     flag_threshold,
     inner_split,
     rescore_cv,
+    wilson_ci,
 )
 from pipelines.segment.data import discover
 from pipelines.segment.ensemble import assemble
@@ -139,6 +140,8 @@ def test_flag_threshold_separates_failures_and_is_judged_out_of_fold() -> None:
     assert figures["flagged_patients"] == ["b", "d"]
     # a fold judged by a threshold that is too low misses its failure
     assert flag_figures(rows, {0: t, 1: 0.5})["caught"] == 1
+    # Wilson interval: 13 of 17 is 0.53-0.90 (textbook values)
+    assert wilson_ci(13, 17) == pytest.approx([0.527, 0.904], abs=0.002)
 
 
 def test_agreement_and_review_flag() -> None:
