@@ -11,6 +11,13 @@ values, since PyRadiomics resamples each region onto its own bounding-box
 grid. Inside each unit, PyRadiomics' slowest numpy steps run compiled
 (:mod:`pipelines.radiomics.fast`, same operations in the same order), and
 BLAS is held to one thread per worker.
+
+A parameter file may carry a ``sarcnode`` section that is not PyRadiomics'
+and is left out of every PyRadiomics call: ``sarcnode: {mode: ibsi}`` turns
+PyRadiomics' values into the IBSI 1 definitions (:mod:`pipelines.radiomics.ibsi`);
+the default mode, ``pyradiomics``, keeps them as PyRadiomics computes them.
+The mode is part of :func:`params_hash`, so a card fitted in one mode refuses
+features extracted in the other; a file without the section hashes as before.
 """
 
 from __future__ import annotations
@@ -30,8 +37,13 @@ import pandas as pd
 import SimpleITK as sitk
 import yaml
 
+from pipelines.radiomics import ibsi
+
 DEFAULT_PARAMS = Path(__file__).resolve().parents[2] / "config" / "radiomics" / "mr-default.yaml"
 KEYS = ("study", "sequence", "region")  # then "note" (why a region has no features), features
+SECTION = "sarcnode"  # the parameter file's own section, never passed to PyRadiomics
+MODES = ("pyradiomics", "ibsi")
+DEFAULT_MODE = "pyradiomics"
 
 
 class ExtractionError(ValueError):
@@ -46,50 +58,138 @@ def load_params(path: Path = DEFAULT_PARAMS) -> dict[str, Any]:
         raise ExtractionError(f"radiomics parameters {path}: {exc}") from exc
     if not isinstance(data, dict) or "imageType" not in data:
         raise ExtractionError(f"radiomics parameters {path}: needs an 'imageType' section")
+    ok, reason = check_section(data.get(SECTION, {}))
+    if not ok:
+        raise ExtractionError(f"radiomics parameters {path}: '{SECTION}' {reason}")
     return data
 
 
+def check_section(section: object) -> tuple[bool, str]:
+    """Whether a ``sarcnode`` section is valid, and why not."""
+    if not isinstance(section, dict):
+        return False, "must be a mapping"
+    unknown = sorted(set(section) - {"mode"})
+    if unknown:
+        return False, f"has unknown keys {unknown} (only 'mode')"
+    mode = section.get("mode", DEFAULT_MODE)
+    if mode not in MODES:
+        return False, f"mode {mode!r} is not one of {', '.join(MODES)}"
+    return True, ""
+
+
+def extraction_mode(params: Mapping[str, Any]) -> str:
+    """The parameters' extraction mode, ``pyradiomics`` (default) or ``ibsi``: what a card records.
+
+    Raises
+    ------
+    ExtractionError
+        When the ``sarcnode`` section is invalid.
+    """
+    section = params.get(SECTION, {})
+    ok, reason = check_section(section)
+    if not ok:
+        raise ExtractionError(f"radiomics parameters: '{SECTION}' {reason}")
+    return str(section.get("mode", DEFAULT_MODE))
+
+
+def card_mode(card: Mapping[str, Any]) -> str:
+    """The extraction mode a signature card was fitted with (cards without one: ``pyradiomics``)."""
+    extraction = card.get("extraction") or {}
+    return str(extraction.get("mode", DEFAULT_MODE))
+
+
+def pyradiomics_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters PyRadiomics is given: a deep copy without the ``sarcnode`` section."""
+    return copy.deepcopy({k: v for k, v in params.items() if k != SECTION})
+
+
 def params_hash(params: Mapping[str, Any]) -> str:
-    """SHA-256 of the parameters' canonical JSON: what a signature card pins."""
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    """SHA-256 of the parameters' canonical JSON: what a signature card pins.
+
+    The ``sarcnode`` section counts only when it names a mode other than the
+    default, so files without it (every card fitted before IBSI mode) keep
+    their hash, and ``mode: pyradiomics`` written out hashes like no section.
+    """
+    canonical = pyradiomics_params(params)
+    mode = extraction_mode(params)
+    if mode != DEFAULT_MODE:
+        canonical[SECTION] = {"mode": mode}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def _execute(image: sitk.Image, mask: sitk.Image, settings: dict[str, Any]) -> dict[str, Any]:
+    """PyRadiomics' whole result, diagnostics included when ``additionalInfo`` is on."""
+    from radiomics import featureextractor
+
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    extractor = featureextractor.RadiomicsFeatureExtractor(settings)
+    try:
+        return dict(extractor.execute(image, mask))
+    except (ValueError, RuntimeError) as exc:
+        raise ExtractionError(str(exc)) from exc
+
+
+def _numbers(result: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
 
 
 def plain_pyradiomics(
     image: sitk.Image, mask: sitk.Image, params: Mapping[str, Any]
 ) -> dict[str, float]:
-    """One ordinary PyRadiomics call with the whole parameter set (the reference)."""
-    from radiomics import featureextractor
+    """One ordinary PyRadiomics call with the whole parameter set (the reference).
 
-    logging.getLogger("radiomics").setLevel(logging.ERROR)
-    extractor = featureextractor.RadiomicsFeatureExtractor(copy.deepcopy(dict(params)))
-    try:
-        result = extractor.execute(image, mask)
-    except (ValueError, RuntimeError) as exc:
-        raise ExtractionError(str(exc)) from exc
-    return {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
+    The ``sarcnode`` section is left out and the mode ignored: these are
+    PyRadiomics' own values.
+    """
+    return _numbers(_execute(image, mask, pyradiomics_params(params)))
 
 
 def _fast_pyradiomics(
     image: sitk.Image, mask: sitk.Image, params: Mapping[str, Any]
 ) -> dict[str, float]:
-    """The same call with the compiled GLCM steps and without the diagnostics.
+    """The same call with the compiled GLCM steps, without the diagnostics, in the params' mode.
 
     ``additionalInfo: false`` only drops the ``diagnostics_*`` entries (image
     and mask hashes, versions), which this table never keeps; the features
-    are computed exactly as in :func:`plain_pyradiomics`.
+    are computed exactly as in :func:`plain_pyradiomics`. IBSI mode keeps
+    them on for the shape mask's voxel count, then corrects the values
+    (:func:`pipelines.radiomics.ibsi.to_ibsi`).
     """
     from threadpoolctl import threadpool_limits
 
     from pipelines.radiomics.fast import accelerated
 
-    settings = copy.deepcopy(dict(params))
-    settings["setting"] = {**(settings.get("setting") or {}), "additionalInfo": False}
+    mode = extraction_mode(params)
+    settings = pyradiomics_params(params)
+    settings["setting"] = {**(settings.get("setting") or {}), "additionalInfo": mode == "ibsi"}
     # One BLAS thread: the worker processes already fill the CPUs, and OpenBLAS
     # threads spinning against each other made the pool slower than one process
     # (bench/radiomics.py: 0.64x). Only MCC's eigenvalues use BLAS; with one
     # thread a few of them can differ from a two-thread run in the last bit.
     with threadpool_limits(limits=1, user_api="blas"), accelerated():
-        return plain_pyradiomics(image, mask, settings)
+        result = _execute(image, mask, settings)
+    values = _numbers(result)
+    if mode != "ibsi":
+        return values
+    try:
+        voxels = (
+            ibsi.shape_voxel_count(
+                result, resegment_shape=bool(settings["setting"].get("resegmentShape"))
+            )
+            if ibsi.has_axis_lengths(values)
+            else None
+        )
+        return ibsi.to_ibsi(values, shape_voxels=voxels, undo_shift=_shifted(settings))
+    except ValueError as exc:
+        raise ExtractionError(f"IBSI mode: {exc}") from exc
+
+
+def _shifted(settings: Mapping[str, Any]) -> bool:
+    """Whether any image type's first-order features add a ``voxelArrayShift``."""
+    shifts = [(settings.get("setting") or {}).get("voxelArrayShift", 0)]
+    custom = settings["imageType"].values()
+    shifts += [(kwargs or {}).get("voxelArrayShift", 0) for kwargs in custom]
+    return any(shift != 0 for shift in shifts)
 
 
 def _warm_worker() -> None:
@@ -147,6 +247,7 @@ def extract(
     features and its reason in the ``note`` column instead of failing the study.
     """
     params = dict(params or load_params())
+    extraction_mode(params)  # a bad mode fails the call, not each region
     jobs: list[tuple[str, str, tuple[sitk.Image, sitk.Image, dict[str, Any]]]] = []
     for sequence, named in regions.items():
         for region, mask in named.items():
