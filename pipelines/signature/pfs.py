@@ -34,7 +34,14 @@ from sksurv.metrics import cumulative_dynamic_auc, integrated_brier_score
 from sksurv.util import Surv
 
 from pipelines.radiomics.combat import ComBat
-from pipelines.signature.survival import CoxModel, bootstrap_c, cox, lasso_cox, univariate_cox
+from pipelines.signature.survival import (
+    LASSO_TOL,
+    CoxModel,
+    bootstrap_c,
+    cox,
+    lasso_cox,
+    univariate_cox,
+)
 
 TIME_POINTS_DAYS: list[float] = [300, 600, 900, 365, 1095, 1825]
 NOT_CLINICAL = "not for clinical use"
@@ -328,6 +335,8 @@ def fit_pfs(
                 "folds": 5,
                 "seed": seed,
                 "cv_best_c": float(curve["cv_c"].max()),
+                "objective": "-loglik/n + alpha*sum|coef| (Breslow ties), as glmnet's lambda",
+                "tolerance": LASSO_TOL,
             },
             "univariate_clinical_significant": significant,
             "metrics": training_metrics,

@@ -5,7 +5,8 @@
 - :func:`univariate_cox`: one Cox model per feature, Benjamini-Hochberg
   adjusted p-values (the filter before LASSO).
 - :func:`lasso_cox`: L1-penalised Cox with the penalty chosen by K-fold
-  cross-validated Harrell's C (scikit-survival's Coxnet path).
+  cross-validated Harrell's C (scikit-survival's Coxnet path); the final fit
+  is converged to the optimum R's glmnet reaches (see :data:`LASSO_TOL`).
 - :func:`harrell_c` / :func:`bootstrap_c`: concordance and its percentile CI.
 """
 
@@ -21,6 +22,12 @@ from lifelines.utils import concordance_index
 from sklearn.model_selection import KFold
 from sksurv.linear_model import CoxnetSurvivalAnalysis
 from sksurv.util import Surv
+
+#: Coordinate-descent tolerance of the final LASSO-Cox fit (largest coefficient update).
+#: scikit-survival's default, 1e-7, stops about 1.7e-3 short of the optimum on the demo
+#: cohort (140 cases, 220 correlated features); 1e-12 meets the optimality (KKT)
+#: conditions to about 1e-6, as R glmnet 4.1 does with ``thresh=1e-14``.
+LASSO_TOL = 1e-12
 
 
 @dataclass
@@ -125,7 +132,22 @@ def lasso_cox(
 
     Returns the coefficients at that penalty (fitted on all of ``x``), the
     penalty, and the cross-validation curve (alpha, mean C, SD, non-zero).
-    ``x`` should be standardised (the signature z-scores features first).
+    ``x`` should be standardised (the signature z-scores features first) and
+    free of exact duplicate columns (:mod:`pipelines.signature.dedupe`): with
+    twins the optimum is not unique.
+
+    The problem solved at penalty ``alpha`` is glmnet's: minimise
+    ``-loglik(beta) / n + alpha * sum(|beta|)``, with Breslow's partial
+    likelihood (a case censored at an event time is still at risk then, as
+    in R's ``coxph``). The same ``alpha`` as glmnet's ``lambda``
+    (``family="cox"``, ``standardize=FALSE``) gives the same coefficients;
+    glmnet 4.1 keeps a censoring tied with an event in the risk set or not
+    depending on the order of the rows, so compare on data without such ties.
+    The final fit follows the path down to the chosen penalty (warm starts,
+    as glmnet) with tolerance :data:`LASSO_TOL`. The cross-validation fits
+    only rank penalties by held-out C and keep scikit-survival's default
+    tolerance: a tight one costs about five times as long, and nested
+    cross-validation with permutations repeats these fits thousands of times.
     """
     y = Surv.from_arrays(event=np.asarray(event, bool), time=np.asarray(time, float))
     values = x.to_numpy(float)
@@ -146,9 +168,11 @@ def lasso_cox(
                 scores[k, j] = harrell_c(time[test], event[test], risk)
     mean = np.nanmean(scores, axis=0)
     best = int(np.nanargmax(mean))
-    final = CoxnetSurvivalAnalysis(l1_ratio=1.0, alphas=[alphas[best]])
+    final = CoxnetSurvivalAnalysis(
+        l1_ratio=1.0, alphas=alphas[: best + 1], tol=LASSO_TOL, fit_baseline_model=False
+    )
     final.fit(values, y)
-    coef = pd.Series(final.coef_[:, 0], index=x.columns)
+    coef = pd.Series(final.coef_[:, -1], index=x.columns)
     curve = pd.DataFrame(
         {
             "alpha": alphas,
