@@ -1,7 +1,8 @@
 """Fitting a logistic signature and nomogram: tumour grade (seed 001), lung metastasis (seed 002).
 
 ComBat across the ``batch`` column (fitted on training cases) → z-score →
-Mann-Whitney filter (p < 0.05) or mRMR (top ``k``) → LASSO logistic with C by
+exact duplicates after z-scoring dropped (first by column order kept; step
+``distinct``) → Mann-Whitney filter (p < 0.05) or mRMR (top ``k``) → LASSO logistic with C by
 5-fold CV AUC → rad-score = the model's logit. Nomogram: logistic regression
 of rad-score with the clinical factors significant (p < 0.05) in univariate
 logistic regression on training cases. Validation: AUC with DeLong 95 % CI,
@@ -25,6 +26,7 @@ from pipelines.signature.classify import (
     mann_whitney_filter,
     mrmr,
 )
+from pipelines.signature.dedupe import duplicates
 from pipelines.signature.pfs import (
     NOT_CLINICAL,
     FitError,
@@ -86,6 +88,9 @@ def fit_logistic(
         )
     means, sds = x.loc[train].mean(), x.loc[train].std(ddof=0)
     z = (x - means) / sds
+    copies = duplicates(z.loc[train])
+    z = z.drop(columns=list(copies))
+    steps["distinct"] = z.shape[1]
     if selection == "mannwhitney":
         candidates = mann_whitney_filter(z.loc[train], y[train].to_numpy())
     elif selection == "mrmr":
@@ -176,6 +181,7 @@ def fit_logistic(
             "n": int(train.sum()),
             "positives": int(y[train].sum()),
             "steps": steps,
+            "duplicate_features": copies,
             "lasso": {"C": c_value, "folds": 5, "seed": seed},
             "univariate_clinical_significant": significant,
             "metrics": judge(train),

@@ -8,11 +8,13 @@ survived it:
 2. robust features only (ICC > ``icc_threshold``) when ICCs are given;
 3. optional ComBat on the ``batch`` column (fitted on training cases);
 4. z-score with training means and SDs;
-5. univariate Cox, Benjamini-Hochberg adjusted p < ``p_threshold``;
-6. LASSO-Cox, penalty by 5-fold cross-validated C; rad-score =
+5. distinct: exact duplicates after z-scoring (on the training cases) dropped,
+   the first by column order kept (:mod:`pipelines.signature.dedupe`);
+6. univariate Cox, Benjamini-Hochberg adjusted p < ``p_threshold``;
+7. LASSO-Cox, penalty by 5-fold cross-validated C; rad-score =
    sum of coefficient * z-feature over the non-zero coefficients;
-7. high/low risk cut at the training median rad-score;
-8. nomogram: multivariable Cox of rad-score with the clinical factors that
+8. high/low risk cut at the training median rad-score;
+9. nomogram: multivariable Cox of rad-score with the clinical factors that
    are significant (p < 0.05) in univariate Cox on the training cases;
    a rad-score-only Cox model too, for studies without clinical factors.
 
@@ -34,6 +36,7 @@ from sksurv.metrics import cumulative_dynamic_auc, integrated_brier_score
 from sksurv.util import Surv
 
 from pipelines.radiomics.combat import ComBat
+from pipelines.signature.dedupe import duplicates
 from pipelines.signature.survival import (
     LASSO_TOL,
     CoxModel,
@@ -236,6 +239,9 @@ def fit_pfs(
 
     means, sds = x_all.loc[train].mean(), x_all.loc[train].std(ddof=0)
     z = (x_all - means) / sds
+    copies = duplicates(z.loc[train])
+    z = z.drop(columns=list(copies))
+    steps["distinct"] = z.shape[1]
     t_train = clin.loc[train, time].to_numpy(float)
     e_train = clin.loc[train, event].to_numpy(int)
 
@@ -330,6 +336,7 @@ def fit_pfs(
             "n": int(train.sum()),
             "events": int(e_train.sum()),
             "steps": steps,
+            "duplicate_features": copies,
             "lasso": {
                 "alpha": alpha,
                 "folds": 5,
