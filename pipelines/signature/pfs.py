@@ -19,8 +19,11 @@ survived it:
    a rad-score-only Cox model too, for studies without clinical factors.
 
 Validation figures (C-index with bootstrap CI, time-dependent AUC at the
-card's time points, log-rank p between risk groups) are computed on the
-validation cases with everything frozen from training.
+card's time points, log-rank p between risk groups, integrated Brier score)
+are computed on the validation cases with everything frozen from training.
+td-AUC and Brier scores weight cases by the inverse probability of censoring
+estimated (Kaplan-Meier) on the cases being evaluated, as R's pec and
+riskRegression do; each card names this (:data:`IPCW`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ from pipelines.signature.survival import (
 
 TIME_POINTS_DAYS: list[float] = [300, 600, 900, 365, 1095, 1825]
 NOT_CLINICAL = "not for clinical use"
+#: How td-AUC and Brier scores weight censored data; written beside them in the card.
+IPCW = "IPCW with censoring (Kaplan-Meier) estimated on the evaluation cases, as pec/riskRegression"
 
 
 class FitError(ValueError):
@@ -133,16 +138,21 @@ def optimal_cutoff(score: np.ndarray, time: np.ndarray, event: np.ndarray) -> fl
 def integrated_brier(
     model: CoxModel, train: pd.DataFrame, evaluate: pd.DataFrame, time: str, event: str
 ) -> float | None:
-    """Integrated Brier score of ``model`` on ``evaluate`` over its follow-up (IPCW, sksurv)."""
+    """Integrated Brier score of ``model`` on ``evaluate`` over its follow-up.
+
+    Twenty times from the 10th to the 80th percentile of ``evaluate``'s times,
+    within ``train``'s follow-up (where the baseline survival is known);
+    censoring weights as :data:`IPCW` says (scikit-survival's estimator, the
+    censoring distribution fitted on ``evaluate``).
+    """
     t = evaluate[time].to_numpy(float)
     grid = np.linspace(np.percentile(t, 10), np.percentile(t, 80), 20)
     grid = grid[(grid > t.min()) & (grid < t.max()) & (grid < train[time].max())]
     if grid.size < 2:
         return None
-    y_train = Surv.from_arrays(train[event].astype(bool), train[time].astype(float))
     y_eval = Surv.from_arrays(evaluate[event].astype(bool), t)
     survival = model.survival_at(evaluate, list(grid))
-    return float(integrated_brier_score(y_train, y_eval, survival, grid))
+    return float(integrated_brier_score(y_eval, y_eval, survival, grid))
 
 
 def _cox_block(model: CoxModel, times: list[float]) -> dict[str, Any]:
@@ -286,12 +296,13 @@ def fit_pfs(
     nomogram = cox(frame.loc[train], time, event, ["radscore", *significant])
     scores["nomogram_lp"] = nomogram.linear_predictor(frame)
 
-    validation = _judge(scores[val], clin.loc[train], time, event, seed) if val.any() else {}
+    validation = _judge(scores[val], seed) if val.any() else {}
     if val.any():
         for name, model in (("radscore", radscore_model), ("nomogram", nomogram)):
             ibs = integrated_brier(model, frame.loc[train], frame.loc[val], time, event)
             if ibs is not None:
                 validation[f"integrated_brier_{name}"] = round(ibs, 4)
+                validation["ipcw"] = IPCW
     if "oracle_lp" in clin.columns and val.any():  # synthetic cohorts carry the true risk
         c, low, high = bootstrap_c(
             clin.loc[val, time].to_numpy(float),
@@ -304,7 +315,7 @@ def fit_pfs(
             "value": round(c, 4),
             "ci95": [round(low, 4), round(high, 4)],
         }
-    training_metrics = _judge(scores[train], clin.loc[train], time, event, seed)
+    training_metrics = _judge(scores[train], seed)
     card: dict[str, Any] = {
         "id": signature_id,
         "version": "1.0.0",
@@ -362,23 +373,25 @@ def fit_pfs(
     return PfsFit(card=card, scores=scores)
 
 
-def _judge(
-    scores: pd.DataFrame, train_clin: pd.DataFrame, time: str, event: str, seed: int
-) -> dict[str, Any]:
-    """C-index (bootstrap CI) of rad-score and nomogram, td-AUC, log-rank between groups."""
+def _judge(scores: pd.DataFrame, seed: int) -> dict[str, Any]:
+    """C-index (bootstrap CI) of rad-score and nomogram, td-AUC, log-rank between groups.
+
+    td-AUC (cumulative/dynamic) weights by censoring estimated on ``scores``'
+    own cases (:data:`IPCW`).
+    """
     t, e = scores["time"].to_numpy(float), scores["event"].to_numpy(int)
     out: dict[str, Any] = {}
     for name in ("radscore", "nomogram_lp"):
         c, low, high = bootstrap_c(t, e, scores[name].to_numpy(), n=500, seed=seed)
         out[f"c_index_{name}"] = {"value": round(c, 4), "ci95": [round(low, 4), round(high, 4)]}
-    y_train = Surv.from_arrays(train_clin[event].astype(bool), train_clin[time].astype(float))
     y_eval = Surv.from_arrays(e.astype(bool), t)
     horizon = [d for d in (300, 600, 900) if t.min() < d < t[e == 1].max()]
     if horizon:
-        auc, _ = cumulative_dynamic_auc(y_train, y_eval, scores["radscore"].to_numpy(), horizon)
+        auc, _ = cumulative_dynamic_auc(y_eval, y_eval, scores["radscore"].to_numpy(), horizon)
         out["td_auc_radscore"] = {
             str(d): round(float(a), 4) for d, a in zip(horizon, auc, strict=True)
         }
+        out["ipcw"] = IPCW
     high = scores["risk_group"] == "high"
     if high.any() and (~high).any():
         test = logrank_test(t[high], t[~high], e[high], e[~high])
