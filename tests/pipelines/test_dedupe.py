@@ -56,6 +56,4 @@ def test_fit_pfs_and_fit_logistic_drop_duplicates_before_selection() -> None:
         features, clinical, signature_id="dedupe-grade", endpoint="grade", label="grade3", seed=0
     )
     assert card["training"]["steps"]["distinct"] == card["training"]["steps"]["non_constant"] - 1
-    assert card["training"]["duplicate_features"] == {
-        "T2FS:tumour:het0_copy": "T2FS:tumour:het0"
-    }
+    assert card["training"]["duplicate_features"] == {"T2FS:tumour:het0_copy": "T2FS:tumour:het0"}
