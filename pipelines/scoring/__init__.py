@@ -5,6 +5,14 @@ missing, whose batch ComBat has not seen, that was extracted with other
 parameters, or that gives some but not all of the nomogram's clinical
 factors. Without any clinical factor the rad-score-only Cox model answers;
 never a silent zero.
+
+A card is a survival card when it has a rad-score Cox model
+(``radscore_cox``: progression-free or event-free survival alike); else it
+is logistic. Every result carries the card's facts
+(:func:`pipelines.scoring.cards.card_facts`: training cohort, real or
+synthetic, nested-CV headline) and its applicability verdict
+(:mod:`pipelines.scoring.domain`); outside the model's range the risk group
+is None and ``risk_group_withheld`` says why.
 """
 
 from __future__ import annotations
@@ -16,9 +24,16 @@ from typing import Any
 import numpy as np
 
 from pipelines.radiomics.combat import ComBat
+from pipelines.scoring.cards import card_facts
+from pipelines.scoring.domain import OUTSIDE_WORDS, judge
 from pipelines.signature.card import ScoreError
 
-__all__ = ["ScoreError", "score"]
+__all__ = ["ScoreError", "is_survival", "score"]
+
+
+def is_survival(card: Mapping[str, Any]) -> bool:
+    """A survival card (PFS, EFS, ...) has a rad-score Cox model; a logistic one has not."""
+    return "radscore_cox" in card
 
 
 def score(
@@ -28,13 +43,15 @@ def score(
     *,
     params_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """Rad-score, risk group and predictions for one study.
+    """Rad-score, risk group, predictions and applicability for one study.
 
     ``features`` maps ``<sequence>:<region>:<feature>`` to values; ``clinical``
     may hold the nomogram's covariates and, when the card was harmonised, the
-    batch. Survival endpoints give PFS probabilities at the card's time
-    points from the nomogram when every covariate is known, else from the
-    rad-score-only Cox model; logistic endpoints give probabilities.
+    batch. Survival cards give survival probabilities at the card's time
+    points (``survival_probability``; for a PFS card also under its old
+    name ``pfs_probability``) from the nomogram when every covariate is
+    known, else from the rad-score-only Cox model; logistic cards give a
+    probability. ``features`` in the result are the card's inputs, as given.
     """
     expected = card.get("extraction", {}).get("params_sha256")
     if expected and params_sha256 and expected != params_sha256:
@@ -62,18 +79,14 @@ def score(
     z = np.array([(v - f["mean"]) / f["sd"] for v, f in zip(values, card["features"], strict=True)])
     coefficients = np.array([f["coefficient"] for f in card["features"]])
     radscore = float(card.get("intercept", 0.0) + z @ coefficients)
-    out: dict[str, Any] = {
-        "signature": card["id"],
-        "version": str(card.get("version", "")),
-        "endpoint": card["endpoint"],
-        "radscore": radscore,
-        "clinical_use": card.get("clinical_use", "not for clinical use"),
-    }
-    if card["endpoint"] == "pfs":
+    raw = {n: float(features[n]) for n in names}
+    verdict = judge(card, raw, radscore)
+    out: dict[str, Any] = card_facts(card) | {"radscore": radscore}
+    if is_survival(card):
         cutoff = float(card["radscore"]["cutoff"])
         out["risk_group"] = "high" if radscore > cutoff else "low"
         out["cutoff"] = cutoff
-        nomogram = card["nomogram"]
+        nomogram = card.get("nomogram") or card["radscore_cox"]
         extra = [c for c in nomogram["covariates"] if c != "radscore"]
         given = [c for c in extra if clinical.get(c) is not None]
         have_all = len(given) == len(extra)
@@ -91,9 +104,11 @@ def score(
         )
         out["model"] = "nomogram" if have_all and extra else "radscore"
         out["linear_predictor"] = float(lp)
-        out["pfs_probability"] = {
-            t: float(s0 ** math.exp(lp)) for t, s0 in block["baseline_survival"].items()
+        out["survival_probability"] = {
+            str(t): float(s0 ** math.exp(lp)) for t, s0 in block["baseline_survival"].items()
         }
+        if card["endpoint"] == "pfs":  # the name every output used before EFS cards
+            out["pfs_probability"] = dict(out["survival_probability"])
         if not have_all:
             out["missing_clinical"] = [c for c in extra if c not in clinical or clinical[c] is None]
     else:
@@ -101,4 +116,9 @@ def score(
         out["risk_group"] = (
             "positive" if radscore > float(card["radscore"].get("cutoff", 0.0)) else "negative"
         )
+    out["applicability"] = verdict.as_dict()
+    if not verdict.confident:
+        out["risk_group"] = None
+        out["risk_group_withheld"] = OUTSIDE_WORDS
+    out["features"] = raw
     return out

@@ -1,0 +1,104 @@
+"""The words people read about a score: one place for ``jobs show``, ``analyze`` and the PDF.
+
+Every card gets the same lines, scored or skipped: id, version and
+endpoint; the rad-score and the risk group (or why none is given); the
+predictions (withheld outside the model's range: there they are
+extrapolations); the applicability verdict; the training cohort (size, real
+or synthetic), the nested-CV headline, and "not for clinical use".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from pipelines.scoring.cards import cohort_text
+
+SURVIVAL_NAMES = {
+    "pfs": "progression-free survival",
+    "efs": "event-free survival",
+    "os": "overall survival",
+}
+
+
+def endpoint_name(endpoint: str) -> str:
+    """``progression-free survival`` for ``pfs``; other endpoints as they are."""
+    return SURVIVAL_NAMES.get(endpoint, endpoint.replace("_", " "))
+
+
+def survival_probabilities(result: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """(days, probability) pairs, by days; from ``survival_probability`` or the older key."""
+    probs = result.get("survival_probability") or result.get("pfs_probability") or {}
+    return sorted(((str(t), float(p)) for t, p in probs.items()), key=lambda kv: float(kv[0]))
+
+
+def confident(result: Mapping[str, Any]) -> bool:
+    """Whether the study is inside the model's range (or the range is unknown)."""
+    return (result.get("applicability") or {}).get("status") != "outside"
+
+
+def title(result: Mapping[str, Any]) -> str:
+    """``sarcnode-pfs-demo 1.0.0 (pfs)``."""
+    version = f" {result['version']}" if result.get("version") else ""
+    return f"{result['signature']}{version} ({result.get('endpoint', '?')})"
+
+
+def verdict(result: Mapping[str, Any]) -> str:
+    """The applicability line; results from before applicability existed say so."""
+    block = result.get("applicability")
+    if not block:
+        return "applicability domain unknown (scored before the node checked it)"
+    return str(block["text"])
+
+
+def risk_text(result: Mapping[str, Any]) -> str:
+    """``risk group high`` or ``no risk group: outside the model's range``."""
+    if result.get("risk_group") is None:
+        why = result.get("risk_group_withheld") or "not computed"
+        return f"no risk group: {why}"
+    return f"risk group {result['risk_group']}"
+
+
+def prediction_text(result: Mapping[str, Any]) -> str | None:
+    """The predictions in one line, or why they are withheld; None when there are none."""
+    probs = survival_probabilities(result)
+    if not probs and "probability" not in result:
+        return None
+    if not confident(result):
+        return "predictions withheld: outside the model's range (they would be extrapolations)"
+    if probs:
+        model = f" ({result['model']} model)" if result.get("model") else ""
+        shown = ", ".join(f"{t} d {p:.0%}" for t, p in probs)
+        return f"predicted {endpoint_name(str(result.get('endpoint', '')))}{model}: {shown}"
+    return (
+        f"predicted probability of {endpoint_name(str(result.get('endpoint', '')))}: "
+        f"{float(result['probability']):.0%}"
+    )
+
+
+def provenance_text(result: Mapping[str, Any]) -> str:
+    """Training cohort, nested-CV headline, clinical use."""
+    nested = result.get("nested_cv")
+    validation = f"nested CV: {nested}" if nested else "no nested cross-validation on the card"
+    use = str(result.get("clinical_use") or "not for clinical use").upper()
+    return f"{cohort_text(result)}; {validation}; {use}"
+
+
+def score_lines(result: Mapping[str, Any]) -> list[str]:
+    """The lines about one card's result (or skip record): the card, then indented facts."""
+    lines = [title(result)]
+    if "skipped" in result:
+        lines.append(f"  not scored: {result['skipped']}")
+    else:
+        lines.append(f"  rad-score {float(result['radscore']):.3f}, {risk_text(result)}")
+        predicted = prediction_text(result)
+        if predicted:
+            lines.append(f"  {predicted}")
+        if result.get("missing_clinical"):
+            lines.append(f"  clinical factors not given: {', '.join(result['missing_clinical'])}")
+        said = verdict(result)
+        lines.append(
+            f"  {said}" if said.startswith("applicability") else f"  applicability: {said}"
+        )
+    lines.append(f"  {provenance_text(result)}")
+    return lines
