@@ -18,7 +18,7 @@ DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl ch
 VIEWER := tests/viewer
 OHIF_DIST := var/cache/ohif-3.12.10/dist/index.html
 
-.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model seg-candidates pfs-model lock clean
+.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model seg-candidates pfs-model pfs-applicability lock clean
 
 all: venv
 
@@ -119,6 +119,14 @@ pfs-model: venv
 	$(VENV)/bin/sarcnode synth cohort var/pfs --n 200 --seed 11 --workers 2
 	$(VENV)/bin/sarcnode fit-signature var/pfs --endpoint pfs --synthetic --seed 0 --workers 2 \
 	  --params config/radiomics/mr-demo.yaml --region tumour --region ring --out $(PFS_MODEL)
+	$(MAKE) pfs-applicability
+
+# The demo card's applicability block (training range of each feature and of the
+# rad-score): its training cases re-drawn from the fit's feature cache and the
+# clinical table (re-made without images, seconds), checked against the card.
+pfs-applicability: venv
+	$(VENV)/bin/sarcnode synth cohort var/pfs-clinical --n 200 --seed 11 --no-images
+	$(VENV)/bin/sarcnode card-applicability $(PFS_MODEL) --clinical var/pfs-clinical/clinical.csv
 
 # Re-resolve the pinned set from a clean venv (run when pyproject's ranges change).
 lock:

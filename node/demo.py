@@ -131,6 +131,7 @@ def _json(env: dict[str, str], *args: str) -> Any:
 
 def main() -> int:
     """Run the demo; return the process exit code."""
+    from pipelines.scoring.text import score_lines
     from pipelines.synth.study import write_study
 
     started = time.monotonic()
@@ -219,12 +220,9 @@ def main() -> int:
                 f"{k} {v['seconds']:.1f} s" for k, v in stages.items() if v["seconds"] is not None
             )
             print(f"== job {job['id']} ({job['state']}): {times}")
-            score = (stages.get("score") or {}).get("outputs") or {}
-            if "radscore" in score:
-                print(
-                    f"   rad-score {score['radscore']:.3f}, risk group {score['risk_group']} "
-                    f"({score['signature']}, {score.get('model')} model)"
-                )
+            for result in shown.get("scores") or []:
+                for line in score_lines(result):
+                    print(f"   {line}")
             files = ((stages.get("encode") or {}).get("outputs") or {}).get("files", {})
             for kind, path in sorted(files.items()):
                 print(f"   {kind:9} {path}")

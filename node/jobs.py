@@ -206,7 +206,7 @@ def context(db: Database, settings: Settings, job: Job, pipeline: Pipeline) -> J
         files=files,
         primary=pipeline.required[0],
         segmentation_model=pipeline.segmentation_model,
-        signature=pipeline.signature,
+        signatures=pipeline.signatures,
         destinations=pipeline.destinations or tuple(d.name for d in settings.destinations),
         database_url=settings.database_url,
         uid_root=settings.uids.root,

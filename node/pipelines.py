@@ -3,10 +3,14 @@
 A pipeline file (``config/pipelines/*.yaml``) has a trigger (modality, a
 series selection rule, the sequence-role rules, required and optional
 roles, how long to wait for a missing optional role), the stages, the model
-folders and the destinations. :func:`decide` is the one place that says
-whether a study starts a job; ``sarcnode pipelines test STUDY_DIR`` prints
-its answer (and the reason) for a folder, and the scheduler asks it for
-every study whose series are stable.
+folders and the destinations. ``signatures:`` lists the signature cards a
+job scores with (each that the study's sequences allow; ``signature:``, one
+card, still works); every card is checked when the file is loaded, so a
+missing or broken card stops ``serve`` and ``config check`` with its path.
+:func:`decide` is the one place that says whether a study starts a job;
+``sarcnode pipelines test STUDY_DIR`` prints its answer (and the reason)
+for a folder, and the scheduler asks it for every study whose series are
+stable.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ class Pipeline:
     priority: str
     stages: tuple[str, ...]
     segmentation_model: Path
-    signature: Path | None
+    signatures: tuple[Path, ...]
     destinations: tuple[str, ...]
     description: str = ""
     timeouts_s: dict[str, float] = field(default_factory=lambda: dict(STAGE_TIMEOUTS_S))
@@ -105,6 +109,7 @@ def load_pipeline(path: Path) -> Pipeline:
         "stages",
         "segmentation_model",
         "signature",
+        "signatures",
         "destinations",
         "timeouts_s",
     }
@@ -163,10 +168,9 @@ def load_pipeline(path: Path) -> Pipeline:
     if "segmentation_model" not in data:
         raise PipelineError(f"{where}: needs 'segmentation_model'")
     model = (base / str(data["segmentation_model"])).resolve()
-    signature = (base / str(data["signature"])).resolve() if data.get("signature") else None
-    for what, folder in (("segmentation_model", model), ("signature", signature)):
-        if folder is not None and not (folder / "card.yaml").is_file():
-            raise PipelineError(f"{where}: {what} {folder} has no card.yaml")
+    if not (model / "card.yaml").is_file():
+        raise PipelineError(f"{where}: segmentation_model {model} has no card.yaml")
+    signatures = _signatures(data, base, where)
     return Pipeline(
         name=str(data.get("name") or path.stem),
         path=path,
@@ -179,11 +183,30 @@ def load_pipeline(path: Path) -> Pipeline:
         priority=priority,
         stages=stages,
         segmentation_model=model,
-        signature=signature,
+        signatures=signatures,
         destinations=_list(data, "destinations", where),
         description=str(data.get("description", "")),
         timeouts_s=timeouts,
     )
+
+
+def _signatures(data: Mapping[str, Any], base: Path, where: str) -> tuple[Path, ...]:
+    """The card folders of ``signatures:`` (or of the older one-card ``signature:``), checked."""
+    from pipelines.scoring.cards import CardError, load_signatures
+
+    if data.get("signature") and data.get("signatures"):
+        raise PipelineError(f"{where}: give 'signatures' (a list) or 'signature', not both")
+    given = data.get("signatures")
+    if given is None:
+        given = [data["signature"]] if data.get("signature") else []
+    if not isinstance(given, list) or not all(isinstance(v, str) and v for v in given):
+        raise PipelineError(f"{where}: 'signatures' must be a list of card folders")
+    folders = tuple((base / v).resolve() for v in given)
+    try:
+        load_signatures(folders)
+    except CardError as exc:
+        raise PipelineError(f"{where}: signature card {exc}") from exc
+    return folders
 
 
 def load_pipelines(folder: Path) -> list[Pipeline]:

@@ -41,7 +41,7 @@ class JobContext:
     files: dict[str, list[Path]]  # role -> instance files
     primary: str  # the role segmented (the pipeline's first required role)
     segmentation_model: Path
-    signature: Path | None
+    signatures: tuple[Path, ...]
     destinations: tuple[str, ...]
     database_url: str
     uid_root: str | None = None
@@ -137,75 +137,113 @@ def _masks(ctx: JobContext, images: Mapping[str, sitk.Image]) -> dict[str, sitk.
     return masks
 
 
-def radiomics(ctx: JobContext) -> dict[str, Any]:
-    """The signature's sequences and regions, extracted with its own parameter file."""
-    from pipelines.radiomics.extract import load_params
-    from pipelines.radiomics.study import study_features
+def _signatures(ctx: JobContext) -> tuple[list[Any], list[dict[str, Any]]]:
+    """(the pipeline's cards that load, skip records of those that no longer do)."""
+    from pipelines.scoring.cards import CardError, Signature
 
-    if ctx.signature is None:
-        return {"skipped": "the pipeline has no signature"}
+    loaded, broken = [], []
+    for folder in ctx.signatures:
+        try:
+            loaded.append(Signature.load(folder))
+        except CardError as exc:  # checked when the pipeline loaded; changed on disk since
+            broken.append(
+                {"signature": folder.name, "version": "", "endpoint": "?", "skipped": str(exc)}
+            )
+    return loaded, broken
+
+
+def radiomics(ctx: JobContext) -> dict[str, Any]:
+    """Features for each card that applies, extracted with the card's own parameter file.
+
+    A card needing a sequence the study lacks is skipped with the reason (the
+    SEG and the measurements still go out). Cards sharing parameters,
+    sequences and regions share one extraction: ``features-<key>.csv``.
+    """
+    from pipelines.scoring.cards import card_facts, plan
+    from pipelines.scoring.study import extract_all
+
+    if not ctx.signatures:
+        return {"skipped": "the pipeline has no signature", "extractions": [], "cards": []}
     out = ctx.folder / "radiomics"
     out.mkdir(parents=True, exist_ok=True)
-    card = _card(ctx.signature)
-    params = load_params(ctx.signature / card["extraction"]["params_file"])
+    signatures, broken = _signatures(ctx)
     images = _images(ctx)
     masks = _masks(ctx, images)
-    wanted = [r for r in card.get("sequences") or images if r in images]
-    missing = [r for r in card.get("sequences") or [] if r not in images]
-    if missing:  # the SEG and the measurements still go out; the score cannot
-        return {"skipped": f"signature {card['id']} needs {', '.join(missing)}: not in the study"}
-    table = study_features(
-        {r: images[r] for r in wanted},
-        {r: masks[r] for r in wanted},
-        params,
-        study=ctx.study_instance_uid,
-        workers=1,
-        regions_wanted=tuple(card.get("regions") or ("tumour",)),
-    )
-    table.to_csv(out / "features.csv", index=False)
-    return {"features": str(out / "features.csv"), "rows": len(table)}
+    extractions, skipped = plan(signatures, set(images))
+    tables, failed = extract_all(extractions, images, masks, study=ctx.study_instance_uid)
+    skipped |= failed
+    done = []
+    for extraction in extractions:
+        if extraction.key in tables:
+            path = out / f"features-{extraction.key}.csv"
+            tables[extraction.key].to_csv(path, index=False)
+            done.append(extraction.as_dict() | {"features": str(path)})
+    cards = [
+        card_facts(s.card) | ({"skipped": skipped[s.id]} if s.id in skipped else {})
+        for s in signatures
+    ]
+    return {"extractions": done, "cards": cards + broken}
 
 
 def score(ctx: JobContext) -> dict[str, Any]:
-    """Rad-score, risk group, predictions (nomogram when clinical factors are known)."""
-    from pipelines.radiomics.extract import load_params, params_hash
-    from pipelines.radiomics.study import wide
-    from pipelines.scoring import score as score_card
+    """Each card's rad-score, risk group, predictions and applicability; skipped cards say why.
 
-    if ctx.signature is None:
-        return {"skipped": "the pipeline has no signature"}
-    if not (ctx.folder / "radiomics" / "features.csv").is_file():
-        return {"skipped": "no radiomics features (see the radiomics stage)"}
+    ``score.json`` holds every result (``scores``, in the pipeline's order,
+    skipped cards with ``skipped``); the outputs repeat them without the
+    feature values and, for readers of the one-card outputs, the first
+    scored card's ``signature``, ``radscore``, ``risk_group``, ``model`` and
+    ``pfs_probability``. A card that cannot score this study (a feature that
+    could not be computed, a scanner its ComBat has not seen) is skipped with
+    the reason; it never fails the job.
+    """
+    from pipelines.radiomics.study import wide
+    from pipelines.scoring.study import first_scored, score_all
+
+    if not ctx.signatures:
+        return {"skipped": "the pipeline has no signature", "scores": []}
+    manifest = ctx.folder / "radiomics" / "outputs.json"
+    done = json.loads(manifest.read_text()) if manifest.is_file() else {}
     out = ctx.folder / "score"
     out.mkdir(parents=True, exist_ok=True)
-    card = _card(ctx.signature)
-    params = load_params(ctx.signature / card["extraction"]["params_file"])
-    table = pd.read_csv(ctx.folder / "radiomics" / "features.csv", dtype={"study": str})
-    row = wide(table).iloc[0].to_dict()
+    signatures, broken = _signatures(ctx)
+    skipped = {c["signature"]: c["skipped"] for c in done.get("cards", []) if "skipped" in c}
+    rows: dict[str, dict[str, float]] = {}
+    for extraction in done.get("extractions", []):
+        table = pd.read_csv(extraction["features"], dtype={"study": str})
+        row = wide(table).iloc[0].to_dict()
+        rows |= {card: row for card in extraction["cards"]}
     facts = dict(ctx.clinical)
     manufacturer = _series(ctx, ctx.primary).attributes.get("Manufacturer")
     if manufacturer and "batch" not in facts:
         facts["batch"] = str(manufacturer)
-    result = score_card(card, row, facts, params_sha256=params_hash(params))
-    (out / "score.json").write_text(json.dumps(result, indent=2))
-    (out / "features.json").write_text(json.dumps(row))
-    return {k: result[k] for k in ("signature", "radscore", "risk_group") if k in result} | {
-        "model": result.get("model"),
-        "pfs_probability": result.get("pfs_probability"),
-    }
+    results = score_all(signatures, rows, skipped, facts) + broken
+    (out / "score.json").write_text(json.dumps({"scores": results}, indent=2))
+    first = first_scored(results) or {}
+    legacy = {k: first.get(k) for k in LEGACY_SCORE_KEYS} if first else {}
+    return legacy | {"scores": [{k: v for k, v in r.items() if k != "features"} for r in results]}
+
+
+# What the score stage's outputs held when a pipeline had one card (the first scored card's).
+LEGACY_SCORE_KEYS = ("signature", "radscore", "risk_group", "model", "pfs_probability")
 
 
 def encode(ctx: JobContext) -> dict[str, Any]:
     """SEG per series, TID 1500 SR and the PDF report, UIDs derived from the job key."""
     from pipelines.encode.results import write_results
+    from pipelines.scoring.cards import CardError, Signature
 
     images = _images(ctx)
     masks = _masks(ctx, images)
-    result = card = features = None
+    scores: list[dict[str, Any]] = []
     if (ctx.folder / "score" / "score.json").is_file():
-        result = json.loads((ctx.folder / "score" / "score.json").read_text())
-        features = json.loads((ctx.folder / "score" / "features.json").read_text())
-        card = _card(ctx.signature) if ctx.signature else None
+        scores = json.loads((ctx.folder / "score" / "score.json").read_text()).get("scores", [])
+    cards = {}
+    for folder in ctx.signatures:  # for the PDF's nomogram and training curves
+        try:
+            signature = Signature.load(folder)
+        except CardError:
+            continue  # reported by the score stage
+        cards[signature.id] = dict(signature.card)
     done = json.loads((ctx.folder / "segment" / "outputs.json").read_text())
     written = write_results(
         ctx.folder / "encode",
@@ -215,9 +253,8 @@ def encode(ctx: JobContext) -> dict[str, Any]:
         primary=ctx.primary,
         segmentation_card=_card(ctx.segmentation_model),
         job_key=ctx.job_key,
-        score=result,
-        signature_card=card,
-        features=features,
+        scores=scores,
+        cards=cards,
         clinical=ctx.clinical,
         uid_root=ctx.uid_root,
         quality=done.get("quality"),  # absent in a segment stage run before quality existed

@@ -1,11 +1,14 @@
-"""One study from files to a score: segment, extract, score — what ``sarcnode analyze`` runs.
+"""One study from files to scores: segment, extract, score — what ``sarcnode analyze`` runs.
 
 The node's jobs run the same steps as separate, resumable stages; this is
 the single-process path for a researcher or an admin checking a study.
-Outputs in OUT: ``<role>_tumour.nii.gz`` per sequence, ``features.csv``
-(tidy), ``score.json`` and ``summary.txt``, each saying "not for clinical
-use" when the models do; for a DICOM study also ``dicom/`` with a SEG per
-segmented series, the TID 1500 SR and the Encapsulated PDF report
+Every card given scores the study when the study has its sequences; the
+others are reported as skipped, with the reason. Outputs in OUT:
+``<role>_tumour.nii.gz`` per sequence, ``features-<key>.csv`` (tidy) per
+extraction (cards sharing parameters, sequences and regions share one),
+``score.json`` and ``summary.txt``, each saying "not for clinical use" when
+the models do; for a DICOM study also ``dicom/`` with a SEG per segmented
+series, the TID 1500 SR and the Encapsulated PDF report
 (:mod:`pipelines.encode.results`), ready for ``sarcnode deliver``.
 """
 
@@ -13,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +24,10 @@ import SimpleITK as sitk
 
 from pipelines.encode.results import write_results
 from pipelines.io.roles import RoleRules
-from pipelines.radiomics.extract import params_hash
-from pipelines.radiomics.study import study_features, wide
-from pipelines.scoring import score
+from pipelines.radiomics.study import wide
+from pipelines.scoring.cards import Signature, plan
+from pipelines.scoring.study import extract_all, first_scored, score_all
+from pipelines.scoring.text import score_lines
 from pipelines.segment.infer import Segmenter
 from pipelines.segment.study import segment_input
 
@@ -33,14 +37,18 @@ def analyze_study(
     out: Path,
     *,
     segmenter: Segmenter,
-    card: dict[str, Any],
-    params: Mapping[str, Any],
+    signatures: Sequence[Signature],
     rules: RoleRules,
     clinical: Mapping[str, Any] | None = None,
     workers: int | None = None,
     uid_root: str | None = None,
 ) -> dict[str, Any]:
-    """Run the chain on ``study`` and write its outputs under ``out``; return the score report."""
+    """Run the chain on ``study`` and write its outputs under ``out``; return the report.
+
+    The report's ``scores`` hold every card's result or skip record, in the
+    order given; ``score`` is the first card that scored (what the one-card
+    report held), None when none did.
+    """
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -51,19 +59,21 @@ def analyze_study(
         path = out / f"{role}_tumour.nii.gz"
         sitk.WriteImage(mask, str(path), useCompression=True)
         masks[role] = str(path)
-    wanted = set(card.get("sequences") or seg.images)
-    images = {r: im for r, im in seg.images.items() if r in wanted}
-    tumours = {r: m for r, m in seg.masks.items() if r in wanted}
     t1 = time.perf_counter()
-    wanted_regions = tuple(
-        card.get("regions") or ("tumour", "ring", "habitat1", "habitat2", "habitat3")
-    )
-    table = study_features(
-        images, tumours, params, study=study.name, workers=workers, regions_wanted=wanted_regions
+    extractions, skipped = plan(signatures, set(seg.images))
+    tables, failed = extract_all(
+        extractions, seg.images, seg.masks, study=study.name, workers=workers
     )
     seconds["radiomics"] = time.perf_counter() - t1
-    table.to_csv(out / "features.csv", index=False)
-    row = wide(table).iloc[0].to_dict()
+    rows: dict[str, dict[str, float]] = {}
+    extracted = []
+    for extraction in extractions:
+        if extraction.key in tables:
+            path = out / f"features-{extraction.key}.csv"
+            tables[extraction.key].to_csv(path, index=False)
+            row = wide(tables[extraction.key]).iloc[0].to_dict()
+            rows |= {card: row for card in extraction.cards}
+            extracted.append(extraction.as_dict() | {"features": str(path)})
     facts = dict(clinical or {})
     manufacturer = next(
         (
@@ -75,9 +85,9 @@ def analyze_study(
     )
     if manufacturer and "batch" not in facts:
         facts["batch"] = manufacturer
-    result = score(card, row, facts, params_sha256=params_hash(params))
+    results = score_all(signatures, rows, skipped | failed, facts)
     quality = seg.result.quality.as_dict() if seg.result.quality else None
-    results: dict[str, str] = {}
+    dicom: dict[str, str] = {}
     if seg.series:  # DICOM input: the objects a PACS receives
         t2 = time.perf_counter()
         written = write_results(
@@ -88,14 +98,13 @@ def analyze_study(
             primary=seg.sequence,
             segmentation_card=segmenter.card,
             job_key=f"analyze:{study.name}",
-            score=result,
-            signature_card=card,
-            features=row,
+            scores=results,
+            cards={s.id: dict(s.card) for s in signatures},
             clinical=clinical,
             uid_root=uid_root,
             quality=quality,
         )
-        results = {kind: str(path) for kind, path in written.items()}
+        dicom = {kind: str(path) for kind, path in written.items()}
         seconds["encode"] = time.perf_counter() - t2
     report = {
         "study": study.name,
@@ -109,8 +118,10 @@ def analyze_study(
             else seg.registration.accepted,
             "quality": quality,
         },
-        "score": result,
-        "dicom": results,
+        "extractions": extracted,
+        "scores": results,
+        "score": first_scored(results),
+        "dicom": dicom,
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
         "clinical_use": "not for clinical use",
     }
@@ -120,8 +131,8 @@ def analyze_study(
 
 
 def summary(report: dict[str, Any]) -> str:
-    """Lines a person reads: tumour, mask quality, rad-score, risk group, predictions, warning."""
-    s, seg = report["score"], report["segmentation"]
+    """Lines a person reads: tumour, mask quality, each card's score or why none, warning."""
+    seg = report["segmentation"]
     lines = [
         f"Study {report['study']}: tumour {seg['volume_ml']} ml segmented on {seg['sequence']} "
         f"({seg['model']}).",
@@ -135,19 +146,14 @@ def summary(report: dict[str, Any]) -> str:
             f"Segmentation quality {quality['score']:.2f} (agreement of ensemble views, "
             f"review below {quality['threshold']:.2f}): no review needed."
         )
-    lines += [
-        f"Signature {s['signature']} ({s['endpoint']}): rad-score {s['radscore']:.3f}, "
-        f"risk group {s['risk_group']}.",
-    ]
-    if "pfs_probability" in s:
-        ordered = sorted(s["pfs_probability"].items(), key=lambda item: float(item[0]))
-        probs = ", ".join(f"{t} d: {p:.0%}" for t, p in ordered)
-        lines.append(f"Predicted progression-free survival ({s['model']} model): {probs}.")
-        if s.get("missing_clinical"):
-            lines.append(f"Clinical factors not given: {', '.join(s['missing_clinical'])}.")
-    if "probability" in s:
-        lines.append(f"Predicted probability: {s['probability']:.0%}.")
+    scores = report.get("scores")
+    if scores is None:  # a report from before several cards
+        scores = [report["score"]] if report.get("score") else []
+    for result in scores:
+        lines += score_lines(result)
     if report.get("dicom"):
         lines.append("DICOM results: " + ", ".join(sorted(report["dicom"].values())))
-    lines.append("NOT FOR CLINICAL USE: research models, demo models trained on synthetic data.")
+    lines.append(
+        "NOT FOR CLINICAL USE: research models; the synthetic-cohort card is the plumbing demo."
+    )
     return "\n".join(lines) + "\n"

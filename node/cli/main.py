@@ -716,6 +716,15 @@ def quality_text(quality: dict[str, Any] | None) -> str:
     return f"segmentation quality {figure} (review below {below:.2f}) - review: no"
 
 
+def _scores(outputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """The score stage's results; a job scored before several cards gives its one result."""
+    if "scores" in outputs:
+        return list(outputs["scores"])
+    if "radscore" in outputs:
+        return [outputs]
+    return []
+
+
 @jobs_app.command("show")
 def jobs_show(
     ctx: typer.Context,
@@ -723,12 +732,17 @@ def jobs_show(
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One job: inputs, segmentation quality, stages with timing and outputs, deliveries, audit.
+    """One job: inputs, segmentation quality, scores, stages with timing and outputs, deliveries.
 
     ``--json`` gives the segment stage's quality estimate both in that stage's
-    ``outputs`` and as ``segmentation_quality`` (None until the stage is done).
+    ``outputs`` and as ``segmentation_quality`` (None until the stage is done),
+    and each signature card's result or skip record as ``scores`` (None until
+    the score stage is done): rad-score, risk group (None outside the model's
+    range), predictions, ``applicability`` (status and the line people read),
+    training cohort, nested-CV headline, clinical use.
     """
     from node.db.models import JobStage
+    from pipelines.scoring.text import confident, score_lines
 
     settings = _settings(config or ctx.obj)
     db = _db(settings)
@@ -759,6 +773,10 @@ def jobs_show(
             (st for st in detail["stages"] if st["stage"] == "segment" and st["outputs"]), None
         )
         detail["segmentation_quality"] = segmented["outputs"].get("quality") if segmented else None
+        scored = next(
+            (st for st in detail["stages"] if st["stage"] == "score" and st["outputs"]), None
+        )
+        detail["scores"] = _scores(scored["outputs"]) if scored else None
         detail["deliveries"] = [
             {
                 "id": d.id,
@@ -803,6 +821,12 @@ def jobs_show(
         line = escape(quality_text(detail["segmentation_quality"]))
         flagged = (detail["segmentation_quality"] or {}).get("review")
         out.print(f"  [bold red]{line}[/bold red]" if flagged else f"  {line}", soft_wrap=True)
+    for result in detail["scores"] or []:
+        lines = [escape(line) for line in score_lines(result)]
+        outside = "skipped" not in result and not confident(result)
+        if outside:
+            lines[1] = f"[bold red]{lines[1]}[/bold red]"
+        out.print("\n".join(f"  {line}" for line in lines), soft_wrap=True)
     _emit(
         detail["stages"],
         False,
@@ -897,7 +921,7 @@ def pipelines_list(pipelines: PipelinesOpt = PIPELINES_DIR, as_json: JsonOpt = F
             "optional": ",".join(p.optional),
             "stages": ",".join(p.stages),
             "segmentation_model": p.segmentation_model.name,
-            "signature": p.signature.name if p.signature else None,
+            "signatures": ",".join(folder.name for folder in p.signatures) or None,
             "priority": p.priority,
         }
         for p in _pipelines(pipelines)
@@ -1002,9 +1026,21 @@ def config_check(
     path: Annotated[Path | None, typer.Argument(help="File to check (default: --config).")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Validate a config file; list every bad field by name and exit 2 if any."""
+    """Validate a config file and its pipelines (each signature card included).
+
+    Lists every bad field by name, or the pipeline file and card that cannot
+    be used, and exits 2 if any.
+    """
+    from node.pipelines import PipelineError, load_pipelines
+
     target = path or resolve_config_path(config)
     settings = _settings(target)
+    folder = settings.jobs.pipelines_dir
+    try:
+        pipelines = load_pipelines(folder) if folder.is_dir() else []
+    except PipelineError as exc:
+        err.print(f"[red]{target or 'embedded defaults'}: pipeline error: {escape(str(exc))}[/red]")
+        raise typer.Exit(2) from exc
     out.print(f"{target or 'embedded defaults'}: OK")
     out.print(
         f"  AE title {settings.dicom.ae_title} on {settings.dicom.bind}:{settings.dicom.port}"
@@ -1013,6 +1049,11 @@ def config_check(
     out.print(
         f"  storage {settings.storage.root.resolve()}; database {_mask(settings.database_url)}"
     )
+    for p in pipelines:
+        cards = ", ".join(folder.name for folder in p.signatures) or "none"
+        out.print(f"  pipeline {p.name}: signature cards {cards}")
+    if not pipelines:
+        out.print(f"  no pipeline files in {folder}: studies are stored but start no job")
 
 
 def _mask(url: str) -> str:
@@ -1704,7 +1745,50 @@ def evaluate_cmd(
     out.print(f"[bold]{card.get('clinical_use', 'not for clinical use')}[/bold]")
 
 
-DEFAULT_SIGNATURE = Path(__file__).resolve().parents[2] / "models" / "sarcnode-pfs-demo"
+@app.command("card-applicability")
+def card_applicability_cmd(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="Signature folder (card.yaml).")],
+    clinical: Annotated[
+        Path, typer.Option(help="The cohort's clinical CSV the card was fitted with.")
+    ],
+    features: Annotated[
+        Path | None, typer.Option(help="Feature CSV (default MODEL/features.csv, the fit's cache).")
+    ] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.3,
+) -> None:
+    """Add the training range of each card feature and of the rad-score (``applicability``).
+
+    For a card fitted before cards carried it: the training cases are re-drawn
+    as the fit drew them, and used only if they give back the card's training
+    size, means and SDs. The card's version goes up a minor step (its outputs
+    change: a study outside the range loses its risk group).
+    """
+    from pipelines.scoring.domain import reconstruct_block
+    from pipelines.signature.card import ScoreError, load_signature_card, write_signature_card
+
+    try:
+        card = load_signature_card(model)
+        block = reconstruct_block(
+            card, features or model / "features.csv", clinical, val_fraction=val_fraction
+        ).as_dict()
+    except (ScoreError, ValueError, KeyError, OSError) as exc:
+        err.print(f"[red]card-applicability: {escape(str(exc))}[/red]")
+        raise typer.Exit(2) from exc
+    if card.get("applicability") == block:
+        out.print(f"{model}: applicability block already up to date")
+        return
+    major, minor, *_ = [*str(card.get("version", "1.0.0")).split("."), "0", "0"]
+    card["version"] = f"{major}.{int(minor) + 1}.0"
+    card["applicability"] = block
+    path = write_signature_card(model, card)
+    low, high = block["radscore"]
+    out.print(
+        f"{path}: version {card['version']}, training ranges of {len(block['features'])} "
+        f"feature(s) and the rad-score ({low:.3f} to {high:.3f}) over {block['n_train']} cases"
+    )
+
+
+SHIPPED_PIPELINE = PIPELINES_DIR / "sarcoma-mr.yaml"
 
 
 def _yes_no(value: str | None) -> int | None:
@@ -1725,8 +1809,12 @@ def analyze_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")],
     model: ModelOpt = DEFAULT_SEG_MODEL,
     signature: Annotated[
-        Path, typer.Option(envvar="SARCNODE_SIGNATURE", help="Signature folder (card.yaml).")
-    ] = DEFAULT_SIGNATURE,
+        list[Path] | None,
+        typer.Option(
+            envvar="SARCNODE_SIGNATURE",
+            help="Signature folder (card.yaml); repeatable. Default: the shipped pipeline's cards.",
+        ),
+    ] = None,
     edema: Annotated[str | None, typer.Option(help="Peritumoral edema: yes/no.")] = None,
     metastasis: Annotated[str | None, typer.Option(help="Metastasis at diagnosis: yes/no.")] = None,
     grade: Annotated[int | None, typer.Option(min=1, max=3, help="Histological grade.")] = None,
@@ -1737,21 +1825,26 @@ def analyze_cmd(
     rules: RulesOpt = RULES_FILE,
     as_json: JsonOpt = False,
 ) -> None:
-    """Segment, extract radiomics and score one study; write masks, features, score and summary."""
+    """Segment, extract radiomics and score one study with each card; write masks, scores, summary.
+
+    A card the study cannot use (a sequence missing) is reported as skipped, with the reason.
+    """
+    from node.pipelines import PipelineError, load_pipeline
     from pipelines.analyze import analyze_study
     from pipelines.io.dicom import GeometryError
     from pipelines.io.roles import load_role_rules
-    from pipelines.radiomics.extract import ExtractionError, load_params
+    from pipelines.radiomics.extract import ExtractionError
+    from pipelines.scoring.cards import CardError, load_signatures
     from pipelines.segment.study import InputError
-    from pipelines.signature.card import ScoreError, load_signature_card
+    from pipelines.signature.card import ScoreError
 
-    segmenter = _segmenter(model, device)
     try:
-        card = load_signature_card(signature)
-        params = load_params(signature / card["extraction"]["params_file"])
-    except (ScoreError, ExtractionError, KeyError) as exc:
-        err.print(f"[red]analyze: signature {signature}: {exc}[/red]")
+        folders = signature or list(load_pipeline(SHIPPED_PIPELINE).signatures)
+        signatures = load_signatures(folders)
+    except (CardError, PipelineError) as exc:
+        err.print(f"[red]analyze: {escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
+    segmenter = _segmenter(model, device)
     clinical: dict[str, Any] = {
         "edema": _yes_no(edema),
         "metastasis": _yes_no(metastasis),
@@ -1764,8 +1857,7 @@ def analyze_cmd(
             study,
             out_dir,
             segmenter=segmenter,
-            card=card,
-            params=params,
+            signatures=signatures,
             rules=load_role_rules(rules),
             clinical={k: v for k, v in clinical.items() if v is not None},
             workers=workers,
@@ -1777,7 +1869,7 @@ def analyze_cmd(
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
     out.print((out_dir / "summary.txt").read_text().rstrip())
-    out.print(f"outputs in {out_dir}: masks, features.csv, score.json, summary.txt")
+    out.print(f"outputs in {out_dir}: masks, features-*.csv, score.json, summary.txt")
 
 
 clinical_app = typer.Typer(

@@ -9,7 +9,7 @@ so the PACS sees the same objects again, not new ones.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from pipelines.encode.pdf import encode_pdf, report_pdf
 from pipelines.encode.seg import Algorithm, encode_seg, mask_array, source_datasets
-from pipelines.encode.sr import encode_sr, tumour_measurements
+from pipelines.encode.sr import encode_sr, scores_key, tumour_measurements
 from pipelines.io.dicom import SeriesRef
 
 
@@ -31,9 +31,8 @@ def write_results(
     primary: str,
     segmentation_card: Mapping[str, Any],
     job_key: str,
-    score: Mapping[str, Any] | None = None,
-    signature_card: Mapping[str, Any] | None = None,
-    features: Mapping[str, float] | None = None,
+    scores: Sequence[Mapping[str, Any]] = (),
+    cards: Mapping[str, Mapping[str, Any]] | None = None,
     clinical: Mapping[str, Any] | None = None,
     uid_root: str | None = None,
     quality: Mapping[str, Any] | None = None,
@@ -42,7 +41,10 @@ def write_results(
 
     ``primary`` is the sequence the tumour was segmented on: the SR and the
     PDF describe that series; each role in ``series`` with a mask gets a SEG.
-    ``quality`` is the segmentation's quality estimate
+    ``scores`` are :func:`pipelines.scoring.score` results, one per card,
+    and the skip records of cards that did not score (``skipped``: why);
+    ``cards`` (by id) give the PDF each survival card's nomogram and
+    training curves. ``quality`` is the segmentation's quality estimate
     (:meth:`pipelines.segment.quality.Quality.as_dict`): the SR and the PDF
     show its score and whether a person should review the mask.
     """
@@ -53,8 +55,9 @@ def write_results(
     )
     not_clinical = "not for clinical use" in " ".join(
         str(c.get("clinical_use", "not for clinical use")).lower()
-        for c in (segmentation_card, signature_card or {})
+        for c in (segmentation_card, *[s for s in scores if "skipped" not in s])
     )
+    scored = [s for s in scores if "skipped" not in s]
     written: dict[str, Path] = {}
     sources_by_role = {}
     for number, role in enumerate(sorted(series), start=1):
@@ -76,8 +79,6 @@ def write_results(
     if primary not in sources_by_role:
         return written
     sources = sources_by_role[primary]
-    wanted = {f["name"] for f in (signature_card or {}).get("features", [])}
-    chosen = {k: v for k, v in (features or {}).items() if k in wanted}
     previous = pydicom.dcmread(out / "sr.dcm") if (out / "sr.dcm").is_file() else None
     sr = encode_sr(
         sources,
@@ -85,8 +86,7 @@ def write_results(
         masks[primary],
         segmentation_model=algorithm,
         job_key=job_key,
-        score=score,
-        features=chosen,
+        scores=scores,
         not_for_clinical_use=not_clinical,
         uid_root=uid_root,
         previous=previous,
@@ -96,26 +96,23 @@ def write_results(
     written["sr"] = out / "sr.dcm"
     mask = mask_array(masks[primary], sources)
     facts = tumour_measurements(images[primary], mask)
-    models = f"{algorithm.name} {algorithm.version}"
-    if score is not None:
-        models += f"; {score['signature']} {score.get('version', '')}"
+    models = "; ".join(
+        [f"{algorithm.name} {algorithm.version}"]
+        + [f"{s['signature']} {s.get('version', '')}" for s in scored]
+    )
     document = report_pdf(
         images[primary],
         mask,
         facts,
-        score=score,
-        card=signature_card,
+        scores=scores,
+        cards=cards or {},
         clinical=clinical,
         models=models,
         not_for_clinical_use=not_clinical,
         quality=quality,
     )
     (out / "report.pdf").write_bytes(document)
-    version_key = algorithm.version + (
-        f"/{score['signature']}:{score.get('version')}:{score.get('model', '')}"
-        if score is not None
-        else ""
-    )
+    version_key = algorithm.version + scores_key(scores)
     pdf = encode_pdf(sources, document, job_key=job_key, version_key=version_key, uid_root=uid_root)
     pdf.save_as(out / "report_pdf.dcm", enforce_file_format=True)
     written["pdf"] = out / "report_pdf.dcm"

@@ -3,22 +3,38 @@
 Designed to open in OHIF as well as to be correct DICOM: OHIF 3.12/3.13
 crash on a report that holds a volumetric group (TID 1411) at all
 (``Cannot read properties of undefined (reading 'ReferencedSOPSequence')``,
-see ``../shared/notes/real-systems.md``) but draw planar groups. So the report
-has ONE planar group (TID 1410): the tumour's outline as a closed SCOORD
-POLYLINE on the key slice (the slice with the largest tumour area), and all
-measurements of that tumour in it: volume (ml), longest axial diameter (mm),
-area on the key slice (mm2), mean and SD of the source intensities, the
-signature's feature values, the rad-score, predicted PFS probabilities at
-the card's time points, and the risk group as a coded qualitative
-evaluation. The observer is the node as a device; the segmentation model
-and signature appear as algorithm identifications. When either model is not
-for clinical use, a coded qualitative evaluation says so. The segmentation's
-quality estimate goes in the same group: the agreement score as a NUM (with
-the segmentation model's algorithm identification, like every NUM here:
-OHIF throws on a NUM without a ContentSequence) and whether a person should
-review the mask as a coded qualitative evaluation. Its reasons, free text,
-stay out of the SR (OHIF is not known to tolerate a TEXT item in a group):
-the PDF and ``jobs show`` give them.
+see ``../shared/notes/real-systems.md``) but draw planar groups. So the
+report has planar groups (TID 1410) only, all on the tumour's outline as a
+closed SCOORD POLYLINE on the key slice (the slice with the largest tumour
+area):
+
+- the tumour's group ("Tumour"): volume (ml), longest axial diameter (mm),
+  area on the key slice (mm2), mean and SD of the source intensities, the
+  segmentation's quality estimate (the agreement score as a NUM and whether
+  a person should review the mask as a coded qualitative evaluation), and
+  "not for clinical use" when a model is not;
+- one group per signature card that scored the study ("Tumour: <card>
+  <version>"), its measurements made by that card (its algorithm
+  identification), in this order because OHIF draws only a group's first
+  five NUMs: the rad-score, the predictions (survival probabilities at the
+  card's time points, or the probability of a logistic endpoint), the
+  training cohort size, the card's feature values; and, as coded
+  qualitative evaluations, the risk group, the applicability verdict, the
+  training cohort's kind (real or synthetic) and the clinical use. Outside
+  the model's range the risk group and the predictions are left out (they
+  would be extrapolations) and a NUM right after the rad-score says by how
+  much the study lies outside (widths of the training range), so OHIF,
+  which shows NUMs, shows it too. (OHIF anchors every group's text box at
+  the right edge of its outline: on one outline the boxes overlap, the
+  active group drawn on top.)
+
+Every NUM carries an algorithm identification (OHIF throws on a NUM without
+a ContentSequence). Free text stays out of the groups (OHIF is not known to
+tolerate a TEXT item in one): a root "Qualitative Evaluations" container
+(TID 1500 row 12, which OHIF does not read) holds, per card, scored or
+skipped, the lines the PDF and ``jobs show`` print: which feature or score
+lies outside the range and by how much, the nested-CV headline, why a card
+was skipped. The observer is the node as a device.
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ from pipelines.encode.seg import (
     mask_array,
 )
 from pipelines.encode.uids import derived_uid
+from pipelines.scoring.text import score_lines, survival_probabilities
 
 ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")  # OHIF prints the code as the unit
 MM = codes.UCUM.Millimeter
@@ -70,6 +87,24 @@ SEG_AGREEMENT = local("segagreement", "Segmentation quality (agreement of ensemb
 SEG_REVIEW = local("segreview", "Segmentation review")
 REVIEW_RECOMMENDED = local("reviewneeded", "Review recommended before trusting the numbers")
 NO_REVIEW_NEEDED = local("noreviewneeded", "No review needed")
+# Applicability domain (pipelines.scoring.domain) and the training cohort.
+APPLICABILITY = local("applicability", "Applicability (training range of the model)")
+VERDICTS = {
+    "inside": local("inrange", "Within the model's range"),
+    "outside": local("outsiderange", "Outside the model's range: no risk group given"),
+    "unknown": local("domainunknown", "Applicability domain unknown"),
+}
+OUTSIDE_BY = local("outsideby", "OUTSIDE the model's range by (widths of training range)")
+TRAINING_COHORT = local("trainingcohort", "Training cohort")
+COHORTS = {
+    "real": local("realcohort", "Real patients"),
+    "synthetic": local("syntheticcohort", "SYNTHETIC patients (plumbing demo)"),
+    "unknown": local("unknowncohort", "Patients of unstated origin"),
+}
+TRAINING_SIZE = local("trainingsize", "Training cohort size")
+PATIENTS = hd.sr.CodedConcept("{patients}", "UCUM", "patients")
+QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+SIGNATURE_NOTE = local("signaturenote", "Radiomics signature")
 
 
 def key_slice(mask: np.ndarray) -> int:
@@ -136,6 +171,105 @@ def _measurement(
     return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm)
 
 
+def scores_key(scores: Sequence[Mapping[str, Any]]) -> str:
+    """What of the scores changes the objects' UIDs: each scored card, version and model."""
+    return "".join(
+        f"/{s['signature']}:{s.get('version')}:{s.get('model', '')}"
+        for s in scores
+        if "skipped" not in s
+    )
+
+
+def _region(outline_xy: np.ndarray, key: Dataset) -> hd.sr.ImageRegion:
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline_xy,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=key.SOPClassUID,
+            referenced_sop_instance_uid=key.SOPInstanceUID,
+        ),
+    )
+
+
+def _signature_group(
+    score: Mapping[str, Any],
+    region: hd.sr.ImageRegion,
+    tracking_uid: str,
+    not_for_clinical_use: bool,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """One card's measurements and evaluations of the tumour (see the module docstring)."""
+    signature = hd.sr.AlgorithmIdentification(
+        name=str(score["signature"]), version=str(score.get("version") or "1")
+    )
+    # OHIF draws the first five NUMs of a group beside its outline: the rad-score, then
+    # how far outside the range or the predictions, then the cohort size, then the inputs.
+    measurements = [_measurement(RADSCORE, score["radscore"], NO_UNITS, signature)]
+    verdict = score.get("applicability") or {"status": "unknown", "outside": []}
+    if verdict["status"] == "outside":
+        fractions = [e["by_fraction"] for e in verdict["outside"] if e["by_fraction"] is not None]
+        if fractions:
+            measurements.append(_measurement(OUTSIDE_BY, max(fractions), NO_UNITS, signature))
+    else:  # inside (or unknown): the predictions are the model's to give
+        endpoint = str(score["endpoint"])
+        for days, p in survival_probabilities(score):
+            concept = local(
+                f"{endpoint}{int(float(days))}d",
+                f"Predicted {endpoint.upper()} probability at {days} days",
+            )
+            measurements.append(_measurement(concept, 100.0 * p, PERCENT, signature))
+        if "probability" in score:
+            concept = local(f"p-{endpoint}", f"Predicted probability of {endpoint}")
+            measurements.append(
+                _measurement(concept, 100.0 * float(score["probability"]), PERCENT, signature)
+            )
+    n_train = (score.get("training_cohort") or {}).get("n")
+    if n_train:
+        measurements.append(_measurement(TRAINING_SIZE, n_train, PATIENTS, signature))
+    measurements += [
+        _measurement(local(name, name), value, NO_UNITS, signature)
+        for name, value in sorted((score.get("features") or {}).items())
+    ]
+    evaluations = []
+    if score.get("risk_group") is not None:
+        risk = str(score["risk_group"])
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(RISK_GROUP, local(risk, f"{risk.capitalize()} risk"))
+        )
+    evaluations.append(hd.sr.QualitativeEvaluation(APPLICABILITY, VERDICTS[verdict["status"]]))
+    source = (score.get("training_cohort") or {}).get("source") or "unknown"
+    evaluations.append(hd.sr.QualitativeEvaluation(TRAINING_COHORT, COHORTS[source]))
+    if not_for_clinical_use or "not for clinical use" in str(score.get("clinical_use", "")):
+        evaluations.append(hd.sr.QualitativeEvaluation(CLINICAL_USE, NOT_FOR_CLINICAL_USE))
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"Tumour: {score['signature']} {score.get('version', '')}"
+        ),
+        referenced_region=region,
+        finding_type=codes.SCT.Neoplasm,
+        algorithm_id=signature,
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+
+
+def _notes(scores: Sequence[Mapping[str, Any]]) -> hd.sr.ContainerContentItem:
+    """TID 1500's root Qualitative Evaluations: per card, the lines people read (TEXT)."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=SIGNATURE_NOTE,
+                value="\n".join(line.strip() for line in score_lines(score)),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for score in scores
+        ]
+    )
+    return container
+
+
 def encode_sr(
     sources: Sequence[Dataset],
     image: sitk.Image,
@@ -143,8 +277,7 @@ def encode_sr(
     *,
     segmentation_model: Algorithm,
     job_key: str,
-    score: Mapping[str, Any] | None = None,
-    features: Mapping[str, float] | None = None,
+    scores: Sequence[Mapping[str, Any]] = (),
     not_for_clinical_use: bool = True,
     series_number: int = 9102,
     uid_root: str | None = None,
@@ -153,15 +286,14 @@ def encode_sr(
 ) -> hd.sr.Comprehensive3DSR:
     """The report for the tumour on ``sources`` (the series ``tumour`` and ``image`` live on).
 
-    ``score`` is :func:`pipelines.scoring.score`'s result (rad-score, risk
-    group, PFS probabilities, signature id and version); ``features`` the
-    signature's input values by card name. Without a score the report holds
-    the tumour measurements only. ``quality`` is the segmentation's quality
-    estimate (:meth:`pipelines.segment.quality.Quality.as_dict`): its score
-    (when the model has one) and its review flag join the tumour's group.
-    A report made with other inputs (a radiomics-only score now re-scored
-    with the nomogram) gets new UIDs and names ``previous`` as its
-    predecessor document.
+    ``scores`` are :func:`pipelines.scoring.score` results (one group each)
+    and skip records (``skipped``: only a note). Without scores the report
+    holds the tumour measurements only. ``quality`` is the segmentation's
+    quality estimate (:meth:`pipelines.segment.quality.Quality.as_dict`):
+    its score (when the model has one) and its review flag join the
+    tumour's group. A report made with other inputs (a radiomics-only score
+    now re-scored with the nomogram) gets new UIDs and names ``previous`` as
+    its predecessor document.
     """
     mask = mask_array(tumour, sources)
     facts = tumour_measurements(image, mask)
@@ -189,54 +321,43 @@ def encode_sr(
                 SEG_REVIEW, REVIEW_RECOMMENDED if quality.get("review") else NO_REVIEW_NEEDED
             )
         )
-    version_key = segmentation_model.version
-    if score is not None:
-        signature = hd.sr.AlgorithmIdentification(
-            name=str(score["signature"]), version=str(score.get("version") or "1")
-        )
-        version_key += f"/{score['signature']}:{score.get('version')}:{score.get('model', '')}"
-        for name, value in sorted((features or {}).items()):
-            measurements.append(_measurement(local(name, name), value, NO_UNITS, signature))
-        measurements.append(_measurement(RADSCORE, score["radscore"], NO_UNITS, signature))
-        for days, p in sorted(
-            (score.get("pfs_probability") or {}).items(), key=lambda kv: float(kv[0])
-        ):
-            concept = local(f"pfs{int(float(days))}d", f"Predicted PFS probability at {days} days")
-            measurements.append(_measurement(concept, 100.0 * float(p), PERCENT, signature))
-        if "probability" in score:
-            concept = local(
-                f"p-{score['endpoint']}", f"Predicted probability of {score['endpoint']}"
-            )
-            measurements.append(
-                _measurement(concept, 100.0 * float(score["probability"]), PERCENT, signature)
-            )
-        risk = str(score["risk_group"])
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(RISK_GROUP, local(risk, f"{risk.capitalize()} risk"))
-        )
     if not_for_clinical_use:
         evaluations.append(hd.sr.QualitativeEvaluation(CLINICAL_USE, NOT_FOR_CLINICAL_USE))
-    region = hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=outline(mask[k]),
-        source_image=hd.sr.SourceImageForRegion(
-            referenced_sop_class_uid=key.SOPClassUID,
-            referenced_sop_instance_uid=key.SOPInstanceUID,
-        ),
-    )
-    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(
-                "track", source_series, segmentation_model.version, job_key, "tumour", root=uid_root
+    version_key = segmentation_model.version + scores_key(scores)
+    xy = outline(mask[k])
+    groups = [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derived_uid(
+                    "track",
+                    source_series,
+                    segmentation_model.version,
+                    job_key,
+                    "tumour",
+                    root=uid_root,
+                ),
+                identifier="Tumour",
             ),
-            identifier="Tumour",
-        ),
-        referenced_region=region,
-        finding_type=codes.SCT.Neoplasm,
-        algorithm_id=seg_algorithm,
-        measurements=measurements,
-        qualitative_evaluations=evaluations or None,
-    )
+            referenced_region=_region(xy, key),
+            finding_type=codes.SCT.Neoplasm,
+            algorithm_id=seg_algorithm,
+            measurements=measurements,
+            qualitative_evaluations=evaluations or None,
+        )
+    ]
+    for score in scores:
+        if "skipped" in score:
+            continue
+        tracking = derived_uid(
+            "track",
+            source_series,
+            segmentation_model.version,
+            job_key,
+            "tumour",
+            f"{score['signature']}:{score.get('version')}",
+            root=uid_root,
+        )
+        groups.append(_signature_group(score, _region(xy, key), tracking, not_for_clinical_use))
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -250,8 +371,10 @@ def encode_sr(
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.LN.MRIUnspecifiedBodyRegion,
-        imaging_measurements=[group],
+        imaging_measurements=groups,
     )
+    if scores:
+        report[0].ContentSequence.append(_notes(scores))
     kind_of = "SR " + source_series
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources),

@@ -26,7 +26,7 @@ def pipeline_folder(tmp_path: Path) -> Path:
     data["trigger"]["roles_file"] = str(REPO / "config" / "sequence_roles.yaml")
     data["trigger"]["wait_for_optional_s"] = 0
     data["segmentation_model"] = str(REPO / "models" / "sarcnode-seg-demo")
-    data["signature"] = str(REPO / "models" / "sarcnode-pfs-demo")
+    data["signatures"] = [str(REPO / "models" / "sarcnode-pfs-demo")]
     folder = tmp_path / "pipelines"
     folder.mkdir()
     (folder / "sarcoma-mr.yaml").write_text(yaml.safe_dump(data))
@@ -115,7 +115,12 @@ def test_a_study_sent_by_storescu_comes_back_to_orthanc_as_seg_sr_and_pdf(
     assert all(s["state"] == "done" and s["seconds"] is not None for s in shown["stages"])
     assert shown["inputs"].keys() == {"T2FS", "T1"}
     score = next(s for s in shown["stages"] if s["stage"] == "score")["outputs"]
-    assert score["risk_group"] in ("high", "low")
+    (result,) = shown["scores"]
+    assert result["signature"] == score["signature"] == "sarcnode-pfs-demo"
+    assert result["applicability"]["status"] in ("inside", "outside")
+    assert (score["risk_group"] in ("high", "low")) == (
+        result["applicability"]["status"] != "outside"
+    )
     assert (
         next(j for j in node.json("jobs") if j["id"] == first[0]["id"])["superseded_by"]
         == (second["id"])

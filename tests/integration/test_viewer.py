@@ -43,14 +43,23 @@ def test_ohif_draws_the_seg_overlay_and_lists_the_sr_measurements(
     assert seen["overlay_pixels"] > 500, seen["seg_viewport"]
     # The SR: its planar group drawn on the key slice with our numbers, no black viewport.
     assert seen["sr_error"] is None and seen["sr_viewport_nonblack"], seen
-    (group,) = seen["sr_measurements"]
+    # The tumour's group, and one per signature card, all on the key slice.
+    group, card_group = seen["sr_measurements"]
     assert group["tracking_identifier"] == "Tumour" and group["graphic_types"] == ["POLYLINE"]
     labels = {item["label"]: item["value"] for item in group["labels"]}
     volume_ml = sr_volume(sr)
     assert labels["Volume"] == f"{volume_ml:.2f} mL"
-    assert "Radiomics score (rad-score)" in labels
+    assert card_group["tracking_identifier"] == "Tumour: sarcnode-pfs-demo 1.0.0"
+    card_labels = [item["label"] for item in card_group["labels"]]
+    # OHIF draws a group's first five NUMs: the rad-score and the predictions come first.
+    assert card_labels[:2] == [
+        "Radiomics score (rad-score)",
+        "Predicted PFS probability at 300 days",
+    ]
+    assert "Training cohort size" in card_labels
     assert any("Volume" in text for text in seen["sr_viewport_text"])
-    assert group["referenced_sop"] == seen["sr_image"]["sop_uid"]  # the key slice is shown
+    for each in (group, card_group):
+        assert each["referenced_sop"] == seen["sr_image"]["sop_uid"]  # the key slice is shown
 
 
 def sr_volume(sr: pydicom.Dataset) -> float:
@@ -58,6 +67,6 @@ def sr_volume(sr: pydicom.Dataset) -> float:
     import highdicom as hd
 
     report = hd.sr.Comprehensive3DSR.from_dataset(sr)
-    (group,) = report.content.get_planar_roi_measurement_groups()
+    group = report.content.get_planar_roi_measurement_groups()[0]
     (volume,) = [m for m in group.get_measurements() if m.name.meaning == "Volume"]
     return float(volume.value)

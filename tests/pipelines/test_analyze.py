@@ -25,17 +25,26 @@ def test_analyze_sts001_segments_extracts_and_scores_reproducibly(tmp_path: Path
     for role in ("T2FS", "T1"):
         mask = sitk.ReadImage(report["segmentation"]["masks"][role])
         assert sitk.GetArrayViewFromImage(mask).sum() > 1000  # a real tumour, on each series' grid
-    table = pd.read_csv(tmp_path / "a" / "features.csv")
+    (extraction,) = report["extractions"]  # the shipped pipeline's cards: the demo card's
+    table = pd.read_csv(extraction["features"])
     assert {(s, r) for s, r in zip(table["sequence"], table["region"], strict=True)} >= {
         ("T2FS", "tumour"),
         ("T2FS", "ring"),
     }
     score = report["score"]
-    assert score["signature"] == "sarcnode-pfs-demo" and score["risk_group"] in ("high", "low")
-    assert score["model"] == "radscore" and score["missing_clinical"]  # no clinical factors given
+    assert report["scores"][0] == score
+    assert score["signature"] == "sarcnode-pfs-demo" and score["model"] == "radscore"
+    assert score["missing_clinical"]  # no clinical factors given
+    # A real study against a card fitted on synthetic ones: in range or not, it is said.
+    verdict = score["applicability"]
+    assert verdict["status"] in ("inside", "outside")
+    assert (score["risk_group"] in ("high", "low")) == (verdict["status"] == "inside")
     probabilities = [score["pfs_probability"][t] for t in ("300", "600", "900")]
     assert 1 > probabilities[0] >= probabilities[1] >= probabilities[2] > 0
-    assert "NOT FOR CLINICAL USE" in (tmp_path / "a" / "summary.txt").read_text()
+    summary_text = (tmp_path / "a" / "summary.txt").read_text()
+    assert "NOT FOR CLINICAL USE" in summary_text
+    assert "fitted on 140 SYNTHETIC patients: the plumbing demo" in summary_text
+    assert verdict["text"] in summary_text
     quality = report["segmentation"]["quality"]  # the demo model: one view, so no score
     assert set(quality) >= {"score", "review", "threshold", "reasons"}
     # The objects a PACS receives: a SEG per series, the SR and the PDF, all valid DICOM.
@@ -76,6 +85,44 @@ def _report(quality: dict[str, object] | None) -> dict[str, object]:
         "segmentation": {"model": "m 1", "sequence": "T2FS", "volume_ml": 12.5, "quality": quality},
         "score": {"signature": "sig", "endpoint": "pfs", "radscore": 0.5, "risk_group": "low"},
     }
+
+
+def test_summary_gives_every_card_and_why_one_was_skipped() -> None:
+    report = _report(None) | {
+        "scores": [
+            {
+                "signature": "sarcnode-lungmets-t1",
+                "version": "1.0.0",
+                "endpoint": "lung_metastasis",
+                "training_cohort": {"n": 37, "source": "real"},
+                "nested_cv": "nested-CV AUC 0.74 (95% CI 0.58-0.88), permutation p 0.02",
+                "clinical_use": "not for clinical use",
+                "radscore": 3.9,
+                "risk_group": None,
+                "risk_group_withheld": "outside the model's range",
+                "probability": 0.98,
+                "applicability": {
+                    "status": "outside",
+                    "text": "outside the model's range: rad-score 3.9 above the training range "
+                    "-2.1 to 2.4 by 1.5 (33% of its width)",
+                },
+            },
+            {
+                "signature": "sarcnode-grade-t1",
+                "version": "1.0.0",
+                "endpoint": "high_grade",
+                "training_cohort": {"n": 35, "source": "real"},
+                "skipped": "needs T1: not in the study (it has T2FS)",
+            },
+        ]
+    }
+    text = summary(report)
+    assert "sarcnode-lungmets-t1 1.0.0 (lung_metastasis)" in text
+    assert "rad-score 3.900, no risk group: outside the model's range" in text
+    assert "predictions withheld: outside the model's range" in text and "98%" not in text
+    assert "rad-score 3.9 above the training range -2.1 to 2.4 by 1.5" in text
+    assert "fitted on 37 real patients; nested CV: nested-CV AUC 0.74" in text
+    assert "not scored: needs T1: not in the study (it has T2FS)" in text
 
 
 def test_summary_says_when_the_mask_needs_review() -> None:

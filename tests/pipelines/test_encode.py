@@ -25,14 +25,25 @@ from pipelines.synth.study import write_study
 from tests.peers import require
 
 REPO = Path(__file__).resolve().parents[2]
-SCORE = {
+SCORE = {  # the shape of pipelines.scoring.score's result (features added per test)
     "signature": "sarcnode-pfs-demo",
     "version": "1.0.0",
     "endpoint": "pfs",
+    "clinical_use": "not for clinical use",
+    "training_cohort": {"n": 140, "source": "synthetic"},
+    "demo": True,
+    "nested_cv": None,
     "radscore": 0.4321,
     "risk_group": "high",
     "model": "radscore",
+    "survival_probability": {"300": 0.81, "600": 0.62, "900": 0.5},
     "pfs_probability": {"300": 0.81, "600": 0.62, "900": 0.5},
+    "applicability": {
+        "status": "inside",
+        "text": "within the model's range: 7 feature(s) and the rad-score inside the "
+        "training range (140 cases)",
+        "outside": [],
+    },
 }
 
 
@@ -99,9 +110,8 @@ def _results(
         primary="T2FS",
         segmentation_card=seg_card,
         job_key=job_key,
-        score=score,
-        signature_card=pfs_card if score else None,
-        features=features if score else None,
+        scores=[score | {"features": features}] if score else [],
+        cards={"sarcnode-pfs-demo": pfs_card},
         quality=quality,
     )
 
@@ -140,22 +150,35 @@ def test_seg_sr_pdf_pass_dciodvfy_and_read_back(study: dict[str, object], tmp_pa
 
     sr = hd.sr.srread(files["sr"])
     planar = sr.content.get_planar_roi_measurement_groups()
-    assert len(planar) == 1 and not sr.content.get_volumetric_roi_measurement_groups()
-    group = planar[0]
+    # Planar groups only (OHIF): the tumour's, then one per card that scored.
+    assert len(planar) == 2 and not sr.content.get_volumetric_roi_measurement_groups()
+    group, card_group = planar
     names = {m.name.meaning: m for m in group.get_measurements()}
     spacing = np.prod(study["image"].GetSpacing())  # type: ignore[attr-defined]
     assert names["Volume"].value == pytest.approx(mask.sum() * spacing / 1000, rel=1e-6)
+    evaluations = {q.name.meaning: q.value.meaning for q in group.get_qualitative_evaluations()}
+    assert "NOT FOR CLINICAL USE" in evaluations["Clinical use"]
+    names = {m.name.meaning: m for m in card_group.get_measurements()}
     assert names["Radiomics score (rad-score)"].value == pytest.approx(0.4321)
     assert names["Predicted PFS probability at 600 days"].value == pytest.approx(62.0)
-    evaluations = {q.name.meaning: q.value.meaning for q in group.get_qualitative_evaluations()}
+    assert names["Training cohort size"].value == 140
+    evaluations = {
+        q.name.meaning: q.value.meaning for q in card_group.get_qualitative_evaluations()
+    }
     assert evaluations["Radiomics risk group"] == "High risk"
+    assert evaluations["Applicability (training range of the model)"] == (
+        "Within the model's range"
+    )
+    assert evaluations["Training cohort"] == "SYNTHETIC patients (plumbing demo)"
     assert "NOT FOR CLINICAL USE" in evaluations["Clinical use"]
-    # The outline lies on the slice with the largest tumour area.
-    region = group.roi
-    assert region.GraphicType == "POLYLINE" and region.GraphicData[:2] == region.GraphicData[-2:]
-    referenced = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
-    assert referenced == sources[int(np.argmax(areas))].SOPInstanceUID
+    # The outline lies on the slice with the largest tumour area (the same in every group).
+    for each in planar:
+        region = each.roi
+        assert region.GraphicType == "POLYLINE"
+        assert region.GraphicData[:2] == region.GraphicData[-2:]
+        referenced = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        assert referenced == sources[int(np.argmax(areas))].SOPInstanceUID
 
     pdf = pydicom.dcmread(files["pdf"])
     document = bytes(pdf.EncapsulatedDocument)[: int(pdf.EncapsulatedDocumentLength)]
@@ -179,14 +202,15 @@ def test_a_mask_flagged_for_review_says_so_in_the_sr_and_the_pdf(
         for item in sr.ContentSequence
         if item.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"
     )
-    (group,) = [g for g in measurements.ContentSequence if g.ValueType == "CONTAINER"]
+    group, card_group = [g for g in measurements.ContentSequence if g.ValueType == "CONTAINER"]
     nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
     agreement = next(i for i in nums if i.ConceptNameCodeSequence[0].CodeValue == "segagreement")
     value = agreement.MeasuredValueSequence[0]
     assert float(value.NumericValue) == pytest.approx(0.4213)
     assert value.MeasurementUnitsCodeSequence[0].CodeValue == "1"
     # OHIF reads every NUM's ContentSequence unguarded: this one has one, like the others.
-    assert all("ContentSequence" in i for i in nums)
+    card_nums = [i for i in card_group.ContentSequence if i.ValueType == "NUM"]
+    assert all("ContentSequence" in i for i in nums + card_nums)
     algorithm = [
         i.TextValue
         for i in sr_items(agreement.ContentSequence)
@@ -201,7 +225,12 @@ def test_a_mask_flagged_for_review_says_so_in_the_sr_and_the_pdf(
     review = evaluations["segreview"]
     assert (review.CodeValue, review.CodingSchemeDesignator) == ("reviewneeded", "99SARCNODE")
     assert review.CodeMeaning == "Review recommended before trusting the numbers"
-    assert evaluations["riskgroup"].CodeValue == "high"  # the scores are still there
+    scored = {
+        i.ConceptNameCodeSequence[0].CodeValue: i.ConceptCodeSequence[0]
+        for i in card_group.ContentSequence
+        if i.ValueType == "CODE"
+    }
+    assert scored["riskgroup"].CodeValue == "high"  # the scores are still there
     # One review evaluation in the whole tree: in the tumour's group, where OHIF looks.
     reviews = [
         i

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from node.pipelines import PipelineError, SeriesInfo, decide, load_pipeline
 from pipelines.io.dicom import orientation_label
+from tests.pipelines.test_scoring_domain import t1_card
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = REPO / "config" / "pipelines" / "sarcoma-mr.yaml"
@@ -69,10 +71,7 @@ def test_the_shipped_pipeline_decides_and_says_why() -> None:
 def test_a_bad_pipeline_file_is_named(
     tmp_path: Path, change: dict[str, object], message: str
 ) -> None:
-    data = yaml.safe_load(SHIPPED.read_text())
-    data["trigger"]["roles_file"] = str(REPO / "config" / "sequence_roles.yaml")
-    for key in ("segmentation_model", "signature"):
-        data[key] = str((SHIPPED.parent / data[key]).resolve())
+    data = shipped_absolute()
     data |= change
     if "segmentation_model" in change:
         data["segmentation_model"] = str(tmp_path / "none")
@@ -81,6 +80,57 @@ def test_a_bad_pipeline_file_is_named(
     with pytest.raises(PipelineError, match=r"bad\.yaml") as info_:
         load_pipeline(path)
     assert message in str(info_.value)
+
+
+def shipped_absolute() -> dict[str, Any]:
+    """The shipped pipeline with its relative paths made absolute (to be written elsewhere)."""
+    data: dict[str, Any] = yaml.safe_load(SHIPPED.read_text())
+    data["trigger"]["roles_file"] = str(REPO / "config" / "sequence_roles.yaml")
+    data["segmentation_model"] = str((SHIPPED.parent / data["segmentation_model"]).resolve())
+    data["signatures"] = [str((SHIPPED.parent / s).resolve()) for s in data["signatures"]]
+    return data
+
+
+def test_the_shipped_pipeline_lists_its_cards_and_one_card_still_works(tmp_path: Path) -> None:
+    demo = (REPO / "models" / "sarcnode-pfs-demo").resolve()
+    assert load_pipeline(SHIPPED).signatures[0] == demo
+    data = shipped_absolute()
+    data["signature"] = str(data.pop("signatures")[0])  # the one-card form of before
+    (tmp_path / "one.yaml").write_text(yaml.safe_dump(data))
+    assert load_pipeline(tmp_path / "one.yaml").signatures == (demo,)
+    data["signatures"] = [data["signature"]]
+    (tmp_path / "both.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PipelineError, match="not both"):
+        load_pipeline(tmp_path / "both.yaml")
+
+
+def test_a_missing_or_broken_card_is_a_config_error_naming_its_path(tmp_path: Path) -> None:
+    """Each card is checked when the pipeline loads: ``serve`` and ``config check`` refuse it."""
+    from tests.conftest import run_cli
+
+    broken = tmp_path / "models" / "broken"
+    t1_card(broken, extraction={"params_file": "mr-demo.yaml", "params_sha256": "0" * 64})
+    folder = tmp_path / "pipelines"
+    folder.mkdir()
+    data = shipped_absolute()
+    data["signatures"] += [str(tmp_path / "models" / "missing")]
+    (folder / "p.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PipelineError, match=str(tmp_path / "models" / "missing" / "card.yaml")):
+        load_pipeline(folder / "p.yaml")
+    data["signatures"][-1] = str(broken)
+    (folder / "p.yaml").write_text(yaml.safe_dump(data))
+    with pytest.raises(PipelineError, match=r"p\.yaml: signature card .*broken/card\.yaml"):
+        load_pipeline(folder / "p.yaml")
+
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump({"jobs": {"pipelines_dir": str(folder)}}))
+    proc = run_cli(config, "config", "check", check=False)
+    assert proc.returncode == 2
+    assert f"{broken / 'card.yaml'}: mr-demo.yaml has sha256" in proc.stderr
+    data["signatures"][-1] = str(t1_card(tmp_path / "models" / "fine"))
+    (folder / "p.yaml").write_text(yaml.safe_dump(data))
+    proc = run_cli(config, "config", "check")
+    assert "pipeline sarcoma-mr: signature cards sarcnode-pfs-demo, fine" in proc.stdout
 
 
 def test_a_role_without_a_rule_is_refused(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ def _job(
         files={"T2FS": files},
         primary="T2FS",
         segmentation_model=model,
-        signature=None,
+        signatures=(),
         destinations=(),
         database_url=url,
         device="cpu",
