@@ -251,7 +251,10 @@ def nested_cv_headline(card: Mapping[str, Any]) -> str | None:
 
 
 def card_facts(card: Mapping[str, Any]) -> dict[str, Any]:
-    """What every output says about a card, whether it scored the study or not."""
+    """What every output says about a card, whether it scored the study or not.
+
+    ``warning`` is the card's own (a final fit that kept no feature, say).
+    """
     source = cohort_source(card)
     return {
         "signature": str(card["id"]),
@@ -261,6 +264,7 @@ def card_facts(card: Mapping[str, Any]) -> dict[str, Any]:
         "training_cohort": {"n": training_size(card), "source": source},
         "demo": source == "synthetic",
         "nested_cv": nested_cv_headline(card),
+        "warning": str(card["warning"]) if card.get("warning") else None,
     }
 
 

@@ -81,7 +81,8 @@ def provenance_text(result: Mapping[str, Any]) -> str:
     nested = result.get("nested_cv")
     validation = f"nested CV: {nested}" if nested else "no nested cross-validation on the card"
     use = str(result.get("clinical_use") or "not for clinical use").upper()
-    return f"{cohort_text(result)}; {validation}; {use}"
+    warning = f"; CARD WARNING: {result['warning']}" if result.get("warning") else ""
+    return f"{cohort_text(result)}; {validation}; {use}{warning}"
 
 
 def score_lines(result: Mapping[str, Any]) -> list[str]:

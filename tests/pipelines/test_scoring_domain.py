@@ -155,6 +155,20 @@ def test_a_feature_outside_its_training_range_withholds_the_risk_group(tmp_path:
     text = "\n".join(score_lines(outside))
     assert "fitted on 37 real patients; nested CV: nested-CV AUC 0.71" in text
 
+    # A final fit that kept no feature: the card says so, and so does every output.
+    empty = Signature.load(
+        t1_card(
+            tmp_path / "e",
+            features=[],
+            applicability={"features": {}, "radscore": [-0.35, -0.35], "n_train": 37},
+            warning="the LASSO kept no feature on the full cohort: the score is constant",
+        )
+    ).card
+    constant = score(empty, {})
+    assert constant["radscore"] == pytest.approx(-0.35)
+    assert constant["applicability"]["status"] == "inside"
+    assert "CARD WARNING: the LASSO kept no feature" in "\n".join(score_lines(constant))
+
 
 def test_without_a_block_the_nomogram_range_serves_else_the_domain_is_unknown() -> None:
     card = dict(load_signature_card(DEMO))
