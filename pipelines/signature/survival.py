@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -165,9 +167,15 @@ def lasso_cox(
         for j, alpha in enumerate(alphas):
             risk = model.predict(values[test], alpha=alpha)
             if event[test].sum() > 0 and np.ptp(risk) > 0:
-                scores[k, j] = harrell_c(time[test], event[test], risk)
-    mean = np.nanmean(scores, axis=0)
-    best = int(np.nanargmax(mean))
+                # events, but maybe no comparable pair in this fold
+                with contextlib.suppress(ZeroDivisionError):
+                    scores[k, j] = harrell_c(time[test], event[test], risk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a penalty no fold could score
+        mean = np.nanmean(scores, axis=0)
+    # No fold could rank any penalty (tiny folds, or shuffled outcomes in a
+    # permutation test): the largest penalty, i.e. the empty model.
+    best = int(np.nanargmax(mean)) if np.isfinite(mean).any() else 0
     final = CoxnetSurvivalAnalysis(
         l1_ratio=1.0, alphas=alphas[: best + 1], tol=LASSO_TOL, fit_baseline_model=False
     )
