@@ -18,7 +18,7 @@ DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl ch
 VIEWER := tests/viewer
 OHIF_DIST := var/cache/ohif-3.12.10/dist/index.html
 
-.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model seg-candidates pfs-model pfs-applicability lock clean
+.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model seg-candidates pfs-model pfs-applicability signatures-real lock clean
 
 all: venv
 
@@ -127,6 +127,17 @@ pfs-model: venv
 pfs-applicability: venv
 	$(VENV)/bin/sarcnode synth cohort var/pfs-clinical --n 200 --seed 11 --no-images
 	$(VENV)/bin/sarcnode card-applicability $(PFS_MODEL) --clinical var/pfs-clinical/clinical.csv
+
+# The real-cohort cards (T1, tumour + 10 mm ring, mr-demo.yaml; STS_001 never fitted):
+# nested CV (5 folds x 10 repeats), volume and clinical baselines on the same folds,
+# 100-permutation test, final fit on every eligible patient. Features of the expert
+# masks and of their perturbations (ICC raters) are extracted once into var/sts
+# (2 cores: ~15 min), then each endpoint takes ~10-20 minutes.
+SIGNATURE_CV := $(VENV)/bin/sarcnode signature-cv --workers 2 --repeats 10 --permutations 100
+signatures-real: venv
+	$(SIGNATURE_CV) lung_metastasis --out models/sarcnode-lungmets-t1
+	$(SIGNATURE_CV) high_grade --out models/sarcnode-grade-t1
+	$(SIGNATURE_CV) efs --out models/sarcnode-efs-t1
 
 # Re-resolve the pinned set from a clean venv (run when pyproject's ranges change).
 lock:

@@ -1051,7 +1051,7 @@ def config_check(
     )
     for p in pipelines:
         cards = ", ".join(folder.name for folder in p.signatures) or "none"
-        out.print(f"  pipeline {p.name}: signature cards {cards}")
+        out.print(f"  pipeline {p.name}: signature cards {cards}", soft_wrap=True)
     if not pipelines:
         out.print(f"  no pipeline files in {folder}: studies are stored but start no job")
 
@@ -1876,6 +1876,10 @@ clinical_app = typer.Typer(
     help="Clinical factors of a study (the nomogram's inputs).", no_args_is_help=True
 )
 app.add_typer(clinical_app, name="clinical")
+
+from node.cli.signature_cv import signature_cv_cmd  # noqa: E402
+
+app.command("signature-cv")(signature_cv_cmd)
 
 
 @clinical_app.command("set")
