@@ -126,11 +126,13 @@ class Association(Base):
 
 
 class AuditEvent(Base):
-    """An append-only audit event, chained to the previous one by SHA-256.
+    """An append-only audit event, chained to the previous one (see :mod:`node.audit.trail`).
 
     ``seq`` counts from 1 without gaps; ``hash`` covers every other column and
     ``prev_hash``, so an edited, deleted or re-ordered row breaks the chain at
-    the first event touched (``sarcnode audit verify``).
+    the first event touched (``sarcnode audit verify``). ``hash_alg`` says what
+    made ``hash``: ``hmac-sha256`` with the key named by ``key_id`` (kept
+    outside the database), or ``sha256`` for events written before audit keys.
     """
 
     __tablename__ = "audit_events"
@@ -148,6 +150,8 @@ class AuditEvent(Base):
     detail: Mapped[str] = mapped_column(Text, default="{}")
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+    hash_alg: Mapped[str] = mapped_column(String(16), default="sha256", server_default="sha256")
+    key_id: Mapped[str | None] = mapped_column(String(16))
 
 
 class Job(Base):

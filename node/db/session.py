@@ -4,7 +4,8 @@ SQLite runs in WAL mode (the CLI reads while ``serve`` writes) and every
 transaction starts with ``BEGIN IMMEDIATE``, so writers queue on the database
 lock instead of failing half-way with "database is locked". PostgreSQL
 serialises audit appends with a transaction-scoped advisory lock (see
-:mod:`node.audit.trail`). Schema changes go through Alembic only.
+:mod:`node.audit.trail`), whose commit hooks a ``Database`` built with an
+audit context installs. Schema changes go through Alembic only.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from node.audit.context import AuditContext
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -68,14 +72,35 @@ def upgrade(engine: Engine) -> None:
 
 
 class Database:
-    """The engine plus a session factory; one per process, built from settings."""
+    """The engine plus a session factory; one per process, built from settings.
 
-    def __init__(self, url: str, *, echo: bool = False, migrate: bool = True) -> None:
+    ``audit`` (the node's audit key and anchor) makes every session's audit
+    events keyed and anchored; without it events are plain SHA-256, which
+    :func:`node.audit.trail.record` refuses once the chain is keyed.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        echo: bool = False,
+        migrate: bool = True,
+        audit: AuditContext | None = None,
+    ) -> None:
         self.url = url
         self.engine = make_engine(url, echo=echo)
         if migrate:
             upgrade(self.engine)
-        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.audit = audit
+        if audit is None:
+            self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        else:
+            from node.audit.trail import SESSION_KEY, attach
+
+            self._sessions = sessionmaker(
+                self.engine, expire_on_commit=False, info={SESSION_KEY: audit}
+            )
+            attach(self._sessions)
 
     @property
     def dialect(self) -> str:
