@@ -339,6 +339,26 @@ class LoggingSettings(_Section):
     file: Path | None = None
 
 
+class AuditSettings(_Section):
+    """The audit trail's HMAC key and head anchor, both kept outside the database.
+
+    The key itself never goes in this file: ``$SARCNODE_AUDIT_KEY`` or the key
+    file (mode 0600). See :mod:`node.audit.keys` and :mod:`node.audit.anchor`.
+    """
+
+    key_file: Path | None = Field(
+        None,
+        description="HMAC key file, mode 0600; none: <storage.root>/audit/audit.key, created "
+        "on first use. $SARCNODE_AUDIT_KEY, when set, is used instead.",
+    )
+    anchor_file: Path | None = Field(
+        None, description="Chain head anchor; none: <storage.root>/audit/head.json."
+    )
+    head_log_minutes: Annotated[float, Field(ge=0)] = Field(
+        60.0, description="Log the chain head (seq and hash) this often; 0: at start and stop."
+    )
+
+
 class Settings(BaseSettings):
     """The whole node configuration, validated at once."""
 
@@ -358,6 +378,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     uids: UidSettings = Field(default_factory=UidSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
 
     @field_validator("destinations")
     @classmethod

@@ -31,12 +31,13 @@ from typing import Any
 import pydicom
 from sqlalchemy import select
 
+from node.audit.context import AuditConfig
 from node.audit.trail import record
 from node.config import Settings
 from node.db.models import Instance, Job, JobStage, Series, Study, utcnow
 from node.db.session import Database
 from node.pipelines import Decision, Pipeline, SeriesInfo, decide
-from node.stages import STAGE_FUNCTIONS, BadInput, JobContext
+from node.stages import STAGE_FUNCTIONS, BadInput, JobContext, open_database
 from pipelines.io.dicom import series_attributes
 
 ACTOR = "node"
@@ -209,6 +210,7 @@ def context(db: Database, settings: Settings, job: Job, pipeline: Pipeline) -> J
         signatures=pipeline.signatures,
         destinations=pipeline.destinations or tuple(d.name for d in settings.destinations),
         database_url=settings.database_url,
+        audit=AuditConfig.from_settings(settings),
         uid_root=settings.uids.root,
         device=settings.jobs.device,
         clinical=clinical,
@@ -327,7 +329,7 @@ def execute(ctx: JobContext, stages: Sequence[str], max_attempts: int) -> str:
 
     transient: tuple[type[BaseException], ...] = (OSError, RuntimeError, MemoryError)
     bad_input = _bad_input_errors()
-    db = Database(ctx.database_url, migrate=False)
+    db = open_database(ctx)
     try:
         for stage in stages:
             marker = ctx.folder / stage / "outputs.json"

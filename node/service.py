@@ -23,7 +23,8 @@ from types import FrameType
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from node.audit.trail import record
+from node.audit.context import AuditContext
+from node.audit.trail import AuditBreakError, check_head, head_line, record
 from node.config import Settings
 from node.db.session import Database
 from node.dicom.scp import StorageSCP
@@ -48,7 +49,12 @@ class Node:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.db = Database(settings.database_url, echo=settings.database.echo)
+        self.db = Database(
+            settings.database_url,
+            echo=settings.database.echo,
+            audit=AuditContext.from_settings(settings),
+        )
+        self._check_audit()
         self.files = InstanceFiles(settings.storage.root, fsync=settings.storage.fsync)
         self.ingestor = Ingestor(self.db, self.files, min_free_mb=settings.storage.min_free_mb)
         self.scp = StorageSCP(
@@ -63,6 +69,44 @@ class Node:
             log.warning("no pipeline files in %s: studies are stored but start no job", folder)
         self.job_scheduler = JobScheduler(self.db, settings, self.pipelines)
         self.runner: Runner | None = None
+
+    def _check_audit(self) -> None:
+        """Load the audit key (creating it on first start) and refuse a broken chain head.
+
+        Raises
+        ------
+        AuditBreakError
+            The database's chain is shorter than its anchor (truncated, wiped),
+            rewritten at the anchored event, or the anchor is missing: appending
+            to it would hide that, so the node does not start until an admin
+            runs ``sarcnode audit acknowledge-break``.
+        node.audit.keys.AuditKeyError
+            No usable key (unreadable, malformed, readable by others).
+        """
+        audit = self.db.audit
+        assert audit is not None and audit.anchor is not None
+        with self.db.session() as s:
+            findings = check_head(s)
+            line = head_line(s)
+        if findings:
+            self.db.dispose()
+            raise AuditBreakError(findings)
+        key = audit.keyring
+        log.info(
+            "%s; new events signed with key %s (%s); anchor %s",
+            line,
+            key.current.key_id,
+            key.source,
+            audit.anchor.path,
+        )
+
+    def log_audit_head(self) -> None:
+        """Log the chain head (seq and hash): an anchor outside the database and this host."""
+        try:
+            with self.db.session() as s:
+                log.info("%s", head_line(s))
+        except Exception:
+            log.exception("audit head not logged")
 
     def start(self) -> None:
         """Recover, open the SCP, start the tick, and audit the start."""
@@ -101,6 +145,15 @@ class Node:
                 seconds=self.settings.scheduler.tick_seconds,
                 id="deliver",
                 max_instances=1,  # a slow peer delays the next round, never doubles a send
+                coalesce=True,
+            )
+        if self.settings.audit.head_log_minutes > 0:
+            self.scheduler.add_job(
+                self.log_audit_head,
+                "interval",
+                minutes=self.settings.audit.head_log_minutes,
+                id="audit-head",
+                max_instances=1,
                 coalesce=True,
             )
         self.scheduler.start()
@@ -178,6 +231,7 @@ class Node:
         self.scp.stop()
         with self.db.session() as s:
             record(s, "node.stopped", actor="node", detail={"pid": os.getpid()})
+        self.log_audit_head()
         heartbeat_path(self.settings).unlink(missing_ok=True)
         self.db.dispose()
 

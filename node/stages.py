@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import pydicom
@@ -23,6 +23,10 @@ import SimpleITK as sitk
 import yaml
 
 from pipelines.io.dicom import GeometryError, SeriesRef, load_series, series_attributes
+
+if TYPE_CHECKING:
+    from node.audit.context import AuditConfig
+    from node.db.session import Database
 
 
 class BadInput(ValueError):
@@ -47,6 +51,16 @@ class JobContext:
     uid_root: str | None = None
     device: str = "auto"
     clinical: dict[str, Any] = field(default_factory=dict)
+    audit: AuditConfig | None = None  # the node's audit key (no anchor: see for_worker)
+
+
+def open_database(ctx: JobContext) -> Database:
+    """The job's database, its audit events signed with the node's key (job workers)."""
+    from node.audit.context import AuditContext
+    from node.db.session import Database
+
+    audit = AuditContext(ctx.audit.for_worker()) if ctx.audit else None
+    return Database(ctx.database_url, migrate=False, audit=audit)
 
 
 def _series(ctx: JobContext, role: str) -> SeriesRef:
@@ -264,12 +278,11 @@ def encode(ctx: JobContext) -> dict[str, Any]:
 
 def deliver(ctx: JobContext) -> dict[str, Any]:
     """Queue the encoded objects for the destinations (the outbox sends them, once)."""
-    from node.db.session import Database
     from node.delivery import enqueue
 
     done = json.loads((ctx.folder / "encode" / "outputs.json").read_text())
     files = [Path(p) for p in done["files"].values()]
-    db = Database(ctx.database_url, migrate=False)
+    db = open_database(ctx)
     try:
         created = enqueue(db, files, list(ctx.destinations), job_id=ctx.job_id)
     finally:

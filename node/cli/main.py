@@ -24,7 +24,17 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from node import __version__
-from node.audit.trail import os_actor, record, verify
+from node.audit.context import AuditConfig, AuditContext
+from node.audit.keys import ENV_KEY, AuditKeyError, add_key
+from node.audit.trail import (
+    ALG_LEGACY,
+    AuditBreakError,
+    VerifyResult,
+    acknowledge_break,
+    os_actor,
+    record,
+    verify,
+)
 from node.config import ConfigError, Settings, load_settings, resolve_config_path
 from node.db.models import Association, AuditEvent, Delivery, Instance, Job, Series, Study
 from node.db.session import Database
@@ -36,7 +46,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-audit_app = typer.Typer(help="The audit trail: list events, verify the hash chain.")
+audit_app = typer.Typer(
+    help="The audit trail: list events, verify the keyed chain and its anchor, rotate the key."
+)
 config_app = typer.Typer(help="Check or show the node configuration.", no_args_is_help=True)
 synth_app = typer.Typer(
     help="Synthetic sarcoma MRI (paired T1 / FS-T2 DICOM + truth masks). Not patient data.",
@@ -85,7 +97,11 @@ def _settings(config: Path | None) -> Settings:
 
 
 def _db(settings: Settings) -> Database:
-    return Database(settings.database_url, echo=settings.database.echo)
+    return Database(
+        settings.database_url,
+        echo=settings.database.echo,
+        audit=AuditContext.from_settings(settings),
+    )
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -157,6 +173,9 @@ def serve(config: ConfigOpt = None) -> None:
     except PipelineError as exc:
         err.print(f"[red]pipeline error: {exc}[/red]")
         raise typer.Exit(2) from exc
+    except (AuditBreakError, AuditKeyError) as exc:
+        err.print(f"[red]refusing to start:[/red] {escape(str(exc))}")
+        raise typer.Exit(1) from exc
     node.run_forever()
 
 
@@ -490,33 +509,153 @@ def audit(
     )
 
 
+def _print_verify(result: VerifyResult) -> None:
+    """What ``audit verify`` found, for a person: segments, anchor, acknowledgements, findings."""
+    for seg in result.segments:
+        span = f"seq {seg.first_seq}" + (
+            f"-{seg.last_seq}" if seg.last_seq != seg.first_seq else ""
+        )
+        if seg.hash_alg == ALG_LEGACY:
+            out.print(
+                f"  {span}: plain SHA-256 (legacy, written before audit keys: they show no "
+                "edit, but cannot prove a database writer did not re-hash them)"
+            )
+        else:
+            current = " (signs new events)" if result.keys and seg.key_id == result.keys[-1] else ""
+            out.print(f"  {span}: {seg.hash_alg}, key {seg.key_id}{current}")
+    if result.anchor is not None:
+        out.print(
+            f"  anchor {escape(str(result.anchor_path))}: seq {result.anchor.seq} "
+            f"(written {result.anchor.written_at}); {result.beyond_anchor} event(s) after it"
+        )
+    elif result.anchor_path:
+        out.print(f"  anchor {escape(result.anchor_path)}: none yet")
+    for ack in result.acknowledged:
+        out.print(
+            f"  [yellow]acknowledged break[/yellow] at seq {ack['seq']} ({ack['ts']}, "
+            f"{escape(str(ack['actor']))}; {', '.join(ack['findings'])}): "
+            f"{escape(str(ack['reason']))}"
+        )
+
+
 @audit_app.command("verify")
-def audit_verify(ctx: typer.Context, config: ConfigOpt = None) -> None:
-    """Check the audit hash chain; exit 1 and name the first broken event."""
+def audit_verify(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Check the chain against the audit keys and the anchor; exit 1 naming every finding.
+
+    Findings: rehashed (HMAC mismatch), forged (bad HMAC beyond the anchor, or a
+    plain event after keyed ones), edited (legacy event), link, gap (deleted or
+    renumbered), truncated (shorter than the anchor), wiped, anchor (missing or
+    untrustworthy), unverifiable (a key that is not configured).
+    """
     settings = _settings(config or ctx.obj)
     db = _db(settings)
     with db.session() as s:
         result = verify(s)
-    if result.ok:
+    try:
         with db.session() as s:
-            record(s, "audit.verified", actor=os_actor(), detail={"events": result.checked})
+            if result.ok:
+                record(s, "audit.verified", actor=os_actor(), detail={"events": result.checked})
+            else:
+                record(
+                    s,
+                    "audit.verify_failed",
+                    actor=os_actor(),
+                    outcome="failed",
+                    detail={
+                        "findings": [f.as_dict() for f in result.findings[:10]],
+                        "count": len(result.findings) + result.more_findings,
+                    },
+                )
+        recorded = ""
+    except (AuditBreakError, AuditKeyError) as exc:
+        recorded = f"(this verification is not recorded in the trail: {exc})"
+    db.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_dict(), default=str) + "\n")
+    elif result.ok:
         out.print(f"audit chain intact: {result.checked} events verified")
+        _print_verify(result)
+    else:
+        total = len(result.findings) + result.more_findings
+        err.print(
+            f"[red]audit chain BROKEN[/red]: {total} finding(s), {result.checked} events checked"
+        )
+        for f in result.findings:
+            where = f"seq {f.seq}" if f.seq is not None else "chain"
+            err.print(f"  \\[{f.kind}] {where}: {escape(f.message)}")
+        if result.more_findings:
+            err.print(f"  ... and {result.more_findings} more")
+        _print_verify(result)
+    if recorded:
+        err.print(escape(recorded))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("acknowledge-break")
+def audit_acknowledge_break(
+    ctx: typer.Context,
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why the break is understood (kept in the trail).")
+    ],
+    config: ConfigOpt = None,
+) -> None:
+    """Continue after a chain break (truncated, wiped, anchor lost): audited, listed by verify.
+
+    The event names the reason, the findings and what the anchor said, and the
+    anchor moves to it, so the node appends again from the database's newest
+    event. Events that were deleted stay lost; edited events stay findings.
+    """
+    settings = _settings(config or ctx.obj)
+    db = _db(settings)
+    try:
+        with db.session() as s:
+            seq, findings = acknowledge_break(s, reason, actor=os_actor())
+    except ValueError as exc:
+        err.print(f"[red]{escape(str(exc))}[/red]")
+        raise typer.Exit(2) from exc
+    finally:
         db.dispose()
+    if not findings:
+        out.print("no break to acknowledge: the chain's head agrees with its anchor")
         return
+    out.print(f"break acknowledged as audit event seq {seq}; the chain continues from it:")
+    for f in findings:
+        out.print(f"  \\[{f.kind}] {escape(f.message)}")
+
+
+@audit_app.command("rotate-key")
+def audit_rotate_key(ctx: typer.Context, config: ConfigOpt = None) -> None:
+    """Add a new audit key to the key file: it signs from now on, old keys still verify.
+
+    Restart ``serve`` afterwards so it signs with the new key. With
+    ``$SARCNODE_AUDIT_KEY`` the keys are not in a file: append the new key to
+    the variable instead (``openssl rand -hex 32``), keeping the old ones.
+    """
+    settings = _settings(config or ctx.obj)
+    if os.environ.get(ENV_KEY, "").strip():
+        err.print(
+            f"audit keys come from ${ENV_KEY}: append a new key at its end (e.g. "
+            "`openssl rand -hex 32`, comma-separated), keep the old ones, restart the node"
+        )
+        raise typer.Exit(2)
+    db = _db(settings)
+    assert db.audit is not None
+    old = db.audit.keyring
+    new = add_key(AuditConfig.from_settings(settings).key_file)
+    db.audit.reload()
     with db.session() as s:
         record(
             s,
-            "audit.verify_failed",
+            "audit.key_rotated",
             actor=os_actor(),
-            outcome="failed",
-            detail={"broken_seq": result.broken_seq, "reason": result.reason},
+            detail={"old_key_id": old.current.key_id, "new_key_id": new.key_id},
         )
     db.dispose()
-    err.print(
-        f"[red]audit chain BROKEN[/red] at event seq {result.broken_seq}: {result.reason} "
-        f"({result.checked} events before it verified)"
+    out.print(
+        f"new audit key {new.key_id} signs from now on (old: {', '.join(old.key_ids)}, kept "
+        "to verify older events); restart `sarcnode serve` so it uses the new key"
     )
-    raise typer.Exit(1)
 
 
 @deliveries_app.callback(invoke_without_command=True)
@@ -1942,8 +2081,16 @@ def clinical_set(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    An audit break or key problem met by any command that writes an audit
+    event ends it with the reason (exit 1), not a traceback.
+    """
+    try:
+        app()
+    except (AuditBreakError, AuditKeyError) as exc:
+        err.print(f"[red]audit:[/red] {escape(str(exc))}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":
