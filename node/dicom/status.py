@@ -8,9 +8,14 @@ Codes from PS3.4 Annex B.2.3 (Storage Service Class) and PS3.7 Annex C.
 
 from __future__ import annotations
 
+from typing import Any
+
 SUCCESS = 0x0000
 #: General failure status: a processing failure that is not the sender's fault.
 PROCESSING_FAILURE = 0x0110
+#: Warning: a re-sent SOP Instance UID with other content; the first copy is kept and
+#: what was sent is discarded (PS3.4 B.2.3 "Elements Discarded").
+DUPLICATE_KEPT_FIRST = 0xB006
 
 
 class ServiceError(Exception):
@@ -20,9 +25,11 @@ class ServiceError(Exception):
     #: Short name for the audit trail and logs.
     kind: str = "processing-failure"
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, detail: dict[str, Any] | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        #: Extra facts for the audit event (UIDs, sizes); never sent to the peer.
+        self.detail = detail or {}
 
     @property
     def error_comment(self) -> str:
@@ -32,10 +39,23 @@ class ServiceError(Exception):
 
 
 class OutOfResources(ServiceError):
-    """0xA700 Refused: Out of Resources (disk under the floor, cannot write)."""
+    """0xA700 Refused: Out of Resources (disk under the floor, storage or index unwritable)."""
 
     status = 0xA700
     kind = "out-of-resources"
+
+
+class DatasetTooLarge(OutOfResources):
+    """0xA700 Refused: the data set (received or inflated) is over the node's caps."""
+
+    kind = "too-large"
+
+
+class SOPClassNotSupported(ServiceError):
+    """0x0122 Refused: SOP Class not supported (not configured, or not the context's)."""
+
+    status = 0x0122
+    kind = "sop-class-not-supported"
 
 
 class DataSetMismatch(ServiceError):
@@ -46,10 +66,24 @@ class DataSetMismatch(ServiceError):
 
 
 class CannotUnderstand(ServiceError):
-    """0xC000 Error: Cannot understand (not DICOM, missing or invalid UIDs)."""
+    """0xC000 Error: Cannot understand (not decodable, truncated, missing or invalid UIDs)."""
 
     status = 0xC000
     kind = "cannot-understand"
+
+
+class SeriesConflict(ServiceError):
+    """0xC000 Error: the Series Instance UID is already filed under another study."""
+
+    status = 0xC000
+    kind = "series-conflict"
+
+
+class DuplicateRefused(ServiceError):
+    """0x0111 Duplicate SOP Instance: already stored with other content (first kept)."""
+
+    status = 0x0111
+    kind = "duplicate-conflict"
 
 
 class IndexFailure(ServiceError):
