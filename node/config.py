@@ -184,11 +184,22 @@ class DicomSettings(_Section):
 
 
 class StorageSettings(_Section):
-    """Where received instances live, and how much disk must stay free."""
+    """Where received instances live, how much disk must stay free, what one may cost."""
 
     root: Path = Path("var/sarcnode")
     min_free_mb: Annotated[int, Field(ge=0)] = 1024
     fsync: bool = Field(True, description="fsync each file and its folder before answering.")
+    max_dataset_mb: Annotated[int, Field(ge=1, le=65536)] = Field(
+        512, description="Largest data set accepted, as received and (deflated) as inflated."
+    )
+    max_inflate_ratio: Annotated[float, Field(ge=1)] = Field(
+        100.0, description="Refuse a deflated data set that inflates more than this many times."
+    )
+    duplicate_conflict: Literal["warn", "refuse"] = Field(
+        "warn",
+        description="A re-sent SOP Instance UID with other content: keep the first and answer "
+        "a warning (0xB006), or refuse it (0x0111). Audited with both hashes either way.",
+    )
 
 
 class DatabaseSettings(_Section):

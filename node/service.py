@@ -32,7 +32,7 @@ from node.jobs import Runner, make_runner, recover
 from node.jobs import Scheduler as JobScheduler
 from node.pipelines import load_pipelines
 from node.store.files import InstanceFiles
-from node.store.ingest import Ingestor, mark_stable_series
+from node.store.ingest import Ingestor, IngestPolicy, mark_stable_series
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,12 @@ class Node:
         )
         self._check_audit()
         self.files = InstanceFiles(settings.storage.root, fsync=settings.storage.fsync)
-        self.ingestor = Ingestor(self.db, self.files, min_free_mb=settings.storage.min_free_mb)
+        self.ingestor = Ingestor(
+            self.db,
+            self.files,
+            min_free_mb=settings.storage.min_free_mb,
+            policy=IngestPolicy.from_settings(settings),
+        )
         self.scp = StorageSCP(
             settings.dicom, self.db, self.ingestor, on_commitment=self._commitment_report
         )

@@ -376,7 +376,11 @@ def instances(
     series_uid: Annotated[str | None, typer.Option("--series", help="Series Instance UID.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List stored instances (file path, transfer syntax, size, checksum)."""
+    """List stored instances (file path, transfer syntax, size, checksum).
+
+    ``conflicts`` counts re-sends of the SOP Instance UID with other content
+    (the first copy kept); ``conflict_sha256`` lists what each re-send held.
+    """
     settings = _settings(config)
     db = _db(settings)
     with db.session() as s:
@@ -387,6 +391,14 @@ def instances(
         )
         if series_uid:
             q = q.where(Series.series_instance_uid == series_uid)
+        conflicts: dict[str, list[str]] = {}
+        for uid, detail in s.execute(
+            select(AuditEvent.sop_instance_uid, AuditEvent.detail)
+            .where(AuditEvent.action == "instance.duplicate_conflict")
+            .order_by(AuditEvent.seq)
+        ):
+            received = json.loads(detail or "{}").get("received_sha256")
+            conflicts.setdefault(str(uid), []).append(str(received))
         rows = [
             {
                 "sop_instance_uid": i.sop_instance_uid,
@@ -398,6 +410,8 @@ def instances(
                 "size_bytes": i.size_bytes,
                 "sha256": i.sha256,
                 "duplicates": i.duplicate_count,
+                "conflicts": len(conflicts.get(i.sop_instance_uid, [])),
+                "conflict_sha256": conflicts.get(i.sop_instance_uid, []),
                 "received_at": _iso(i.received_at),
             }
             for i, se_uid in s.execute(q).all()
@@ -407,7 +421,14 @@ def instances(
         rows,
         as_json,
         "Instances",
-        ["sop_instance_uid", "instance_number", "transfer_syntax_uid", "size_bytes", "received_at"],
+        [
+            "sop_instance_uid",
+            "instance_number",
+            "transfer_syntax_uid",
+            "size_bytes",
+            "conflicts",
+            "received_at",
+        ],
     )
 
 

@@ -40,9 +40,9 @@ from node.audit.trail import record
 from node.config import DicomSettings
 from node.db.models import Association, utcnow
 from node.db.session import Database
-from node.dicom.status import SUCCESS, IndexFailure, ServiceError
+from node.dicom.status import DUPLICATE_KEPT_FIRST, SUCCESS, IndexFailure, ServiceError
 from node.dicom.validate import sop_class_uid
-from node.store.ingest import Ingestor, Peer, bump_association_counter
+from node.store.ingest import Ingestor, Peer, StoreOutcome, bump_association_counter
 
 log = logging.getLogger(__name__)
 
@@ -394,18 +394,23 @@ class StorageSCP:
         return SUCCESS
 
     def _handle_store(self, event: Event) -> Dataset:
-        """C-STORE: store and index, or answer a failure status with its reason."""
+        """C-STORE: store and index, or answer a failure status with its reason.
+
+        A re-sent instance with other content is answered with the warning
+        :data:`~node.dicom.status.DUPLICATE_KEPT_FIRST` (the first copy kept).
+        """
         req = cast(C_STORE, event.request)
         assert req.DataSet is not None  # pynetdicom only calls us with a data set
         peer = self._peer(event.assoc)
         status = Dataset()
         try:
-            self.ingestor.store(
+            outcome = self.ingestor.store(
                 command_sop_class_uid=str(req.AffectedSOPClassUID),
                 command_sop_instance_uid=str(req.AffectedSOPInstanceUID),
                 file_meta=event.file_meta,
                 dataset=req.DataSet.getbuffer(),
                 peer=peer,
+                context_sop_class_uid=str(event.context.abstract_syntax),
             )
         except ServiceError as exc:
             status.Status = exc.status
@@ -418,6 +423,10 @@ class StorageSCP:
             status.Status = err.status
             status.ErrorComment = err.error_comment
             self._audit_failure(peer, str(req.AffectedSOPInstanceUID), err)
+            return status
+        if outcome is StoreOutcome.CONFLICT:
+            status.Status = DUPLICATE_KEPT_FIRST
+            status.ErrorComment = "SOP Instance UID stored before with other content: first kept"
             return status
         status.Status = SUCCESS
         return status
@@ -476,6 +485,7 @@ class StorageSCP:
                         "kind": exc.kind,
                         "reason": exc.reason,
                         "command_sop_instance_uid": command_sop_uid[:128],
+                        **exc.detail,
                     },
                 )
         except SQLAlchemyError:

@@ -5,12 +5,16 @@ UID is validated before it becomes a path part, and the final path is checked
 to lie under the root (defence in depth). A file is written to
 ``<root>/tmp``, flushed and fsynced (:meth:`InstanceFiles.stage`), then
 renamed into place and its folder fsynced (:meth:`InstanceFiles.place`), so
-after a crash a path either holds a complete file or nothing.
+after a crash a path either holds a complete file or nothing. Every failure to
+write is an :class:`~node.dicom.status.OutOfResources` (0xA700), read-only and
+full volumes included.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import uuid
@@ -19,6 +23,8 @@ from pathlib import Path
 
 from node.dicom.status import CannotUnderstand, OutOfResources
 from node.dicom.validate import validate_uid
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,9 @@ class InstanceFiles:
                 if self.fsync:
                     os.fsync(fh.fileno())
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            # On a read-only volume even this unlink fails: the status must still be A700.
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             raise OutOfResources(f"cannot write instance: {exc.strerror or exc}") from exc
         return Staged(tmp, size, digest.hexdigest())
 
@@ -110,12 +118,26 @@ class InstanceFiles:
             raise OutOfResources(f"cannot place instance: {exc.strerror or exc}") from exc
 
     def discard(self, staged: Staged) -> None:
-        """Remove a staged file that was not placed (no-op once placed)."""
-        staged.path.unlink(missing_ok=True)
+        """Remove a staged file that was not placed (no-op once placed).
+
+        Never raises: a partial file it cannot remove (read-only or failing
+        volume) is removed by :meth:`clean_tmp` at the next start.
+        """
+        try:
+            staged.path.unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove staged file %s: %s", staged.path.name, exc.strerror)
 
     def remove(self, rel: Path) -> None:
-        """Remove a file written for an instance that could not be indexed."""
-        (self.root / rel).unlink(missing_ok=True)
+        """Remove a file written for an instance that could not be indexed.
+
+        Never raises: a file it cannot remove is an orphan that start-up
+        reconciliation (:mod:`node.store.reconcile`) removes.
+        """
+        try:
+            (self.root / rel).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot remove unindexed file %s: %s", rel.as_posix(), exc.strerror)
 
     def clean_tmp(self) -> int:
         """Remove partial files left by a crash; return how many were removed."""

@@ -1,11 +1,18 @@
 """Store one received instance: validate, write, index, track its series.
 
-The order is the node's promise to the sender: the file is written and
-fsynced to a temporary path, then in one transaction the duplicate check, the
-rename into place, the row, the series' tracking and the audit event are
-committed, all before :meth:`Ingestor.store` returns, and only then does the SCP
-answer Success. Any failure raises a :class:`~node.dicom.status.ServiceError`
+The order is the node's promise to the sender: the data set is read once,
+bounded (:mod:`node.store.reader`: size and inflate caps, structure, Pixel
+Data, value ranges), its SOP class checked against ``dicom.storage_sop_classes``
+and the accepted presentation context, then the file is written and fsynced
+to a temporary path, and in one transaction the duplicate and series checks,
+the rename into place, the row, the series' tracking and the audit event are
+committed, all before :meth:`Ingestor.store` returns, and only then does the
+SCP answer Success. Any failure raises a :class:`~node.dicom.status.ServiceError`
 that the SCP turns into a failure status.
+
+A kill between the rename and the commit leaves a complete file that the
+index does not know; :func:`node.store.reconcile.reconcile` removes it at the
+next start (it was never acknowledged).
 """
 
 from __future__ import annotations
@@ -13,50 +20,75 @@ from __future__ import annotations
 import enum
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from sqlalchemy import insert, select, update
-from sqlalchemy.exc import SQLAlchemyError
+from pydicom.uid import UID
+from sqlalchemy import insert, select, text, update
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.audit.trail import record
+from node.config import DEFAULT_STORAGE_CLASSES, Settings
 from node.db.models import Association, Instance, Series, Study, utcnow
 from node.db.session import Database
-from node.dicom.status import CannotUnderstand, DataSetMismatch, IndexFailure, OutOfResources
+from node.dicom.status import (
+    DUPLICATE_KEPT_FIRST,
+    DataSetMismatch,
+    DuplicateRefused,
+    IndexFailure,
+    OutOfResources,
+    SeriesConflict,
+    SOPClassNotSupported,
+)
+from node.dicom.validate import sop_class_uid, validate_uid
 from node.store.files import InstanceFiles, Staged
+from node.store.reader import Header, MiB, ParsedDataset, ReadLimits, read_dataset
 
 log = logging.getLogger(__name__)
 
-#: Header attributes read from each instance (pixel data is never parsed here).
-_HEADER_TAGS = [
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "Modality",
-    "SeriesNumber",
-    "SeriesDescription",
-    "InstanceNumber",
-    "PatientID",
-    "PatientName",
-    "StudyDate",
-    "AccessionNumber",
-    "StudyDescription",
-]
+#: Key space of the PostgreSQL advisory lock taken per SOP Instance UID while indexing.
+_PG_SOP_LOCK_CLASS = 0x5C0D
 
 
 class StoreOutcome(enum.Enum):
     """What happened to an instance that was accepted."""
 
     STORED = "stored"
+    #: Sent again with the same content: counted, nothing written.
     DUPLICATE = "duplicate"
+    #: Sent again with other content: the first copy kept, the peer warned, both hashes audited.
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class IngestPolicy:
+    """What the node accepts: SOP classes (as UIDs), read limits, duplicate handling."""
+
+    storage_sop_classes: frozenset[str] = field(
+        default_factory=lambda: frozenset(sop_class_uid(c) for c in DEFAULT_STORAGE_CLASSES)
+    )
+    limits: ReadLimits = field(default_factory=ReadLimits)
+    duplicate_conflict: Literal["warn", "refuse"] = "warn"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IngestPolicy:
+        """The policy ``serve`` applies, from ``dicom.*`` and ``storage.*``."""
+        storage = settings.storage
+        return cls(
+            storage_sop_classes=frozenset(
+                sop_class_uid(c) for c in settings.dicom.storage_sop_classes
+            ),
+            limits=ReadLimits(
+                max_dataset_bytes=storage.max_dataset_mb * MiB,
+                max_inflate_ratio=storage.max_inflate_ratio,
+            ),
+            duplicate_conflict=storage.duplicate_conflict,
+        )
 
 
 @dataclass(frozen=True)
@@ -66,45 +98,17 @@ class Peer:
     association_id: int | None
     calling_ae: str
     ip: str
+    #: The node itself (re-indexing at start-up), not a network peer.
+    internal: bool = False
 
     @property
     def actor(self) -> str:
         """Audit actor name for this peer."""
-        return f"ae:{self.calling_ae}"
+        return "node" if self.internal else f"ae:{self.calling_ae}"
 
 
-@dataclass(frozen=True)
-class Header:
-    """The attributes the index needs, read from the received dataset."""
-
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
-    modality: str | None
-    series_number: int | None
-    series_description: str | None
-    instance_number: int | None
-    patient_id: str | None
-    patient_name: str | None
-    study_date: str | None
-    accession_number: str | None
-    study_description: str | None
-
-
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    value = ds.get(keyword)
-    if value is None or value == "":
-        return None
-    return str(value)[:limit]
-
-
-def _int(ds: Dataset, keyword: str) -> int | None:
-    value = ds.get(keyword)
-    try:
-        return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
+#: The peer named when the node indexes a file itself (start-up reconciliation).
+NODE_PEER = Peer(None, "", "", internal=True)
 
 
 def bump_association_counter(
@@ -129,7 +133,7 @@ def _audit_instance(
         s,
         action,
         actor=peer.actor,
-        actor_ip=peer.ip,
+        actor_ip=peer.ip or None,
         study_instance_uid=header.study_instance_uid,
         series_instance_uid=header.series_instance_uid,
         sop_instance_uid=header.sop_instance_uid if sop else None,
@@ -137,38 +141,53 @@ def _audit_instance(
     )
 
 
-def read_header(preamble_and_meta: bytes, dataset: bytes | memoryview) -> Header:
-    """Parse the header attributes of a received dataset.
+def _class_name(uid: str) -> str:
+    """A SOP class for a reason text: its name when known, never raw untrusted bytes."""
+    ok, _ = validate_uid(uid)
+    return str(UID(uid).name) if ok else "(invalid UID)"
+
+
+def check_series(s: Session, header: Header) -> None:
+    """Refuse an instance whose series is already filed under another study.
 
     Raises
     ------
-    CannotUnderstand
-        The bytes are not a DICOM dataset, or a required UID is missing.
+    SeriesConflict
+        With both Study Instance UIDs in the audit detail; nothing is written.
     """
-    buffer = io.BytesIO(preamble_and_meta + bytes(dataset))
-    try:
-        ds = pydicom.dcmread(buffer, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        uids = {k: ds.get(k) for k in _HEADER_TAGS[:4]}
-    except (InvalidDicomError, ValueError, TypeError, KeyError, EOFError, OSError) as exc:
-        raise CannotUnderstand(f"dataset cannot be parsed: {exc}") from exc
-    missing = [k for k, v in uids.items() if not v]
-    if missing:
-        raise CannotUnderstand(f"dataset has no {', '.join(missing)}")
-    return Header(
-        sop_class_uid=str(uids["SOPClassUID"]),
-        sop_instance_uid=str(uids["SOPInstanceUID"]),
-        study_instance_uid=str(uids["StudyInstanceUID"]),
-        series_instance_uid=str(uids["SeriesInstanceUID"]),
-        modality=_text(ds, "Modality", 16),
-        series_number=_int(ds, "SeriesNumber"),
-        series_description=_text(ds, "SeriesDescription", 64),
-        instance_number=_int(ds, "InstanceNumber"),
-        patient_id=_text(ds, "PatientID", 64),
-        patient_name=_text(ds, "PatientName", 324),
-        study_date=_text(ds, "StudyDate", 8),
-        accession_number=_text(ds, "AccessionNumber", 16),
-        study_description=_text(ds, "StudyDescription", 64),
+    filed = (
+        s.connection()
+        .execute(
+            select(Study.study_instance_uid)
+            .join(Series, Series.study_id == Study.id)
+            .where(Series.series_instance_uid == header.series_instance_uid)
+        )
+        .scalar()
     )
+    if filed is not None and filed != header.study_instance_uid:
+        raise SeriesConflict(
+            "SeriesInstanceUID is already filed under another study",
+            detail={
+                "series_instance_uid": header.series_instance_uid,
+                "study_instance_uid": header.study_instance_uid,
+                "filed_under_study": filed,
+            },
+        )
+
+
+def _database_error(exc: BaseException) -> OutOfResources | IndexFailure | None:
+    """The status for a database failure while indexing (None: not a database error).
+
+    An operational error (disk full, read-only or locked database, server gone)
+    is a resource the sender may retry against: 0xA700. Anything else the
+    database refuses is our own fault: 0x0110.
+    """
+    if isinstance(exc, OperationalError):
+        first_line = str(exc.orig).splitlines()[0][:120] if exc.orig else type(exc).__name__
+        return OutOfResources(f"index database cannot be written: {first_line}")
+    if isinstance(exc, SQLAlchemyError):
+        return IndexFailure(f"database error: {type(exc).__name__}")
+    return None
 
 
 def encode_meta(file_meta: FileMetaDataset) -> bytes:
@@ -182,10 +201,18 @@ def encode_meta(file_meta: FileMetaDataset) -> bytes:
 class Ingestor:
     """Stores received instances under one storage root and indexes them in the DB."""
 
-    def __init__(self, db: Database, files: InstanceFiles, *, min_free_mb: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        files: InstanceFiles,
+        *,
+        min_free_mb: int,
+        policy: IngestPolicy | None = None,
+    ) -> None:
         self.db = db
         self.files = files
         self.min_free_mb = min_free_mb
+        self.policy = policy or IngestPolicy()
 
     def store(
         self,
@@ -195,27 +222,52 @@ class Ingestor:
         file_meta: FileMetaDataset,
         dataset: bytes | memoryview,
         peer: Peer,
+        context_sop_class_uid: str | None = None,
     ) -> StoreOutcome:
         """Store one instance received in a C-STORE request.
+
+        ``context_sop_class_uid`` is the abstract syntax of the presentation
+        context the request came on (None outside an association).
+
+        Returns
+        -------
+        StoreOutcome
+            ``STORED``; ``DUPLICATE`` (same content again: Success);
+            ``CONFLICT`` (other content under a stored SOP Instance UID, the
+            first kept: the SCP answers :data:`~node.dicom.status.DUPLICATE_KEPT_FIRST`).
 
         Raises
         ------
         OutOfResources
-            Free disk is under ``storage.min_free_mb`` or the write failed.
+            Free disk under ``storage.min_free_mb``; the file or the index cannot
+            be written (disk full, read-only); the data set over the size or
+            inflate caps (:class:`~node.dicom.status.DatasetTooLarge`).
+        SOPClassNotSupported
+            The SOP class is not in ``dicom.storage_sop_classes`` or is not the
+            presentation context's.
         CannotUnderstand
-            Not DICOM, or a UID is missing or invalid.
+            Not decodable (truncated, corrupt, too deep), a UID missing or
+            invalid, or an image without Pixel Data.
         DataSetMismatch
-            The dataset's SOP Class/Instance UID differ from the command's.
+            The data set's SOP Class/Instance UID differ from the command's, a
+            value is out of range, or Pixel Data disagrees with Rows x Columns...
+        SeriesConflict
+            The Series Instance UID is already filed under another study.
+        DuplicateRefused
+            Other content under a stored SOP Instance UID and
+            ``storage.duplicate_conflict`` is ``refuse`` (the first is kept).
         IndexFailure
-            The database could not record the instance (the file is removed).
+            The database refused the row for a reason of ours (the file is removed).
         """
         free = self.files.free_mb()
         if free < self.min_free_mb:
             raise OutOfResources(
                 f"free disk {free:.0f} MiB is under the {self.min_free_mb} MiB floor"
             )
-        meta = encode_meta(file_meta)
-        header = read_header(meta, dataset)
+        self._check_sop_class(command_sop_class_uid, context_sop_class_uid)
+        ts_uid = str(file_meta.TransferSyntaxUID)
+        parsed = read_dataset(dataset, ts_uid, self.policy.limits)
+        header = parsed.header
         if header.sop_instance_uid != command_sop_instance_uid:
             raise DataSetMismatch("SOPInstanceUID differs from the C-STORE command")
         if header.sop_class_uid != command_sop_class_uid:
@@ -223,48 +275,136 @@ class Ingestor:
         rel = self.files.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        staged = self.files.stage([meta, dataset])
+        staged = self.files.stage([encode_meta(file_meta), dataset])
         placed: list[Path] = []
         try:
             with self.db.session() as s:
-                return self._index(
-                    s, header, rel, staged, str(file_meta.TransferSyntaxUID), peer, placed
-                )
-        except SQLAlchemyError as exc:
+                outcome = self._index(s, parsed, rel, staged, ts_uid, peer, placed)
+        except BaseException as exc:
             for path in placed:  # placed, but its row did not commit: leave no orphan
                 self.files.remove(path)
-            raise IndexFailure(f"database error: {type(exc).__name__}") from exc
+            mapped = _database_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
         finally:
             self.files.discard(staged)
+        if outcome is StoreOutcome.CONFLICT and self.policy.duplicate_conflict == "refuse":
+            raise DuplicateRefused(
+                "SOP Instance UID already stored with other content (first kept)",
+                detail={"received_sha256": staged.sha256},
+            )
+        return outcome
+
+    def _check_sop_class(self, command_class: str, context_class: str | None) -> None:
+        """The command's SOP class must be configured and be its context's abstract syntax."""
+        if command_class not in self.policy.storage_sop_classes:
+            raise SOPClassNotSupported(
+                f"SOP class {_class_name(command_class)} is not in dicom.storage_sop_classes"
+            )
+        if context_class is not None and command_class != context_class:
+            raise SOPClassNotSupported(
+                f"{_class_name(command_class)} sent on a {_class_name(context_class)} "
+                "presentation context"
+            )
 
     def _index(
         self,
         s: Session,
-        header: Header,
+        parsed: ParsedDataset,
         rel: Path,
         staged: Staged,
         ts_uid: str,
         peer: Peer,
         placed: list[Path],
     ) -> StoreOutcome:
-        """In one transaction: count a duplicate, or place the file and index it."""
+        """In one transaction: a duplicate or conflict counted, or the file placed and indexed."""
+        header = parsed.header
         now = utcnow()
+        if s.get_bind().dialect.name == "postgresql":
+            # SQLite's BEGIN IMMEDIATE already serialises writers; PostgreSQL needs
+            # this so two copies of one instance are never placed on one path.
+            s.execute(
+                text("SELECT pg_advisory_xact_lock(:k, hashtext(:uid))"),
+                {"k": _PG_SOP_LOCK_CLASS, "uid": header.sop_instance_uid},
+            )
         existing = (
             s.connection()
             .execute(
-                select(Instance.id, Instance.series_id).where(
+                select(Instance.id, Instance.series_id, Instance.sha256).where(
                     Instance.sop_instance_uid == header.sop_instance_uid
                 )
             )
             .first()
         )
         if existing is not None:
-            self._count_duplicate(s, existing.id, existing.series_id, header, peer)
-            return StoreOutcome.DUPLICATE
+            if existing.sha256 == staged.sha256:
+                self._count_duplicate(s, existing.id, existing.series_id, header, peer)
+                return StoreOutcome.DUPLICATE
+            self._record_conflict(s, existing.sha256, header, staged, ts_uid, peer)
+            return StoreOutcome.CONFLICT
+        check_series(s, header)
         # Placed while the transaction holds the write lock, so a concurrent
         # duplicate cannot replace the file of the instance being indexed.
-        self.files.place(staged, rel)
         placed.append(rel)
+        self.files.place(staged, rel)
+        detail: dict[str, Any] = {
+            "sop_class": header.sop_class_uid,
+            "transfer_syntax": ts_uid,
+            "bytes": staged.size,
+        }
+        if parsed.oddities:
+            detail["oddities"] = list(parsed.oddities)
+        self.index_instance(s, header, rel, staged.size, staged.sha256, ts_uid, peer, now)
+        bump_association_counter(s, peer.association_id, "instances_stored")
+        _audit_instance(s, "instance.stored", peer, header, detail)
+        return StoreOutcome.STORED
+
+    def _record_conflict(
+        self,
+        s: Session,
+        stored_sha256: str,
+        header: Header,
+        staged: Staged,
+        ts_uid: str,
+        peer: Peer,
+    ) -> None:
+        """Audit a re-sent SOP Instance UID whose content differs; the stored file stays."""
+        refuse = self.policy.duplicate_conflict == "refuse"
+        if not refuse:  # a refusal is counted as a failure by the SCP
+            bump_association_counter(s, peer.association_id, "duplicates")
+        record(
+            s,
+            "instance.duplicate_conflict",
+            actor=peer.actor,
+            actor_ip=peer.ip or None,
+            outcome="refused" if refuse else "warning",
+            study_instance_uid=header.study_instance_uid,
+            series_instance_uid=header.series_instance_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            detail={
+                "stored_sha256": stored_sha256,
+                "received_sha256": staged.sha256,
+                "received_bytes": staged.size,
+                "transfer_syntax": ts_uid,
+                "kept": "first",
+                "policy": self.policy.duplicate_conflict,
+                "status": f"0x{DuplicateRefused.status if refuse else DUPLICATE_KEPT_FIRST:04X}",
+            },
+        )
+
+    def index_instance(
+        self,
+        s: Session,
+        header: Header,
+        rel: Path,
+        size: int,
+        sha256: str,
+        ts_uid: str,
+        peer: Peer,
+        now: datetime,
+    ) -> None:
+        """Write the study, series and instance rows for a file placed at ``rel``."""
         study_id = self._upsert_study(s, header, now)
         series_id = self._upsert_series(s, header, study_id, now, peer)
         s.connection().execute(
@@ -275,22 +415,13 @@ class Ingestor:
                 instance_number=header.instance_number,
                 transfer_syntax_uid=ts_uid,
                 path=rel.as_posix(),
-                size_bytes=staged.size,
-                sha256=staged.sha256,
+                size_bytes=size,
+                sha256=sha256,
                 received_at=now,
                 association_id=peer.association_id,
                 duplicate_count=0,
             )
         )
-        bump_association_counter(s, peer.association_id, "instances_stored")
-        _audit_instance(
-            s,
-            "instance.stored",
-            peer,
-            header,
-            {"sop_class": header.sop_class_uid, "transfer_syntax": ts_uid, "bytes": staged.size},
-        )
-        return StoreOutcome.STORED
 
     @staticmethod
     def _count_duplicate(
@@ -320,7 +451,7 @@ class Ingestor:
             s,
             "instance.duplicate",
             actor=peer.actor,
-            actor_ip=peer.ip,
+            actor_ip=peer.ip or None,
             study_instance_uid=header.study_instance_uid,
             series_instance_uid=header.series_instance_uid,
             sop_instance_uid=header.sop_instance_uid,
