@@ -40,6 +40,7 @@ from node.audit.trail import record
 from node.config import DicomSettings
 from node.db.models import Association, utcnow
 from node.db.session import Database
+from node.dicom.guards import StoreGuard, drop_library_event_loggers
 from node.dicom.status import DUPLICATE_KEPT_FIRST, SUCCESS, IndexFailure, ServiceError
 from node.dicom.validate import sop_class_uid
 from node.store.ingest import Ingestor, Peer, StoreOutcome, bump_association_counter
@@ -147,6 +148,9 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._networks = [ipaddress.ip_network(p, strict=False) for p in settings.allowed_peers]
         self._server: ThreadedAssociationServer | None = None
+        self._store_guard = StoreGuard(
+            ingestor.policy.limits.max_dataset_bytes, self._on_store_guard_refusal
+        )
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -180,8 +184,11 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
+            (evt.EVT_PDU_RECV, self._store_guard.on_pdu_recv),
+            (evt.EVT_DIMSE_RECV, self._store_guard.on_dimse_recv),
             (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
         ]
+        drop_library_event_loggers()  # they would keep the store guard from running
         self._server = self.ae.start_server(
             (self.settings.bind, self.settings.port),
             block=False,
@@ -430,6 +437,12 @@ class StorageSCP:
             return status
         status.Status = SUCCESS
         return status
+
+    def _on_store_guard_refusal(
+        self, assoc: PynetAssociation, command_sop_uid: str, exc: ServiceError
+    ) -> None:
+        """A C-STORE refused below the handler (see :mod:`node.dicom.guards`): log, audit."""
+        self._audit_failure(self._peer(assoc), command_sop_uid, exc)
 
     def _handle_event_report(self, event: Event) -> tuple[int, Dataset | None]:
         """N-EVENT-REPORT of a storage commitment we asked for (PS3.4 J.3.3)."""

@@ -1,0 +1,148 @@
+"""Guards on C-STORE requests below the service handler, where pynetdicom decides alone.
+
+Two things happen before :meth:`~node.dicom.scp.StorageSCP._handle_store` is
+called, and each needs a guard:
+
+* pynetdicom collects a data set's fragments into memory without limit. The
+  :meth:`StoreGuard.on_pdu_recv` handler counts a data set's bytes as its
+  P-DATA PDUs arrive and aborts the association as soon as they pass
+  ``storage.max_dataset_mb``: the cap is enforced while reading, so memory
+  stays bounded by the cap plus one PDU (the PDU size is capped elsewhere).
+* pynetdicom silently drops a C-STORE request it finds invalid (an empty or
+  missing Affected SOP Instance UID or SOP Class UID, no data set), and the
+  sender waits for an answer that never comes. :meth:`StoreGuard.on_dimse_recv`
+  answers such a request with 0xC000 and its reason (or aborts when the
+  request has no Message ID to answer to).
+
+Both report each refusal to ``on_refused`` (the SCP logs and audits it).
+
+pynetdicom's own logging handlers for these events run first and raise on a
+request without an Affected SOP Instance UID, which would stop the second
+guard from running; :func:`drop_library_event_loggers` turns them off (their
+output is below the level :mod:`node.logs` lets through for pynetdicom anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable
+
+from pydicom.dataset import Dataset
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association as PynetAssociation
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
+
+from node.dicom.status import CannotUnderstand, DatasetTooLarge, ServiceError
+
+log = logging.getLogger(__name__)
+
+#: ``on_refused(association, command SOP Instance UID or "", error)``.
+RefusalHook = Callable[[PynetAssociation, str, ServiceError], None]
+
+_NO_DATA_SET = 0x0101
+
+
+def drop_library_event_loggers() -> None:
+    """Stop pynetdicom binding its logging handlers to new associations.
+
+    Its documented switch (``LOG_HANDLER_LEVEL``), set once by the SCP before
+    it listens: those handlers only log at INFO/DEBUG, and the EVT_DIMSE_RECV
+    one raises on a C-STORE request without a SOP Instance UID, which skips
+    :meth:`StoreGuard.on_dimse_recv` and leaves the sender without an answer.
+    """
+    pynetdicom_config.LOG_HANDLER_LEVEL = "none"
+
+
+def _command_value(command: Dataset | None, keyword: str) -> object:
+    """A command element's value, or None when absent, empty or unreadable."""
+    if command is None:
+        return None
+    try:
+        value = command.get(keyword)
+    except (ValueError, TypeError, KeyError, OverflowError):
+        return None
+    return None if value in (None, "") else value
+
+
+class StoreGuard:
+    """Per-association bookkeeping for the two guards described in the module docstring."""
+
+    def __init__(self, max_dataset_bytes: int, on_refused: RefusalHook) -> None:
+        self.max_dataset_bytes = max_dataset_bytes
+        self.on_refused = on_refused
+        self._received: weakref.WeakKeyDictionary[PynetAssociation, int] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    def on_pdu_recv(self, event: Event) -> None:
+        """EVT_PDU_RECV (DUL thread): count data set bytes; abort past the cap."""
+        pdu = event.pdu
+        if not isinstance(pdu, P_DATA_TF):
+            return
+        assoc = event.assoc
+        with self._lock:
+            total = self._received.get(assoc, 0)
+            over = False
+            for item in pdu.presentation_data_value_items:
+                data = item.presentation_data_value
+                if not data or data[0] & 0x01:  # command fragments are small and decoded apart
+                    continue
+                total += len(data) - 1
+                if total > self.max_dataset_bytes:
+                    over = True
+                    break
+                if data[0] & 0x02:  # last fragment of this data set
+                    total = 0
+            self._received[assoc] = 0 if over else total
+        if over:
+            self._refuse_too_large(assoc)
+
+    def _refuse_too_large(self, assoc: PynetAssociation) -> None:
+        message = getattr(assoc.dimse, "message", None)
+        command = getattr(message, "command_set", None)
+        sop_uid = _command_value(command, "AffectedSOPInstanceUID")
+        error = DatasetTooLarge(
+            f"data set passed the {self.max_dataset_bytes // (1024 * 1024)} MiB cap "
+            "(storage.max_dataset_mb) while arriving: association aborted"
+        )
+        assoc.abort()  # non-blocking inside a notification handler
+        self.on_refused(assoc, str(sop_uid or ""), error)
+
+    def on_dimse_recv(self, event: Event) -> None:
+        """EVT_DIMSE_RECV (DUL thread): answer a C-STORE request pynetdicom would drop."""
+        message = event.message
+        if not isinstance(message, C_STORE_RQ):
+            return
+        command = message.command_set
+        missing = [
+            name
+            for name in ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority")
+            if _command_value(command, name) is None
+        ]
+        if _command_value(command, "CommandDataSetType") == _NO_DATA_SET:
+            missing.append("data set")
+        if not missing:
+            return
+        assoc = event.assoc
+        error = CannotUnderstand(f"C-STORE request without {', '.join(missing)}")
+        message_id = _command_value(command, "MessageID")
+        if not isinstance(message_id, int) or message.context_id is None:
+            assoc.abort()
+            error = CannotUnderstand(f"{error.reason} nor Message ID: association aborted")
+        else:
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = message_id
+            sop_class = _command_value(command, "AffectedSOPClassUID")
+            if sop_class is not None:
+                rsp.AffectedSOPClassUID = str(sop_class)
+            rsp.Status = error.status
+            rsp.ErrorComment = error.error_comment  # type: ignore[assignment]  # typed None upstream
+            assoc.dimse.send_msg(rsp, message.context_id)
+        sop_uid = _command_value(command, "AffectedSOPInstanceUID")
+        self.on_refused(assoc, str(sop_uid or ""), error)
