@@ -1,12 +1,13 @@
 """``sarcnode serve``: the long-running node, wired in one place.
 
 Start-up order: database (migrated), storage root (partial files from a crash
-removed), pipelines (``jobs.pipelines_dir``), jobs interrupted by a crash
-re-queued, Storage SCP, then the tick that marks quiet series stable, turns
-stable studies into jobs and hands queued jobs to the local executor, and
-refreshes the heartbeat file the CLI's ``status`` reads; the delivery outbox
-runs on its own tick. SIGTERM and
-SIGINT stop it cleanly; ``kill -9`` loses nothing that was answered Success,
+removed, and the instance tree reconciled with the index: a file a crash left
+unindexed is removed, or re-indexed if it was acknowledged), pipelines
+(``jobs.pipelines_dir``), jobs interrupted by a crash re-queued, Storage SCP,
+then the tick that marks quiet series stable, turns stable studies into jobs
+and hands queued jobs to the local executor, and refreshes the heartbeat file
+the CLI's ``status`` reads; the delivery outbox runs on its own tick. SIGTERM
+and SIGINT stop it cleanly; ``kill -9`` loses nothing that was answered Success,
 because the SCP answers only after the file and its row are committed.
 """
 
@@ -33,6 +34,7 @@ from node.jobs import Scheduler as JobScheduler
 from node.pipelines import load_pipelines
 from node.store.files import InstanceFiles
 from node.store.ingest import Ingestor, IngestPolicy, mark_stable_series
+from node.store.reconcile import reconcile
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,16 @@ class Node:
     def start(self) -> None:
         """Recover, open the SCP, start the tick, and audit the start."""
         removed = self.files.clean_tmp()
+        reconciled = reconcile(self.ingestor)
+        if reconciled.removed or reconciled.reindexed or reconciled.quarantined:
+            log.warning(
+                "instance tree reconciled: %d file(s), %d orphan(s) removed, %d re-indexed, "
+                "%d quarantined",
+                reconciled.files,
+                len(reconciled.removed),
+                len(reconciled.reindexed),
+                len(reconciled.quarantined),
+            )
         with self.db.session() as s:
             record(
                 s,
@@ -127,6 +139,9 @@ class Node:
                     "port": self.settings.dicom.port,
                     "tls": self.settings.dicom.tls.enabled,
                     "partial_files_removed": removed,
+                    "orphans_removed": len(reconciled.removed),
+                    "reindexed": len(reconciled.reindexed),
+                    "quarantined": len(reconciled.quarantined),
                 },
             )
         recovered = recover(self.db)
