@@ -48,8 +48,10 @@ def main() -> None:
     if not (args.cache / "features.csv").is_file():
         sys.exit(f"no feature cache in {args.cache}: run `make signatures-real` first")
     cohort = load_sts(DATA / "sts-clinical" / "clinical.csv", DATA / "sts-t1-cropped")
-    features = pd.read_csv(args.cache / "features.csv", index_col="id")
-    table = pd.read_csv(args.cache / "raters.csv", index_col="id")
+    features = pd.read_csv(
+        args.cache / "features.csv", index_col="id", float_precision="round_trip"
+    )
+    table = pd.read_csv(args.cache / "raters.csv", index_col="id", float_precision="round_trip")
     raters = [g.drop(columns="perturbation") for _, g in table.groupby("perturbation")]
     rows = []
     for endpoint in ENDPOINTS:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -39,11 +40,12 @@ def load_or_extract(
     )
     fresh = stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
     if fresh and features_csv.is_file() and (raters_csv.is_file() or not icc):
-        features = pd.read_csv(features_csv, index_col="id")
+        # round_trip: the cached values are the extracted ones to the last bit
+        features = pd.read_csv(features_csv, index_col="id", float_precision="round_trip")
         if set(patients) <= set(features.index):
             if not icc:
                 return features, None
-            table = pd.read_csv(raters_csv, index_col="id")
+            table = pd.read_csv(raters_csv, index_col="id", float_precision="round_trip")
             groups = table.groupby("perturbation")
             return features, [g.drop(columns="perturbation") for _, g in groups]
     err.print(f"extracting T1 tumour + ring of {len(patients)} patients into {cache}")
@@ -89,12 +91,19 @@ def signature_cv_cmd(
     workers: Annotated[int, typer.Option(min=1)] = 2,
 ) -> None:
     """Nested-CV a T1 radiomics signature for ENDPOINT on the real cohort; write its card."""
+    from sklearn.exceptions import ConvergenceWarning
+
     from pipelines.radiomics.extract import extraction_mode, load_params, params_hash
     from pipelines.signature.card import write_signature_card
     from pipelines.signature.nested import Recipe
     from pipelines.signature.real import build_card, run_endpoint
     from pipelines.signature.sts import ENDPOINTS, load_sts
 
+    # Thousands of fits on shuffled outcomes: an all-zero LASSO or a solver's early
+    # stop is expected there and judged by the figures, not worth a line each.
+    # (Set before the process pool forks, so the workers inherit it.)
+    warnings.filterwarnings("ignore", message="all coefficients are zero")
+    warnings.filterwarnings("ignore", category=ConvergenceWarning)
     if endpoint not in ENDPOINTS:
         err.print(f"[red]ENDPOINT must be one of {', '.join(ENDPOINTS)}, not {endpoint!r}[/red]")
         raise typer.Exit(2)

@@ -211,11 +211,12 @@ def lasso_logistic(
     scores = np.zeros(grid.size)
     for train, test in splitter.split(values, label):
         for j, c in enumerate(grid):
-            model = LogisticRegression(l1_ratio=1.0, C=c, solver="liblinear")
+            model = LogisticRegression(l1_ratio=1.0, C=c, solver="liblinear", max_iter=1000)
             model.fit(values[train], label[train])
             scores[j] += auc(label[test], values[test] @ model.coef_[0])
     best = float(grid[int(np.argmax(scores))])
-    final = LogisticRegression(l1_ratio=1.0, C=best, solver="liblinear").fit(values, label)
+    final = LogisticRegression(l1_ratio=1.0, C=best, solver="liblinear", max_iter=1000)
+    final.fit(values, label)
     return pd.Series(final.coef_[0], index=z.columns), float(final.intercept_[0]), best
 
 

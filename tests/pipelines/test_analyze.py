@@ -25,15 +25,32 @@ def test_analyze_sts001_segments_extracts_and_scores_reproducibly(tmp_path: Path
     for role in ("T2FS", "T1"):
         mask = sitk.ReadImage(report["segmentation"]["masks"][role])
         assert sitk.GetArrayViewFromImage(mask).sum() > 1000  # a real tumour, on each series' grid
-    (extraction,) = report["extractions"]  # the shipped pipeline's cards: the demo card's
-    table = pd.read_csv(extraction["features"])
-    assert {(s, r) for s, r in zip(table["sequence"], table["region"], strict=True)} >= {
-        ("T2FS", "tumour"),
-        ("T2FS", "ring"),
-    }
-    score = report["score"]
-    assert report["scores"][0] == score
-    assert score["signature"] == "sarcnode-pfs-demo" and score["model"] == "radscore"
+    # The shipped pipeline's cards: three T1 cards fitted on real patients (one extraction,
+    # T1 tumour + ring) and the synthetic demo card (T1 and FS-T2).
+    extractions = {tuple(e["cards"]): e for e in report["extractions"]}
+    real = ("sarcnode-lungmets-t1", "sarcnode-grade-t1", "sarcnode-efs-t1")
+    assert set(extractions) == {real, ("sarcnode-pfs-demo",)}
+    for cards, pairs in (
+        (real, {("T1", "tumour"), ("T1", "ring")}),
+        (("sarcnode-pfs-demo",), {("T2FS", "tumour"), ("T2FS", "ring")}),
+    ):
+        table = pd.read_csv(extractions[cards]["features"])
+        assert {(s, r) for s, r in zip(table["sequence"], table["region"], strict=True)} >= pairs
+    scores = {s["signature"]: s for s in report["scores"]}
+    assert list(scores) == [*real, "sarcnode-pfs-demo"]
+    assert report["score"] == report["scores"][0]
+    for card_id in real:  # STS_001 never trained them: out-of-sample predictions
+        result = scores[card_id]
+        assert result["training_cohort"]["source"] == "real"
+        assert result["training_cohort"]["n"] in (37, 38)
+        assert "nested CV" in result["nested_cv"]
+        assert result["applicability"]["status"] in ("inside", "outside")
+        assert (result["risk_group"] is None) == (result["applicability"]["status"] == "outside")
+    assert 0 < scores["sarcnode-lungmets-t1"]["probability"] < 1
+    assert 0 < scores["sarcnode-grade-t1"]["probability"] < 1
+    assert set(scores["sarcnode-efs-t1"]["survival_probability"]) >= {"365", "1095"}
+    score = scores["sarcnode-pfs-demo"]
+    assert score["model"] == "radscore"
     assert score["missing_clinical"]  # no clinical factors given
     # A real study against a card fitted on synthetic ones: in range or not, it is said.
     verdict = score["applicability"]
@@ -45,6 +62,9 @@ def test_analyze_sts001_segments_extracts_and_scores_reproducibly(tmp_path: Path
     assert "NOT FOR CLINICAL USE" in summary_text
     assert "fitted on 140 SYNTHETIC patients: the plumbing demo" in summary_text
     assert verdict["text"] in summary_text
+    for card_id in real:
+        assert f"{card_id} 1.0.0" in summary_text
+    assert "fitted on 38 real patients; nested CV: lung metastasis: nested CV AUC" in summary_text
     quality = report["segmentation"]["quality"]  # the demo model: one view, so no score
     assert set(quality) >= {"score", "review", "threshold", "reasons"}
     # The objects a PACS receives: a SEG per series, the SR and the PDF, all valid DICOM.
@@ -72,8 +92,10 @@ def test_analyze_sts001_segments_extracts_and_scores_reproducibly(tmp_path: Path
         "M",
     )
     assert again.returncode == 0, again.stderr
-    second = json.loads(again.stdout)["score"]
-    assert second["radscore"] == score["radscore"]  # same study, same number
+    second = {s["signature"]: s for s in json.loads(again.stdout)["scores"]}
+    for card_id, first_result in scores.items():  # same study, same numbers
+        assert second[card_id]["radscore"] == first_result["radscore"]
+    second = second["sarcnode-pfs-demo"]
     assert second["model"] == "nomogram" or not second.get("missing_clinical")
     bad = sarcnode("analyze", str(study), "--out", str(tmp_path / "c"), "--edema", "maybe")
     assert bad.returncode == 2 and "expected yes or no" in bad.stderr

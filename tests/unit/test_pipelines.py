@@ -93,9 +93,11 @@ def shipped_absolute() -> dict[str, Any]:
 
 def test_the_shipped_pipeline_lists_its_cards_and_one_card_still_works(tmp_path: Path) -> None:
     demo = (REPO / "models" / "sarcnode-pfs-demo").resolve()
-    assert load_pipeline(SHIPPED).signatures[0] == demo
+    real = ("sarcnode-lungmets-t1", "sarcnode-grade-t1", "sarcnode-efs-t1")
+    assert load_pipeline(SHIPPED).signatures == (*(REPO / "models" / r for r in real), demo)
     data = shipped_absolute()
-    data["signature"] = str(data.pop("signatures")[0])  # the one-card form of before
+    data.pop("signatures")
+    data["signature"] = str(demo)  # the one-card form of before
     (tmp_path / "one.yaml").write_text(yaml.safe_dump(data))
     assert load_pipeline(tmp_path / "one.yaml").signatures == (demo,)
     data["signatures"] = [data["signature"]]
@@ -130,7 +132,10 @@ def test_a_missing_or_broken_card_is_a_config_error_naming_its_path(tmp_path: Pa
     data["signatures"][-1] = str(t1_card(tmp_path / "models" / "fine"))
     (folder / "p.yaml").write_text(yaml.safe_dump(data))
     proc = run_cli(config, "config", "check")
-    assert "pipeline sarcoma-mr: signature cards sarcnode-pfs-demo, fine" in proc.stdout
+    assert (
+        "pipeline sarcoma-mr: signature cards sarcnode-lungmets-t1, sarcnode-grade-t1, "
+        "sarcnode-efs-t1, sarcnode-pfs-demo, fine" in proc.stdout
+    )
 
 
 def test_a_role_without_a_rule_is_refused(tmp_path: Path) -> None:
