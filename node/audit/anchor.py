@@ -10,11 +10,12 @@ whose event at the anchored sequence number has another hash, was truncated,
 wiped or rewritten.
 
 The file is replaced atomically (temp file, fsync, rename, fsync of the
-folder) after every commit that appended events, under an exclusive
-``flock`` so processes sharing it (``serve``, the admin CLI) only ever move it
-forward. It is written *after* the database commit, so it may lag one
-transaction behind after a crash, never run ahead: events beyond the anchor
-are allowed when their HMACs verify.
+folder) after commits that appended events (at most once a second per
+process: :mod:`node.audit.context`), under an exclusive ``flock`` so
+processes sharing it (``serve``, the admin CLI) only ever move it forward. It
+is written *after* the database commit, so it may lag behind after a crash,
+never run ahead: it is a lower bound, and events beyond it are allowed when
+their HMACs verify.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class HeadAnchor:
             yield
         finally:
             os.close(fd)  # closing releases the flock
+
+    def exists(self) -> bool:
+        """Whether the anchor file exists (an existing one may still be untrustworthy)."""
+        return self.path.exists()
 
     def read(self, keyring: Keyring) -> Anchor | None:
         """The anchor, or None when the file does not exist.

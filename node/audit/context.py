@@ -5,20 +5,34 @@ Built once from the settings (``serve`` and the admin CLI) and handed to
 so :func:`node.audit.trail.record` keeps its signature. Job workers get a copy
 without the anchor (:meth:`AuditConfig.for_worker`): they may run on another
 machine, so they sign events but leave the anchor to the node.
+
+The anchor is moved after a commit at most once per :data:`ANCHOR_INTERVAL_S`
+(each write costs two fsyncs, several milliseconds); a head committed sooner
+is kept here and written by a timer, or when the database is disposed. Appends
+check the chain against the newer of the file and that pending head, so a
+truncation inside the interval is caught too; a ``kill -9`` only leaves the
+file one interval behind, which the anchor's lower-bound rule allows.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from node.audit.anchor import HeadAnchor
-from node.audit.keys import Keyring, load_keyring
+from node.audit.keys import AuditKeyError, Keyring, load_keyring
 
 if TYPE_CHECKING:
     from node.config import Settings
+
+log = logging.getLogger(__name__)
+
+#: Shortest time between two anchor writes of one process, in seconds.
+ANCHOR_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,10 @@ class AuditContext:
         self.anchor = HeadAnchor(config.anchor_file) if config.anchor_file else None
         self._keyring: Keyring | None = None
         self._lock = threading.Lock()
+        self._anchor_lock = threading.Lock()
+        self._pending: tuple[int, str] | None = None
+        self._last_write = float("-inf")
+        self._timer: threading.Timer | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuditContext:
@@ -92,3 +110,71 @@ class AuditContext:
         with self._lock:
             self._keyring = None
         return self.keyring
+
+    @property
+    def pending(self) -> tuple[int, str] | None:
+        """The newest head this process committed but has not yet written to the anchor."""
+        with self._anchor_lock:
+            return self._pending
+
+    def committed(self, seq: int, hash_: str, *, force: bool = False) -> None:
+        """A commit appended events up to ``seq``: anchor it now, or within the interval.
+
+        ``force`` (an acknowledged break) writes at once, even an older head.
+
+        Raises
+        ------
+        OSError
+            The anchor file cannot be written (only when written now).
+        """
+        if self.anchor is None:
+            return
+        with self._anchor_lock:
+            if force:
+                self._pending = None
+                self.anchor.advance(seq, hash_, self.keyring, force=True)
+                self._last_write = time.monotonic()
+                return
+            if self._pending is None or seq > self._pending[0]:
+                self._pending = (seq, hash_)
+            wait = self._last_write + ANCHOR_INTERVAL_S - time.monotonic()
+            if wait <= 0:
+                self._flush_locked()
+            elif self._timer is None:
+                self._timer = threading.Timer(wait, self._on_timer)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        """Write the pending head to the anchor now (at stop, and from the timer)."""
+        with self._anchor_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._flush_locked()
+
+    def close(self) -> None:
+        """Flush at the end of a process's use of the database; an error is logged, not raised.
+
+        The events are committed either way: an unwritten anchor only lags.
+        """
+        try:
+            self.flush()
+        except (OSError, AuditKeyError) as exc:
+            log.error("audit anchor not written: %s", exc)
+
+    def _flush_locked(self) -> None:
+        if self._pending is None or self.anchor is None:
+            return
+        seq, hash_ = self._pending
+        self.anchor.advance(seq, hash_, self.keyring)
+        self._pending = None
+        self._last_write = time.monotonic()
+
+    def _on_timer(self) -> None:
+        with self._anchor_lock:
+            self._timer = None
+            try:
+                self._flush_locked()
+            except (OSError, AuditKeyError) as exc:
+                log.error("audit anchor not written: %s", exc)

@@ -11,10 +11,11 @@ files:
   cannot be hidden by renumbering and re-hashing the rest, and no event can be
   forged.
 - **The head is anchored** in a file outside the database
-  (:mod:`node.audit.anchor`), moved forward after every commit that appended
-  events, and logged (``audit head seq=... hash=...``) at start, stop and
-  every ``audit.head_log_minutes`` so a log shipped off the node anchors it
-  too. A chain shorter than its anchor was truncated or wiped.
+  (:mod:`node.audit.anchor`), moved forward after commits that appended
+  events (at most once a second per process), and logged (``audit head
+  seq=... hash=...``) at start, stop and every ``audit.head_log_minutes`` so a
+  log shipped off the node anchors it too. A chain shorter than its anchor was
+  truncated or wiped.
 - **Appends refuse a broken head**: a process with the anchor checks, before
   the first append of each transaction, that the database's newest events are
   still those the anchor names. If not, it raises :class:`AuditBreakError`
@@ -258,20 +259,28 @@ def _has_keyed_events(session: Session) -> bool:
 
 
 def anchor_findings(
-    session: Session, anchor_file: HeadAnchor, keyring: Keyring, current: _Head | None = None
+    session: Session,
+    anchor_file: HeadAnchor,
+    keyring: Keyring,
+    current: _Head | None = None,
+    pending: tuple[int, str] | None = None,
 ) -> list[Finding]:
     """How the database's chain head disagrees with the anchor (empty: it agrees).
 
     Cheap (two indexed reads and the anchor file): run before every append
-    transaction, at start and by ``audit verify``. Events *beyond* the anchor
-    are not a finding here (the anchor may lag one commit after a crash, and
-    job workers do not move it); their HMACs are checked by :func:`verify`.
+    transaction, at start and by ``audit verify``. ``pending`` is a head this
+    process committed and has not written to the file yet; the newer of the two
+    counts. Events *beyond* the anchor are not a finding here (the anchor may
+    lag after a crash, and job workers do not move it); their HMACs are
+    checked by :func:`verify`.
     """
     current = current if current is not None else _head_row(session)
     try:
         anchor = anchor_file.read(keyring)
     except AnchorError as exc:
         return [Finding(ANCHOR, None, f"{exc}: it can no longer vouch for the chain's head")]
+    if pending is not None and (anchor is None or pending[0] > anchor.seq):
+        anchor = Anchor(pending[0], pending[1], keyring.current.key_id, "(not yet written)")
     if anchor is None:
         if _has_keyed_events(session):
             return [
@@ -342,7 +351,7 @@ def check_head(session: Session) -> list[Finding]:
     ctx = context_of(session)
     if ctx is None or ctx.anchor is None:
         return []
-    return anchor_findings(session, ctx.anchor, ctx.keyring)
+    return anchor_findings(session, ctx.anchor, ctx.keyring, pending=ctx.pending)
 
 
 def record(
@@ -417,9 +426,14 @@ def record(
         keyring = ctx.keyring
         if ctx.anchor is not None and not session.info.get(_CHECKED):
             if not session.info.get(_FORCE):
-                findings = anchor_findings(session, ctx.anchor, keyring, current)
+                findings = anchor_findings(session, ctx.anchor, keyring, current, ctx.pending)
                 if findings:
                     raise AuditBreakError(findings)
+                if ctx.pending is None and not ctx.anchor.exists():
+                    # First keyed append: anchor the head it builds on *before* it
+                    # commits (the write lock is held), so no other process ever
+                    # sees keyed events without an anchor file.
+                    ctx.anchor.advance(fields["seq"] - 1, fields["prev_hash"], keyring)
             session.info[_CHECKED] = True
         key = keyring.current
         values = {
@@ -507,9 +521,9 @@ def _after_commit(session: Session) -> None:
     if target is None or ctx is None or ctx.anchor is None:
         return
     try:
-        ctx.anchor.advance(target[0], target[1], ctx.keyring, force=force)
+        ctx.committed(target[0], target[1], force=force)
     except (OSError, AuditKeyError) as exc:
-        # The events are committed; the anchor lags (allowed) until the next commit.
+        # The events are committed; the anchor lags (allowed) until the next write.
         log.error("audit anchor %s not moved to seq %d: %s", ctx.anchor.path, target[0], exc)
 
 

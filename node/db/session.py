@@ -114,7 +114,9 @@ class Database:
             yield session
 
     def dispose(self) -> None:
-        """Close all pooled connections."""
+        """Write any pending audit anchor, then close all pooled connections."""
+        if self.audit is not None:
+            self.audit.close()
         self.engine.dispose()
 
     def safe_url(self) -> str:
