@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO / "bench"]
 sys.path.insert(0, str(REPO))
 
-from node.demo import STS_001, _free_port, _orthanc, _send  # noqa: E402
+from node.demo import DEMO_SCANNER, STS_001, _free_port, _orthanc, _send  # noqa: E402
 
 SARCNODE = str(Path(sys.executable).parent / "sarcnode")
 
@@ -59,6 +59,7 @@ def main() -> int:
             "SARCNODE_STORAGE__ROOT": str(root / "node"),
             "SARCNODE_STORAGE__MIN_FREE_MB": "100",
             "SARCNODE_DICOM__PORT": str(port),
+            "SARCNODE_DICOM__ALLOWED_CALLING_AES": json.dumps([DEMO_SCANNER]),
             "SARCNODE_SCHEDULER__SERIES_STABLE_SECONDS": str(args.stable_s),
             "SARCNODE_SCHEDULER__TICK_SECONDS": "0.5",
             "SARCNODE_JOBS__DEVICE": args.device,

@@ -105,7 +105,17 @@ class Receiver:
 
 def _sarcnode(work: Path, port: int, parallel: bool) -> tuple[list[str], dict[str, str], None]:
     cfg = {
-        "dicom": {"ae_title": "SARCNODE", "bind": "127.0.0.1", "port": port},
+        "dicom": {
+            "ae_title": "SARCNODE",
+            "bind": "127.0.0.1",
+            "port": port,
+            # dcmtk's default calling AEs; every share comes from one address and AE,
+            # so the per-peer limits are raised with the total for --parallel up to 32.
+            "allowed_calling_aes": ["STORESCU", "ECHOSCU"],
+            "max_associations": 33,
+            "max_connections_per_ip": 32,
+            "max_associations_per_peer": 32,
+        },
         "storage": {"root": str(work / "sarcnode"), "min_free_mb": 100},
         "scheduler": {"series_stable_seconds": 60},
         "logging": {"level": "WARNING"},

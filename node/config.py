@@ -61,6 +61,12 @@ DEFAULT_TRANSFER_SYNTAXES = [
 ]
 
 
+#: Bounds of ``dicom.max_pdu_size`` (dcmtk's own range starts at 4096 bytes; the
+#: upper bound keeps one PDU's buffers far from the node's memory).
+MIN_PDU_SIZE = 4096
+MAX_PDU_SIZE = 64 * 2**20
+
+
 class _Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are frozen."""
 
@@ -103,17 +109,43 @@ class DicomSettings(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 11112
     allowed_calling_aes: list[str] = Field(
         default_factory=list,
-        description="Empty: accept every calling AE. Non-empty: only these (default-deny).",
+        description="Calling AE titles that may associate (default-deny: empty refuses every "
+        "one unless accept_any_calling_ae).",
+    )
+    accept_any_calling_ae: bool = Field(
+        False,
+        description="Accept every (valid) calling AE title: only for a closed network or a "
+        "test bench, since a calling AE title is not authentication.",
     )
     allowed_peers: list[str] = Field(
         default_factory=list,
-        description="Optional IP addresses or networks (CIDR) allowed to connect; empty: any.",
+        description="IP addresses or networks (CIDR) allowed to connect, checked when the TCP "
+        "connection is accepted, before any DICOM; empty: any.",
     )
     require_called_ae: bool = Field(
         True, description="Refuse associations addressed to another AE title."
     )
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
-    max_pdu_size: Annotated[int, Field(ge=0)] = 0
+    max_connections_per_ip: Annotated[int, Field(ge=1, le=1000)] = Field(
+        8,
+        description="Open TCP connections one source address may hold (checked at accept); "
+        "below max_associations so that one peer cannot take every slot.",
+    )
+    max_associations_per_peer: Annotated[int, Field(ge=1, le=1000)] = Field(
+        8, description="Concurrent associations of one (source address, calling AE) pair."
+    )
+    max_pdu_size: Annotated[int, Field(ge=MIN_PDU_SIZE, le=MAX_PDU_SIZE)] = Field(
+        262_144,
+        description="Largest PDU we receive: announced to the peer and enforced on every PDU's "
+        "header before its body is read (a longer PDU aborts the association).",
+    )
+    setup_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        10.0,
+        description="From TCP accept to a complete A-ASSOCIATE-RQ (TLS handshake included).",
+    )
+    pdu_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        15.0, description="From a PDU's first byte to its last: a slow drip is not progress."
+    )
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
@@ -137,6 +169,16 @@ class DicomSettings(_Section):
             if not ok:
                 raise ValueError(f"{value!r}: {reason}")
         return [v.strip() for v in values]
+
+    @field_validator("max_pdu_size", mode="before")
+    @classmethod
+    def _pdu_size(cls, value: Any) -> Any:
+        if value == 0:
+            raise ValueError(
+                "0 (unlimited) is not allowed: one PDU would be read whole into memory; "
+                f"use {MIN_PDU_SIZE}-{MAX_PDU_SIZE} bytes (default 262144)"
+            )
+        return value
 
     @field_validator("allowed_peers")
     @classmethod
@@ -426,6 +468,57 @@ class Settings(BaseSettings):
         if self.database.url:
             return self.database.url
         return f"sqlite:///{(self.storage.root / 'sarcnode.db').resolve()}"
+
+
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
+
+
+def security_warnings(settings: Settings) -> list[str]:
+    """What in ``settings`` leaves the node open or unusable, one sentence each.
+
+    ``config check`` prints these loudly and ``serve`` logs them at start; none
+    of them stops the node (a lab may mean it), but each names the key to set.
+    """
+    d = settings.dicom
+    warnings: list[str] = []
+    exposed = not _is_loopback(d.bind)
+    if exposed and not d.allowed_peers and not d.tls.enabled:
+        warnings.append(
+            f"dicom.bind {d.bind} is reachable from the network with neither dicom.allowed_peers "
+            "nor dicom.tls: any host that reaches the port can send objects, and calling AE "
+            "titles are not authentication. Set allowed_peers to your senders' addresses or "
+            "enable TLS with client certificates."
+        )
+    if d.accept_any_calling_ae and exposed:
+        warnings.append(
+            f"dicom.accept_any_calling_ae is true on {d.bind}: every calling AE title is "
+            "accepted. List your senders in dicom.allowed_calling_aes instead."
+        )
+    if not d.accept_any_calling_ae and not d.allowed_calling_aes:
+        warnings.append(
+            "dicom.allowed_calling_aes is empty: every association will be refused. List the "
+            "AE titles of the scanners and PACS that send to this node."
+        )
+    if d.max_connections_per_ip >= d.max_associations:
+        warnings.append(
+            f"dicom.max_connections_per_ip ({d.max_connections_per_ip}) is not below "
+            f"dicom.max_associations ({d.max_associations}): one address can hold every slot."
+        )
+    if d.max_associations_per_peer >= d.max_associations:
+        warnings.append(
+            f"dicom.max_associations_per_peer ({d.max_associations_per_peer}) is not below "
+            f"dicom.max_associations ({d.max_associations}): one sender can hold every slot."
+        )
+    if not d.accept_any_calling_ae:
+        for dest in settings.destinations:
+            if dest.storage_commitment and dest.ae_title not in d.allowed_calling_aes:
+                warnings.append(
+                    f"destination {dest.name} uses storage commitment but its AE title "
+                    f"{dest.ae_title} is not in dicom.allowed_calling_aes: its commitment "
+                    "reports will be refused."
+                )
+    return warnings
 
 
 class ConfigError(Exception):

@@ -1,7 +1,8 @@
 """``make demo``: the node on its embedded defaults, fed a study by a "scanner".
 
 Starts ``sarcnode serve`` with the embedded defaults (SQLite and folders under
-``var/demo``, the shipped pipeline ``config/pipelines/sarcoma-mr.yaml``), a
+``var/demo``, the shipped pipeline ``config/pipelines/sarcoma-mr.yaml``; the
+scanner's AE title on the calling-AE allow-list, which is empty by default), a
 folder destination and, when the Debian package is installed, a throw-away
 Orthanc as the PACS; plays a scanner with dcmtk's ``storescu`` (pynetdicom's
 SCU when dcmtk is not installed) sending a synthetic sarcoma study (T1 +
@@ -30,6 +31,8 @@ DEMO = REPO / "var" / "demo"
 STS_001 = REPO.parent / "shared" / "data" / "sts-raw" / "STS_001"
 SARCNODE = str(Path(sys.executable).parent / "sarcnode")
 STORESCU = "/usr/bin/storescu"
+#: The calling AE title the demo's "scanner" sends with (on the node's allow-list).
+DEMO_SCANNER = "DEMOSCANNER"
 
 
 def _free_port(preferred: int) -> int:
@@ -42,6 +45,24 @@ def _free_port(preferred: int) -> int:
             return int(s.getsockname()[1])
 
 
+def node_env(storage: Path, port: int, destinations: list[dict[str, Any]]) -> dict[str, str]:
+    """What the demo changes from the embedded defaults, as ``SARCNODE_*`` variables.
+
+    The defaults refuse calling AEs not on the allow-list, so the demo names its
+    scanner, as an admin names each real one in ``dicom.allowed_calling_aes``.
+    """
+    return {
+        "SARCNODE_STORAGE__ROOT": str(storage),
+        "SARCNODE_DICOM__PORT": str(port),
+        "SARCNODE_DICOM__ALLOWED_CALLING_AES": json.dumps([DEMO_SCANNER]),
+        "SARCNODE_STORAGE__MIN_FREE_MB": "200",
+        "SARCNODE_SCHEDULER__SERIES_STABLE_SECONDS": "3",
+        "SARCNODE_SCHEDULER__TICK_SECONDS": "1",
+        "SARCNODE_DESTINATIONS": json.dumps(destinations),
+        "SARCNODE_DELIVERY__BACKOFF_BASE_S": "2",
+    }
+
+
 def _send(folder: Path, port: int) -> int:
     """Send every DICOM file under ``folder``; return how many were sent."""
     files = sorted(p for p in folder.rglob("*.dcm"))
@@ -50,7 +71,7 @@ def _send(folder: Path, port: int) -> int:
             [
                 STORESCU,
                 "-aet",
-                "DEMOSCANNER",
+                DEMO_SCANNER,
                 "-aec",
                 "SARCNODE",
                 "127.0.0.1",
@@ -64,7 +85,7 @@ def _send(folder: Path, port: int) -> int:
         from pynetdicom import AE
         from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
-        ae = AE(ae_title="DEMOSCANNER")
+        ae = AE(ae_title=DEMO_SCANNER)
         ae.add_requested_context(MRImageStorage)
         assoc = ae.associate("127.0.0.1", port, ae_title="SARCNODE")
         if not assoc.is_established:
@@ -153,15 +174,7 @@ def main() -> int:
             }
         )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SARCNODE_")}
-    env |= {
-        "SARCNODE_STORAGE__ROOT": str(DEMO / "storage"),
-        "SARCNODE_DICOM__PORT": str(port),
-        "SARCNODE_STORAGE__MIN_FREE_MB": "200",
-        "SARCNODE_SCHEDULER__SERIES_STABLE_SECONDS": "3",
-        "SARCNODE_SCHEDULER__TICK_SECONDS": "1",
-        "SARCNODE_DESTINATIONS": json.dumps(destinations),
-        "SARCNODE_DELIVERY__BACKOFF_BASE_S": "2",
-    }
+    env |= node_env(DEMO / "storage", port, destinations)
     print(f"== sarcnode demo: embedded defaults, storage and SQLite under {DEMO}")
     print("== synthetic and public data, demo models: NOT FOR CLINICAL USE")
     if pacs is not None:

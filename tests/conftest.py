@@ -170,7 +170,14 @@ def node_factory(tmp_path: Path) -> Iterator[Any]:
         root.mkdir()
         port = free_port()
         settings: dict[str, Any] = {
-            "dicom": {"ae_title": "SARCNODE", "bind": "127.0.0.1", "port": port},
+            # Test senders use many calling AE titles: these nodes accept any valid one
+            # (the shipped default refuses AEs not on dicom.allowed_calling_aes).
+            "dicom": {
+                "ae_title": "SARCNODE",
+                "bind": "127.0.0.1",
+                "port": port,
+                "accept_any_calling_ae": True,
+            },
             "storage": {"root": str(root / "storage"), "min_free_mb": 50},
             "scheduler": {"series_stable_seconds": 2, "tick_seconds": 0.5},
             "logging": {"level": "INFO"},

@@ -9,6 +9,7 @@ runs (SQLite in WAL mode, or PostgreSQL). Exit codes: 0 ok, 1 the answer is
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,7 +36,13 @@ from node.audit.trail import (
     record,
     verify,
 )
-from node.config import ConfigError, Settings, load_settings, resolve_config_path
+from node.config import (
+    ConfigError,
+    Settings,
+    load_settings,
+    resolve_config_path,
+    security_warnings,
+)
 from node.db.models import Association, AuditEvent, Delivery, Instance, Job, Series, Study
 from node.db.session import Database
 
@@ -168,6 +175,8 @@ def serve(config: ConfigOpt = None) -> None:
 
     settings = _settings(config)
     setup_logging(settings.logging.level, settings.logging.file)
+    for warning in security_warnings(settings):
+        logging.getLogger("node.config").warning("%s", warning)
     try:
         node = Node(settings)
     except PipelineError as exc:
@@ -219,6 +228,9 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             timeout_s=5,
         )
         scp_up, scp_detail = res.ok, res.detail
+        if res.rejected:  # it answered: up, and refusing an AE it was not told about
+            scp_up = True
+            scp_detail = "up (refused C-ECHO from SARCNODE-CLI: not in dicom.allowed_calling_aes)"
     elif heartbeat:
         try:
             os.kill(int(heartbeat["pid"]), 0)
@@ -1193,7 +1205,9 @@ def config_check(
     """Validate a config file and its pipelines (each signature card included).
 
     Lists every bad field by name, or the pipeline file and card that cannot
-    be used, and exits 2 if any.
+    be used, and exits 2 if any. A usable config that leaves the node open
+    (a network bind with neither ``allowed_peers`` nor TLS, every calling AE
+    accepted) or refusing everyone gets a WARNING line per problem on stderr.
     """
     from node.pipelines import PipelineError, load_pipelines
 
@@ -1206,10 +1220,19 @@ def config_check(
         err.print(f"[red]{target or 'embedded defaults'}: pipeline error: {escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
     out.print(f"{target or 'embedded defaults'}: OK")
+    for warning in security_warnings(settings):
+        err.print(f"[bold red]WARNING[/bold red] {escape(warning)}")
     out.print(
         f"  AE title {settings.dicom.ae_title} on {settings.dicom.bind}:{settings.dicom.port}"
         f"{' (TLS)' if settings.dicom.tls.enabled else ''}"
     )
+    d = settings.dicom
+    callers = (
+        "any (accept_any_calling_ae)"
+        if d.accept_any_calling_ae
+        else (", ".join(d.allowed_calling_aes) or "none")
+    )
+    out.print(f"  calling AEs: {escape(callers)}; peers: {', '.join(d.allowed_peers) or 'any'}")
     out.print(
         f"  storage {settings.storage.root.resolve()}; database {_mask(settings.database_url)}"
     )

@@ -16,6 +16,8 @@ class EchoResult:
 
     ok: bool
     detail: str
+    #: The peer answered with an A-ASSOCIATE-RJ: it is up, but refuses us.
+    rejected: bool = False
 
 
 def echo(
@@ -44,7 +46,7 @@ def echo(
     assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
     if not assoc.is_established:
         if assoc.is_rejected:
-            return EchoResult(False, "association rejected")
+            return EchoResult(False, "association rejected", rejected=True)
         return EchoResult(False, "no association (connection refused, aborted or timed out)")
     try:
         status = assoc.send_c_echo()

@@ -1,8 +1,14 @@
 """The Storage SCP: C-ECHO and C-STORE over plain TCP or DICOM TLS.
 
-Association policy (calling-AE allow-list, called AE title, peer IP) is decided
-in one ``EVT_REQUESTED`` handler that rejects with the standard A-ASSOCIATE-RJ
-reason and records an audit event. Every C-STORE goes through
+Who may connect, how many connections and how big and how fast their PDUs
+may be is decided before any DICOM, by the transport guard
+(:mod:`node.dicom.transport`: ``dicom.allowed_peers``, connections per address,
+PDU size and set-up/PDU deadlines). Association policy (a valid calling AE on
+the allow-list, the called AE title, associations per (address, calling AE))
+is decided in one ``EVT_REQUESTED`` handler that rejects with the standard
+A-ASSOCIATE-RJ reason and records an audit event. Peer strings (AE titles) are
+escaped before they reach a log line, the database or the audit trail. Every
+C-STORE goes through
 :meth:`StorageSCP._handle_store`, the single place that turns a
 :class:`~node.dicom.status.ServiceError` into a failure status with an Error
 Comment, logs it (no PHI) and audits it. Success is answered only after
@@ -12,13 +18,12 @@ Comment, logs it (no PHI) and audits it. Success is answered only after
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import socket
 import ssl
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -32,7 +37,6 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -42,7 +46,15 @@ from node.db.models import Association, utcnow
 from node.db.session import Database
 from node.dicom.guards import StoreGuard, drop_library_event_loggers
 from node.dicom.status import DUPLICATE_KEPT_FIRST, SUCCESS, IndexFailure, ServiceError
-from node.dicom.validate import sop_class_uid
+from node.dicom.transport import (
+    GuardedAssociationServer,
+    GuardedSSLSocket,
+    TransportEvent,
+    TransportLimits,
+    connection_of,
+)
+from node.dicom.validate import sop_class_uid, validate_ae_title
+from node.logs import printable
 from node.store.ingest import Ingestor, Peer, StoreOutcome, bump_association_counter
 
 log = logging.getLogger(__name__)
@@ -50,7 +62,8 @@ log = logging.getLogger(__name__)
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 _RJ_CALLING_AE = (0x01, 0x01, 0x03)
 _RJ_CALLED_AE = (0x01, 0x01, 0x07)
-_RJ_NO_REASON = (0x01, 0x01, 0x01)
+# Transient, DICOM UL service-provider (presentation), local limit exceeded.
+_RJ_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
 
 @dataclass
@@ -78,6 +91,8 @@ class AuditedTLSContext(ssl.SSLContext):
     """
 
     on_failure: Callable[[str, str], None] | None = None
+    # Accepted sockets get the transport guard (PDU limits on the decrypted stream).
+    sslsocket_class = GuardedSSLSocket
 
     def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
         """Wrap for TLS without handshaking (see the class docstring)."""
@@ -146,8 +161,7 @@ class StorageSCP:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
-        self._networks = [ipaddress.ip_network(p, strict=False) for p in settings.allowed_peers]
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedAssociationServer | None = None
         self._store_guard = StoreGuard(
             ingestor.policy.limits.max_dataset_bytes, self._on_store_guard_refusal
         )
@@ -189,12 +203,19 @@ class StorageSCP:
             (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
         ]
         drop_library_event_loggers()  # they would keep the store guard from running
-        self._server = self.ae.start_server(
-            (self.settings.bind, self.settings.port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=build_ssl_context(self.settings, self._on_tls_failure),
+        server = cast(
+            GuardedAssociationServer,
+            self.ae.make_server(
+                (self.settings.bind, self.settings.port),
+                evt_handlers=handlers,
+                ssl_context=build_ssl_context(self.settings, self._on_tls_failure),
+                server_class=GuardedAssociationServer,
+                limits=TransportLimits.from_settings(self.settings),
+                on_events=self._on_transport_events,
+            ),
         )
+        server.start()
+        self._server = server
         log.info(
             "storage SCP %s listening on %s:%d%s",
             self.settings.ae_title,
@@ -212,41 +233,81 @@ class StorageSCP:
     # -- association events -------------------------------------------------
 
     def _on_conn_open(self, event: Event) -> None:
-        sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+        """A connection the guard admitted: set-up deadline, TCP_NODELAY, TLS handshake.
+
+        The association's ACSE timeout (its wait for the A-ASSOCIATE-RQ, and
+        pynetdicom's ARTIM timer) is cut to what is left of
+        ``dicom.setup_timeout_s``; :meth:`_on_requested` restores it.
+        """
+        assoc = event.assoc
+        sock = assoc.dul.socket.socket if assoc.dul.socket else None
         if sock is None:
             return
+        conn = connection_of(assoc)
+        if conn is not None:
+            conn.assoc = assoc
+        setup_left = conn.setup_time_left() if conn else self.settings.setup_timeout_s
         # Without TCP_NODELAY every C-STORE response waits on Nagle + delayed ACK.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if isinstance(sock, ssl.SSLSocket) and isinstance(sock.context, AuditedTLSContext):
-            sock.context.handshake(sock, self.settings.acse_timeout_s)
+            handshaken = sock.context.handshake(sock, max(0.1, setup_left))
+            if conn is not None:
+                if not handshaken:  # audited as association.tls_failed
+                    conn.violation = "TLS handshake failed"
+                setup_left = conn.setup_time_left()
+        assoc.acse_timeout = max(0.1, setup_left)
 
-    def _policy_reason(
-        self, calling: str, called: str, ip: str
-    ) -> tuple[tuple[int, int, int], str] | None:
-        """Why this association must be refused, or None to let it through."""
+    def _policy_reason(self, calling: str, called: str) -> tuple[tuple[int, int, int], str] | None:
+        """Why this association must be refused, or None to let it through.
+
+        ``calling`` and ``called`` are as received (stripped); reasons quote them escaped.
+        """
         s = self.settings
-        if self._networks:
-            try:
-                addr = ipaddress.ip_address(ip)
-            except ValueError:
-                return _RJ_NO_REASON, f"peer address {ip!r} is not an IP address"
-            if not any(addr in net for net in self._networks):
-                return _RJ_NO_REASON, f"peer {ip} is not in dicom.allowed_peers"
-        if s.allowed_calling_aes and calling not in s.allowed_calling_aes:
-            return _RJ_CALLING_AE, f"calling AE {calling!r} is not in dicom.allowed_calling_aes"
+        ok, why = validate_ae_title(calling)
+        if not ok:
+            return (
+                _RJ_CALLING_AE,
+                f"calling AE '{printable(calling)}' is not a valid AE title: {why}",
+            )
+        if not s.accept_any_calling_ae and calling not in s.allowed_calling_aes:
+            return _RJ_CALLING_AE, f"calling AE '{calling}' is not in dicom.allowed_calling_aes"
         if s.require_called_ae and called != s.ae_title:
-            return _RJ_CALLED_AE, f"called AE {called!r} is not this node ({s.ae_title})"
+            return _RJ_CALLED_AE, f"called AE '{printable(called)}' is not this node ({s.ae_title})"
         return None
+
+    def _peer_limit_reason(self, assoc: PynetAssociation, calling: str) -> str | None:
+        """Count this association against its (address, calling AE); why not, if over."""
+        conn = connection_of(assoc)
+        if conn is None or self._server is None:
+            return None
+        limit = self.settings.max_associations_per_peer
+        held = self._server.registry.claim_association(conn, calling, limit)
+        if held is None:
+            return None
+        return (
+            f"{calling} from {conn.ip} already holds {held} associations "
+            "(dicom.max_associations_per_peer)"
+        )
 
     def _on_requested(self, event: Event) -> None:
         assoc = event.assoc
+        # Set-up is over: the ACSE timeout is the configured one again (release, ARTIM).
+        assoc.acse_timeout = self.settings.acse_timeout_s
+        conn = connection_of(assoc)
+        if conn is not None:
+            conn.requested = True
         # requestor.ae_title is only filled in during negotiation, after this event.
-        calling = _rq(assoc).calling_ae_title.strip()
-        called = _rq(assoc).called_ae_title.strip()
+        raw_calling = _rq(assoc).calling_ae_title.strip()
+        raw_called = _rq(assoc).called_ae_title.strip()
+        calling, called = printable(raw_calling), printable(raw_called)
         ip, port = assoc.requestor.address, assoc.requestor.port
-        verdict = self._policy_reason(calling, called, ip)
+        verdict = self._policy_reason(raw_calling, raw_called)
         if verdict is None:
-            return
+            limit_reason = self._peer_limit_reason(assoc, raw_calling)
+            if limit_reason is None:
+                return
+            verdict = _RJ_LOCAL_LIMIT, limit_reason
         (result, source, diagnostic), reason = verdict
         log.warning("refusing association from %s (%s): %s", calling, ip, reason)
         assoc.acse.send_reject(result, source, diagnostic)
@@ -258,6 +319,7 @@ class StorageSCP:
         )
 
     def _on_tls_failure(self, ip: str, reason: str) -> None:
+        reason = printable(reason)
         log.warning("TLS handshake from %s failed: %s", ip, reason)
         try:
             with self.db.session() as s:
@@ -278,8 +340,8 @@ class StorageSCP:
         reason = f"maximum associations ({self.settings.max_associations}) reached"
         log.warning("refusing association from %s: %s", assoc.requestor.address, reason)
         self._write_association(
-            _rq(assoc).calling_ae_title.strip(),
-            _rq(assoc).called_ae_title.strip(),
+            printable(_rq(assoc).calling_ae_title.strip()),
+            printable(_rq(assoc).called_ae_title.strip()),
             assoc.requestor.address,
             assoc.requestor.port,
             state="rejected",
@@ -346,8 +408,8 @@ class StorageSCP:
 
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc
-        calling = assoc.requestor.ae_title.strip()
-        called = _rq(assoc).called_ae_title.strip()
+        calling = printable(assoc.requestor.ae_title.strip())
+        called = printable(_rq(assoc).called_ae_title.strip())
         ip, port = assoc.requestor.address, assoc.requestor.port
         row_id = self._write_association(
             calling, called, ip, port, state="open", reason=None, tls=self._tls_peer(assoc)
@@ -386,6 +448,30 @@ class StorageSCP:
         except SQLAlchemyError:
             log.exception("cannot record end of association %s", info.row_id)
         log.info("association %s %s", info.row_id, state)
+
+    def _on_transport_events(self, groups: Sequence[tuple[TransportEvent, int]]) -> None:
+        """Audit connections the transport guard refused or aborted (from its reaper thread).
+
+        One row per (action, address, reason, calling AE) and batch, with the count,
+        so that a flood of connections cannot flood the trail.
+        """
+        for event, count in groups:
+            times = f" ({count} times)" if count > 1 else ""
+            verb = "refused" if event.action == "connection.refused" else "aborted"
+            log.warning("%s connection from %s%s: %s", verb, event.ip, times, event.reason)
+        try:
+            with self.db.session() as s:
+                for event, count in groups:
+                    record(
+                        s,
+                        event.action,
+                        actor=f"ae:{event.calling_ae}" if event.calling_ae else f"ip:{event.ip}",
+                        actor_ip=event.ip,
+                        outcome="refused" if event.action == "connection.refused" else "failed",
+                        detail={"reason": event.reason, "count": count, "port": event.port},
+                    )
+        except SQLAlchemyError:
+            log.exception("cannot audit %d refused or aborted connection event(s)", len(groups))
 
     def _peer(self, assoc: PynetAssociation) -> Peer:
         with self._lock:

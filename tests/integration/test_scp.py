@@ -129,7 +129,9 @@ def test_real_t1_series_and_nine_transfer_syntaxes_are_stored_and_listed(
 
 
 def test_calling_ae_not_on_allow_list_is_refused_and_audited(node_factory) -> None:
-    node = node_factory({"dicom": {"allowed_calling_aes": ["SCANNER1"]}})
+    node = node_factory(
+        {"dicom": {"allowed_calling_aes": ["SCANNER1"], "accept_any_calling_ae": False}}
+    )
     node.start()
     t1 = shared_data("sts-raw", "STS_001", "MR_T1", "image", "1-01.dcm")
     refused = storescu(node, t1, calling="INTRUDER")
@@ -149,12 +151,19 @@ def test_calling_ae_not_on_allow_list_is_refused_and_audited(node_factory) -> No
 
 
 def test_peer_ip_allow_list_refuses_other_addresses(node_factory) -> None:
+    import time
+
     node = node_factory({"dicom": {"allowed_peers": ["10.99.0.0/16"]}})
     node.start()
     t1 = shared_data("sts-raw", "STS_001", "MR_T1", "image", "1-01.dcm")
     assert storescu(node, t1).returncode != 0
-    events = node.json("audit", "--action", "association.rejected")
+    # Refused at TCP accept, before any DICOM: audited by the guard's reaper.
+    deadline = time.monotonic() + 5
+    while not (events := node.json("audit", "--action", "connection.refused")):
+        assert time.monotonic() < deadline, "refused connection not audited"
+        time.sleep(0.2)
     assert "127.0.0.1 is not in dicom.allowed_peers" in events[-1]["detail"]["reason"]
+    assert not node.json("audit", "--action", "association.rejected")
 
 
 def test_traversal_uid_and_non_dicom_bytes_get_failure_and_write_nothing_outside(

@@ -21,7 +21,11 @@ def test_embedded_defaults_use_sqlite_under_the_storage_root(
 ) -> None:
     monkeypatch.delenv("SARCNODE_CONFIG", raising=False)
     settings = load_settings(None)
+    # Safe by default: no calling AE is accepted until the admin lists it.
     assert settings.dicom.allowed_calling_aes == []
+    assert settings.dicom.accept_any_calling_ae is False
+    assert 4096 <= settings.dicom.max_pdu_size <= 64 * 2**20
+    assert settings.dicom.max_connections_per_ip < settings.dicom.max_associations
     assert settings.database_url.startswith("sqlite:///")
     assert settings.database_url.endswith(str(Path("var/sarcnode/sarcnode.db")))
 
@@ -117,3 +121,42 @@ def test_destination_names_must_be_unique(tmp_path: Path) -> None:
     assert load_settings(good).destination("box").path == Path("a")
     with pytest.raises(KeyError, match="no destination 'pacs'"):
         load_settings(good).destination("pacs")
+
+
+def test_unlimited_pdu_size_is_refused_with_the_range(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"dicom\.max_pdu_size: 0 \(unlimited\) is not allowed"):
+        load_settings(write(tmp_path, "dicom:\n  max_pdu_size: 0\n"))
+
+
+def test_security_warnings_name_what_is_open(tmp_path: Path) -> None:
+    from node.config import security_warnings
+
+    open_bind = load_settings(
+        write(tmp_path, "dicom:\n  bind: 0.0.0.0\n  allowed_calling_aes: [MR1]\n")
+    )
+    [warning] = security_warnings(open_bind)
+    assert (
+        "dicom.bind 0.0.0.0" in warning and "neither dicom.allowed_peers nor dicom.tls" in warning
+    )
+    fenced = load_settings(
+        write(
+            tmp_path,
+            "dicom:\n  bind: 0.0.0.0\n  allowed_calling_aes: [MR1]\n"
+            "  allowed_peers: [10.1.0.0/16]\n",
+        )
+    )
+    assert security_warnings(fenced) == []
+    anyone = load_settings(
+        write(tmp_path, "dicom:\n  bind: 10.1.2.3\n  accept_any_calling_ae: true\n")
+    )
+    assert len(security_warnings(anyone)) == 2
+    assert "every association will be refused" in security_warnings(load_settings(None))[0]
+
+
+def test_config_check_warns_loudly_for_an_open_network_bind(tmp_path: Path) -> None:
+    path = write(tmp_path, "dicom:\n  bind: 0.0.0.0\n  allowed_calling_aes: [MR1]\n")
+    proc = run_cli(path, "config", "check")
+    assert proc.returncode == 0  # usable, but said out loud
+    assert "WARNING dicom.bind 0.0.0.0 is reachable from the network" in proc.stderr
+    quiet = write(tmp_path, "dicom:\n  allowed_calling_aes: [MR1]\n")
+    assert "WARNING" not in run_cli(quiet, "config", "check").stderr
