@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from node.dicom.validate import validate_ae_title
+from pipelines.share import config_dir
 
 ENV_PREFIX = "SARCNODE_"
 CONFIG_ENV = "SARCNODE_CONFIG"
@@ -355,7 +356,7 @@ class JobSettings(_Section):
     """How jobs run: parallelism, retries, device, the off-peak window, pipeline files."""
 
     pipelines_dir: Path = Field(
-        Path(__file__).resolve().parents[1] / "config" / "pipelines",
+        config_dir() / "pipelines",
         description="Folder of pipeline YAML files.",
     )
     max_parallel: Annotated[int, Field(ge=1, le=64)] = 1

@@ -167,9 +167,7 @@ def load_pipeline(path: Path) -> Pipeline:
         raise PipelineError(f"{where}: priority must be one of {PRIORITIES}")
     if "segmentation_model" not in data:
         raise PipelineError(f"{where}: needs 'segmentation_model'")
-    model = (base / str(data["segmentation_model"])).resolve()
-    if not (model / "card.yaml").is_file():
-        raise PipelineError(f"{where}: segmentation_model {model} has no card.yaml")
+    model = _segmentation_model(base / str(data["segmentation_model"]), where)
     signatures = _signatures(data, base, where)
     return Pipeline(
         name=str(data.get("name") or path.stem),
@@ -188,6 +186,25 @@ def load_pipeline(path: Path) -> Pipeline:
         description=str(data.get("description", "")),
         timeouts_s=timeouts,
     )
+
+
+def _segmentation_model(folder: Path, where: str) -> Path:
+    """The model folder, refused when absent, its card malformed or a checksum wrong.
+
+    Every weight file is hashed against its card (tens of MB: well under a
+    second), so ``config check`` and ``serve`` fail here rather than the
+    first job.
+    """
+    from pipelines.segment.card import CARD_FILE, ModelError, check_inference_card, load_card
+
+    model = folder.resolve()
+    if not (model / CARD_FILE).is_file():
+        raise PipelineError(f"{where}: segmentation_model {model} has no {CARD_FILE}")
+    try:
+        check_inference_card(load_card(model), model / CARD_FILE)
+    except ModelError as exc:
+        raise PipelineError(f"{where}: segmentation_model: {exc}") from exc
+    return model
 
 
 def _signatures(data: Mapping[str, Any], base: Path, where: str) -> tuple[Path, ...]:
@@ -209,9 +226,17 @@ def _signatures(data: Mapping[str, Any], base: Path, where: str) -> tuple[Path, 
     return folders
 
 
-def load_pipelines(folder: Path) -> list[Pipeline]:
-    """Every ``*.yaml`` under ``folder``, sorted by name; duplicate names are an error."""
+def load_pipelines(folder: Path, *, required: bool = False) -> list[Pipeline]:
+    """Every ``*.yaml`` under ``folder``, sorted by name; duplicate names are an error.
+
+    With ``required`` a missing or empty folder is an error too (``config
+    check``): a node without pipelines stores studies but never starts a job.
+    """
+    if required and not folder.is_dir():
+        raise PipelineError(f"pipelines folder {folder} does not exist (jobs.pipelines_dir)")
     found = [load_pipeline(p) for p in sorted(folder.glob("*.yaml"))]
+    if required and not found:
+        raise PipelineError(f"pipelines folder {folder} has no *.yaml file (jobs.pipelines_dir)")
     names = [p.name for p in found]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

@@ -45,6 +45,7 @@ from node.config import (
 )
 from node.db.models import Association, AuditEvent, Delivery, Instance, Job, Series, Study
 from node.db.session import Database
+from pipelines.share import config_dir, models_dir
 
 app = typer.Typer(
     name="sarcnode",
@@ -75,7 +76,7 @@ pipelines_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(pipelines_app, name="pipelines")
-PIPELINES_DIR = Path(__file__).resolve().parents[2] / "config" / "pipelines"
+PIPELINES_DIR = config_dir() / "pipelines"
 PipelinesOpt = Annotated[
     Path,
     typer.Option("--pipelines", envvar="SARCNODE_PIPELINES", help="Folder of pipeline YAML files."),
@@ -1205,7 +1206,10 @@ def config_check(
     """Validate a config file and its pipelines (each signature card included).
 
     Lists every bad field by name, or the pipeline file and card that cannot
-    be used, and exits 2 if any. A usable config that leaves the node open
+    be used, and exits 2 if any: also when ``jobs.pipelines_dir`` is missing
+    or holds no pipeline, and when a model a pipeline names is absent, its
+    card malformed or a weight file's checksum wrong. A usable config that
+    leaves the node open
     (a network bind with neither ``allowed_peers`` nor TLS, every calling AE
     accepted) or refusing everyone gets a WARNING line per problem on stderr.
     """
@@ -1215,7 +1219,7 @@ def config_check(
     settings = _settings(target)
     folder = settings.jobs.pipelines_dir
     try:
-        pipelines = load_pipelines(folder) if folder.is_dir() else []
+        pipelines = load_pipelines(folder, required=True)
     except PipelineError as exc:
         err.print(f"[red]{target or 'embedded defaults'}: pipeline error: {escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
@@ -1238,9 +1242,11 @@ def config_check(
     )
     for p in pipelines:
         cards = ", ".join(folder.name for folder in p.signatures) or "none"
-        out.print(f"  pipeline {p.name}: signature cards {cards}", soft_wrap=True)
-    if not pipelines:
-        out.print(f"  no pipeline files in {folder}: studies are stored but start no job")
+        out.print(
+            f"  pipeline {p.name}: model {p.segmentation_model.name} (checksums OK); "
+            f"signature cards {cards}",
+            soft_wrap=True,
+        )
 
 
 def _mask(url: str) -> str:
@@ -1288,7 +1294,7 @@ def synth_cohort(
     out.print(f"{len(cases)} cases ({events} events) in {folder}; see {folder / 'clinical.csv'}")
 
 
-DEFAULT_SEG_MODEL = Path(__file__).resolve().parents[2] / "models" / "sarcnode-seg-demo"
+DEFAULT_SEG_MODEL = models_dir() / "sarcnode-seg-demo"
 ModelOpt = Annotated[
     Path,
     typer.Option(
@@ -1379,7 +1385,7 @@ def train_seg(
     out.print(f"model card: {out_dir / 'card.yaml'}")
 
 
-RULES_FILE = Path(__file__).resolve().parents[2] / "config" / "sequence_roles.yaml"
+RULES_FILE = config_dir() / "sequence_roles.yaml"
 RulesOpt = Annotated[Path, typer.Option("--rules", help="Sequence-role rules (YAML).")]
 
 

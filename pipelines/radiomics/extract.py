@@ -38,8 +38,9 @@ import SimpleITK as sitk
 import yaml
 
 from pipelines.radiomics import ibsi
+from pipelines.share import config_dir
 
-DEFAULT_PARAMS = Path(__file__).resolve().parents[2] / "config" / "radiomics" / "mr-default.yaml"
+DEFAULT_PARAMS = config_dir() / "radiomics" / "mr-default.yaml"
 KEYS = ("study", "sequence", "region")  # then "note" (why a region has no features), features
 SECTION = "sarcnode"  # the parameter file's own section, never passed to PyRadiomics
 MODES = ("pyradiomics", "ibsi")

@@ -68,6 +68,8 @@ def load_card(folder: Path) -> dict[str, Any]:
     if not isinstance(card, dict) or not isinstance(card.get("weights"), dict):
         raise ModelError(f"model {folder}: {CARD_FILE} has no 'weights' section")
     for stage, entry in card["weights"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+            raise ModelError(f"model card {path}: field 'weights.{stage}.file' is missing")
         file = folder / str(entry.get("file", ""))
         if not file.is_file():
             raise ModelError(f"model {folder}: {stage} weights {file.name!r} are missing")
@@ -78,6 +80,84 @@ def load_card(folder: Path) -> dict[str, Any]:
                 f"the card says {str(entry.get('sha256'))[:12]}...: refusing to load them"
             )
     return card
+
+
+_ARCH_FIELDS: dict[str, tuple[type | tuple[type, ...], int | None]] = {
+    # field: (type of the value or of each item, items for a list; None = a scalar)
+    "name": (str, None),
+    "channels": (int, 0),
+    "strides": (int, 0),
+    "num_res_units": (int, None),
+    "norm": (str, None),
+    "spacing_mm": ((int, float), 3),
+    "patch": (int, 0),
+}
+
+
+def _field_problem(value: Any, kind: type | tuple[type, ...], items: int | None) -> str | None:
+    """Why ``value`` is not of ``kind`` (a list of ``items`` of it when ``items`` is not None)."""
+    if items is None:
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        return None if ok else f"must be {_kind_name(kind)}, not {value!r:.40}"
+    if not isinstance(value, list) or not value or (items and len(value) != items):
+        size = f"{items} " if items else ""
+        return f"must be a list of {size}{_kind_name(kind)}s, not {value!r:.40}"
+    if any(not isinstance(v, kind) or isinstance(v, bool) for v in value):
+        return f"must hold {_kind_name(kind)}s only, not {value!r:.40}"
+    return None
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    return "number" if isinstance(kind, tuple) else {"int": "integer", "str": "text"}[kind.__name__]
+
+
+def check_inference_card(card: dict[str, Any], where: Path) -> None:
+    """Refuse a card :class:`~pipelines.segment.infer.Segmenter` cannot run, naming the field.
+
+    Checks what inference reads: ``id`` and ``version``, both architectures
+    (``architecture.coarse`` and ``.fine``: name, channels, strides,
+    num_res_units, norm, spacing_mm, patch; ``fine.margin_mm``), and that the
+    locator and every ensemble member have a ``weights`` entry. One line per
+    problem, so ``config check`` and ``serve`` print it instead of a traceback.
+
+    Raises
+    ------
+    ModelError
+        ``model card <where>: field '<dotted.name>' ...``.
+    """
+
+    def fail(field: str, why: str) -> ModelError:
+        return ModelError(f"model card {where}: field '{field}' {why}")
+
+    for key in ("id", "version"):
+        if not isinstance(card.get(key), str | int | float) or not str(card.get(key)).strip():
+            raise fail(key, "is missing")
+    arch = card.get("architecture")
+    if not isinstance(arch, dict):
+        raise fail("architecture", "is missing (a mapping with 'coarse' and 'fine')")
+    for stage in ("coarse", "fine"):
+        section = arch.get(stage)
+        if not isinstance(section, dict):
+            raise fail(f"architecture.{stage}", "is missing")
+        fields = dict(_ARCH_FIELDS)
+        if stage == "fine":
+            fields["margin_mm"] = ((int, float), None)
+        for name, (kind, items) in fields.items():
+            if name not in section:
+                raise fail(f"architecture.{stage}.{name}", "is missing")
+            why = _field_problem(section[name], kind, items)
+            if why:
+                raise fail(f"architecture.{stage}.{name}", why)
+    ensemble = card.get("ensemble") or {}
+    if not isinstance(ensemble, dict):
+        raise fail("ensemble", "must be a mapping")
+    listed = ensemble.get("members")
+    if listed is not None and (not isinstance(listed, list) or not listed):
+        raise fail("ensemble.members", "must be a non-empty list of weights entries")
+    weights = card.get("weights") or {}
+    for member in ["coarse", *(str(m) for m in listed or ["fine"])]:
+        if member not in weights:
+            raise fail(f"weights.{member}", "is missing (named by the architecture or ensemble)")
 
 
 def write_card(folder: Path, card: dict[str, Any]) -> Path:

@@ -25,7 +25,7 @@ import torch
 from monai.inferers.utils import sliding_window_inference
 
 from pipelines.segment import network
-from pipelines.segment.card import ModelError, load_card
+from pipelines.segment.card import CARD_FILE, ModelError, check_inference_card, load_card
 from pipelines.segment.prep import box_around, crop, normalise, to_spacing
 from pipelines.segment.quality import Quality, agreement, check_input
 
@@ -222,6 +222,7 @@ class Segmenter:
         """Load the card, the locator and every ensemble member; refuse mismatched checksums."""
         self.model_dir = model_dir
         self.card: dict[str, Any] = load_card(model_dir)
+        check_inference_card(self.card, model_dir / CARD_FILE)
         self.device = pick_device(device)
         self.nets: dict[str, torch.nn.Module] = {}
         try:
