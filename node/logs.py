@@ -44,6 +44,9 @@ _NAMED_CONTROLS = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 WITHHELD = "<value withheld>"
 #: Prefix of a traceback's continuation lines.
 CONTINUATION = "  | "
+#: Loggers of libraries that never see a data set: their quoted names (a job's,
+#: a migration's) are kept; control characters are still escaped.
+NO_DATA_LOGGERS = ("apscheduler", "alembic")
 
 
 def printable(text: str) -> str:
@@ -92,13 +95,19 @@ def mask_phi(text: str) -> str:
     return _PHI_RE.sub(lambda m: f"{m['key']}{m['sep']}***", text)
 
 
-def scrub(text: str) -> str:
+def scrub(text: str, *, withhold: bool = True) -> str:
     """One log message made safe: PHI masked, control characters escaped, values withheld.
 
     Escaping comes before withholding so that a quoted value with a line break
-    in it is still one literal.
+    in it is still one literal. ``withhold=False`` keeps quoted literals.
     """
-    return withhold_values(printable(mask_phi(text)))
+    safe = printable(mask_phi(text))
+    return withhold_values(safe) if withhold else safe
+
+
+def _holds_data(record: logging.LogRecord) -> bool:
+    """Whether a record may quote data set values (all but :data:`NO_DATA_LOGGERS`')."""
+    return not record.name.startswith(NO_DATA_LOGGERS)
 
 
 def scrub_traceback(text: str) -> str:
@@ -122,7 +131,7 @@ class PHIFilter(logging.Filter):
         """
         if record.exc_info and getattr(record.exc_info[1], "already_logged", False):
             return False
-        record.msg = scrub(record.getMessage().rstrip("\n"))
+        record.msg = scrub(record.getMessage().rstrip("\n"), withhold=_holds_data(record))
         record.args = None
         return True
 
@@ -132,7 +141,7 @@ class SafeFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         """The record's line with its message scrubbed (a no-op after :class:`PHIFilter`)."""
-        record.message = scrub(record.message)
+        record.message = scrub(record.message, withhold=_holds_data(record))
         return super().formatMessage(record)
 
     def formatException(self, ei: object) -> str:  # noqa: N802 - logging's name

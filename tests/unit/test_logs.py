@@ -96,3 +96,14 @@ def test_serve_logging_captures_warnings_and_thread_exceptions() -> None:
     for value in ("Probe^Phineas^Zeta", "Zeta^Secret", "Doe^Hidden"):
         assert value not in err, err
     assert "py.warnings" in err and "thread worker ended by ValueError" in err
+
+
+def test_scheduler_and_migration_names_stay_readable() -> None:
+    from node.logs import SafeFormatter
+
+    record = logging.LogRecord(
+        "apscheduler.scheduler", logging.WARNING, __file__, 1, "job %r skipped\x1b", ("tick",), None
+    )
+    assert PHIFilter().filter(record)
+    text = SafeFormatter("%(message)s").format(record)
+    assert text == "job 'tick' skipped\\x1b"
