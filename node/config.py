@@ -150,6 +150,11 @@ class DicomSettings(_Section):
     network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    shutdown_grace_s: Annotated[float, Field(ge=0, le=600)] = Field(
+        5.0,
+        description="On SIGTERM: how long open associations (and running job stages) get to "
+        "finish before they are aborted; new C-STOREs are refused (0xA700) meanwhile.",
+    )
     storage_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_STORAGE_CLASSES))
     transfer_syntaxes: list[str] = Field(default_factory=lambda: list(DEFAULT_TRANSFER_SYNTAXES))
     tls: TLSSettings = Field(default_factory=TLSSettings)
@@ -386,6 +391,34 @@ class UidSettings(_Section):
         return check_root(value)
 
 
+class MonitoringSettings(_Section):
+    """The HTTP endpoint with ``/health`` and ``/metrics`` (Prometheus), see :mod:`node.health`."""
+
+    enabled: bool = True
+    bind: str = Field(
+        "127.0.0.1", description="Address of the endpoint; loopback: it has no authentication."
+    )
+    port: Annotated[int, Field(ge=1, le=65535)] = 9180
+    echo_interval_s: Annotated[float, Field(ge=0)] = Field(
+        30.0, description="Reuse the health check's C-ECHO verdict this long (0: every request)."
+    )
+    tick_stale_s: Annotated[float, Field(gt=0)] = Field(
+        60.0, description="Unhealthy when the scheduler has not ticked for this long."
+    )
+    outbox_stuck_s: Annotated[float, Field(gt=0)] = Field(
+        3600.0, description="Unhealthy when a pending delivery has been due for this long."
+    )
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not an IP address") from exc
+        return value
+
+
 class LoggingSettings(_Section):
     """Log level and optional file (stderr always)."""
 
@@ -428,6 +461,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     destinations: list[DestinationSettings] = Field(default_factory=list)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     uids: UidSettings = Field(default_factory=UidSettings)

@@ -54,6 +54,7 @@ def node_env(storage: Path, port: int, destinations: list[dict[str, Any]]) -> di
     return {
         "SARCNODE_STORAGE__ROOT": str(storage),
         "SARCNODE_DICOM__PORT": str(port),
+        "SARCNODE_MONITORING__PORT": str(_free_port(9180)),
         "SARCNODE_DICOM__ALLOWED_CALLING_AES": json.dumps([DEMO_SCANNER]),
         "SARCNODE_STORAGE__MIN_FREE_MB": "200",
         "SARCNODE_SCHEDULER__SERIES_STABLE_SECONDS": "3",

@@ -634,6 +634,32 @@ class Runner:
         """Stop accepting work; running stages are abandoned (they resume after restart)."""
         self.pool.shutdown(wait=False, cancel_futures=True)
 
+    def stop(self, grace_s: float) -> list[int]:
+        """Give running jobs ``grace_s`` to finish, then end their workers.
+
+        Returns the jobs still running at the deadline: their stage's work since
+        its last checkpoint is lost, and the caller re-queues them
+        (:func:`recover`), so the next start resumes them at that stage.
+        """
+        with self._mutex:
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and not all(
+                self._finished(h)[0] for h in self.running.values()
+            ):
+                time.sleep(0.1)
+            left = [j for j, h in self.running.items() if not self._finished(h)[0]]
+            self._terminate()
+            return left
+
+    def _terminate(self) -> None:
+        # The pool's worker processes (a private attribute of ProcessPoolExecutor:
+        # shutdown() alone lets a running stage go on and the interpreter wait for it).
+        processes = dict(getattr(self.pool, "_processes", None) or {})
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes.values():
+            with contextlib.suppress(OSError, ValueError):
+                process.kill()
+
 
 class RayRunner(Runner):
     """The Ray executor: the same :func:`execute` as a Ray task, GPUs as Ray resources.
@@ -680,6 +706,11 @@ class RayRunner(Runner):
         import ray
 
         ray.cancel(handle, force=True)
+
+    def _terminate(self) -> None:
+        for handle in self.running.values():
+            self._kill(handle, 0)
+        self.shutdown()
 
     def shutdown(self) -> None:
         """Leave the cluster (a local instance stops with it)."""

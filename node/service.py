@@ -6,9 +6,17 @@ unindexed is removed, or re-indexed if it was acknowledged), pipelines
 (``jobs.pipelines_dir``), jobs interrupted by a crash re-queued, Storage SCP,
 then the tick that marks quiet series stable, turns stable studies into jobs
 and hands queued jobs to the local executor, and refreshes the heartbeat file
-the CLI's ``status`` reads; the delivery outbox runs on its own tick. SIGTERM
-and SIGINT stop it cleanly; ``kill -9`` loses nothing that was answered Success,
-because the SCP answers only after the file and its row are committed.
+the CLI's ``status`` reads; the delivery outbox runs on its own tick. The
+monitoring endpoint (``/health``, ``/metrics``: :mod:`node.health`) starts last.
+
+SIGTERM and SIGINT stop it within ``dicom.shutdown_grace_s`` (plus a second
+or two): the listener closes, every C-STORE from then on is refused with
+0xA700 (the sender retries later), open associations get the grace period to
+release and are then aborted, running job stages get the same period and are
+then ended and re-queued (they resume at their last checkpoint on the next
+start), and the stop is audited with those counts. ``kill -9`` loses nothing
+that was answered Success either, because the SCP answers only after the
+file and its row are committed.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -29,8 +38,10 @@ from node.audit.trail import AuditBreakError, check_head, head_line, record
 from node.config import Settings
 from node.db.session import Database
 from node.dicom.scp import StorageSCP
+from node.health import Health, MonitoringServer
 from node.jobs import Runner, make_runner, recover
 from node.jobs import Scheduler as JobScheduler
+from node.metrics import JobEnd, NodeMetrics
 from node.pipelines import load_pipelines
 from node.store.files import InstanceFiles
 from node.store.ingest import Ingestor, IngestPolicy, mark_stable_series
@@ -76,6 +87,10 @@ class Node:
             log.warning("no pipeline files in %s: studies are stored but start no job", folder)
         self.job_scheduler = JobScheduler(self.db, settings, self.pipelines)
         self.runner: Runner | None = None
+        self.last_tick: float | None = None  # time.monotonic() at the end of the last tick
+        self.metrics = NodeMetrics(self.db, settings.storage.root, last_tick=lambda: self.last_tick)
+        self.health = Health(settings, self.db, last_tick=lambda: self.last_tick)
+        self.monitoring: MonitoringServer | None = None
 
     def _check_audit(self) -> None:
         """Load the audit key (creating it on first start) and refuse a broken chain head.
@@ -178,6 +193,22 @@ class Node:
             )
         self.scheduler.start()
         self.tick()
+        m = self.settings.monitoring
+        if m.enabled:
+            try:
+                self.monitoring = MonitoringServer(m.bind, m.port, self.health, self.metrics)
+            except OSError as exc:
+                # DICOM reception matters more than the endpoint; its absence is visible
+                # (the health check fails), and this line says why.
+                log.error(
+                    "monitoring endpoint not started: cannot listen on %s:%d (%s)",
+                    m.bind,
+                    m.port,
+                    exc.strerror or exc,
+                )
+            else:
+                self.monitoring.start()
+                log.info("monitoring on http://%s:%d (/health, /metrics)", m.bind, m.port)
 
     def _commitment_report(
         self, transaction: str, committed: list[str], failed: dict[str, int], actor: str
@@ -220,7 +251,10 @@ class Node:
                     log.info("job %d started", job_id)
         except Exception:
             log.exception("scheduler tick failed")
+        for end in self.metrics.follow():
+            _log_job_end(end)
         self._write_heartbeat()
+        self.last_tick = time.monotonic()
 
     def _write_heartbeat(self) -> None:
         path = heartbeat_path(self.settings)
@@ -243,14 +277,55 @@ class Node:
         tmp.replace(path)
 
     def stop(self) -> None:
-        """Stop the tick and the SCP, audit the stop, close the database."""
+        """Stop within ``dicom.shutdown_grace_s``: refuse, drain, end jobs, audit, close.
+
+        New C-STOREs are refused (0xA700) from the first moment; associations
+        and running stages share one grace period; what is still open then is
+        aborted (associations) or ended and re-queued (jobs).
+        """
+        started = time.monotonic()
+        grace = self.settings.dicom.shutdown_grace_s
+        self.ingestor.closing.set()
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
+        log.info("stopping: no new associations or instances; grace %.1f s", grace)
+        open_assocs, aborted = self.scp.drain(grace)
+        interrupted: list[int] = []
         if self.runner is not None:
-            self.runner.shutdown()
-        self.scp.stop()
+            left = max(0.0, grace - (time.monotonic() - started))
+            interrupted = self.runner.stop(left)
+            if interrupted:
+                recover(self.db)
+                log.warning(
+                    "job(s) %s interrupted: re-queued, they resume at their last finished stage",
+                    interrupted,
+                )
+        for end in self.metrics.follow():
+            _log_job_end(end)
+        if self.monitoring is not None:
+            self.monitoring.stop()
+        seconds = time.monotonic() - started
         with self.db.session() as s:
-            record(s, "node.stopped", actor="node", detail={"pid": os.getpid()})
+            record(
+                s,
+                "node.stopped",
+                actor="node",
+                detail={
+                    "pid": os.getpid(),
+                    "grace_s": grace,
+                    "associations_open": open_assocs,
+                    "associations_aborted": aborted,
+                    "jobs_interrupted": interrupted,
+                    "seconds": round(seconds, 2),
+                },
+            )
+        log.info(
+            "stopped in %.1f s: %d association(s) open at SIGTERM, %d aborted, %d job(s) re-queued",
+            seconds,
+            open_assocs,
+            aborted,
+            len(interrupted),
+        )
         self.log_audit_head()
         heartbeat_path(self.settings).unlink(missing_ok=True)
         self.db.dispose()
@@ -270,3 +345,13 @@ class Node:
                 pass
         finally:
             self.stop()
+
+
+def _log_job_end(end: JobEnd) -> None:
+    """One line per finished job: id, outcome, duration, pipeline (and where it failed)."""
+    took = f"{end.seconds:.1f} s" if end.seconds is not None else "unknown time"
+    if end.state == "done":
+        log.info("job %d done in %s (%s)", end.job_id, took, end.pipeline)
+    else:
+        why = f" at {end.stage}: {end.error[:200]}" if end.error and end.stage else ""
+        log.warning("job %d %s after %s (%s)%s", end.job_id, end.state, took, end.pipeline, why)

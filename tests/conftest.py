@@ -183,6 +183,8 @@ def node_factory(tmp_path: Path) -> Iterator[Any]:
             "logging": {"level": "INFO"},
             # No pipelines unless a test asks: studies are stored, no job starts.
             "jobs": {"pipelines_dir": str(root / "no-pipelines")},
+            # Each node its own /health and /metrics port (several run at once).
+            "monitoring": {"port": free_port()},
         }
         _deep_update(settings, overrides or {})
         config = root / "node.yaml"

@@ -20,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import socketserver
 import ssl
 import threading
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -223,6 +225,35 @@ class StorageSCP:
             self.settings.port,
             " (TLS)" if self.settings.tls.enabled else "",
         )
+
+    def drain(self, grace_s: float) -> tuple[int, int]:
+        """Stop accepting, let open associations end within ``grace_s``, abort the rest.
+
+        The caller refuses new C-STOREs first (``Ingestor.closing``), so an
+        association that stays open stores nothing more; what was answered
+        Success is already committed. Returns (associations open when the
+        drain began, associations aborted at its end).
+        """
+        server = self._server
+        if server is None:
+            return 0, 0
+        # The accept loop ends and the listener closes; open associations go on.
+        socketserver.BaseServer.shutdown(server)
+        if server.socket is not None:
+            with contextlib.suppress(OSError):
+                server.socket.close()
+        open_at_start = len(self.ae.active_associations)
+        deadline = time.monotonic() + grace_s
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.ae.active_associations
+        for assoc in left:
+            log.warning(
+                "aborting association from %s: the node is stopping", assoc.requestor.address
+            )
+            assoc.abort()
+        self.stop()
+        return open_at_start, len(left)
 
     def stop(self) -> None:
         """Stop accepting and close the listener."""

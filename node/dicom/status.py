@@ -45,6 +45,12 @@ class OutOfResources(ServiceError):
     kind = "out-of-resources"
 
 
+class ShuttingDown(OutOfResources):
+    """0xA700 Refused: the node is stopping (SIGTERM); the sender should send again later."""
+
+    kind = "shutting-down"
+
+
 class DatasetTooLarge(OutOfResources):
     """0xA700 Refused: the data set (received or inflated) is over the node's caps."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import enum
 import io
 import logging
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -43,6 +44,7 @@ from node.dicom.status import (
     IndexFailure,
     OutOfResources,
     SeriesConflict,
+    ShuttingDown,
     SOPClassNotSupported,
 )
 from node.dicom.validate import sop_class_uid, validate_uid
@@ -213,6 +215,8 @@ class Ingestor:
         self.files = files
         self.min_free_mb = min_free_mb
         self.policy = policy or IngestPolicy()
+        #: Set when the node stops: every C-STORE from then on is refused (0xA700).
+        self.closing = threading.Event()
 
     def store(
         self,
@@ -258,7 +262,11 @@ class Ingestor:
             ``storage.duplicate_conflict`` is ``refuse`` (the first is kept).
         IndexFailure
             The database refused the row for a reason of ours (the file is removed).
+        ShuttingDown
+            The node is stopping (:attr:`closing`): an 0xA700 the sender retries.
         """
+        if self.closing.is_set():
+            raise ShuttingDown("the node is shutting down: send again later")
         free = self.files.free_mb()
         if free < self.min_free_mb:
             raise OutOfResources(
