@@ -9,10 +9,10 @@ called, and each needs a guard:
   ``storage.max_dataset_mb``: the cap is enforced while reading, so memory
   stays bounded by the cap plus one PDU (the PDU size is capped elsewhere).
 * pynetdicom silently drops a C-STORE request it finds invalid (an empty or
-  missing Affected SOP Instance UID or SOP Class UID, no data set), and the
-  sender waits for an answer that never comes. :meth:`StoreGuard.on_dimse_recv`
-  answers such a request with 0xC000 and its reason (or aborts when the
-  request has no Message ID to answer to).
+  missing Affected SOP Instance UID or SOP Class UID, no data set, no Message
+  ID), and the sender waits for an answer that never comes.
+  :meth:`StoreGuard.on_dimse_recv` answers such a request with 0xC000 and its
+  reason (or aborts when the request has no Message ID to answer to).
 
 Both report each refusal to ``on_refused`` (the SCP logs and audits it).
 
@@ -127,14 +127,18 @@ class StoreGuard:
         ]
         if _command_value(command, "CommandDataSetType") == _NO_DATA_SET:
             missing.append("data set")
-        if not missing:
+        message_id = _command_value(command, "MessageID")
+        context_id = message.context_id
+        # pynetdicom drops a request without a Message ID too (is_valid_request), even
+        # when nothing else is missing: no answer can name it, so the association ends.
+        if not missing and isinstance(message_id, int) and context_id is not None:
             return
         assoc = event.assoc
         error = CannotUnderstand(f"C-STORE request without {', '.join(missing)}")
-        message_id = _command_value(command, "MessageID")
-        if not isinstance(message_id, int) or message.context_id is None:
+        if not isinstance(message_id, int) or context_id is None:
             assoc.abort()
-            error = CannotUnderstand(f"{error.reason} nor Message ID: association aborted")
+            what = ", ".join([*missing, "Message ID"])
+            error = CannotUnderstand(f"C-STORE request without {what}: association aborted")
         else:
             rsp = C_STORE()
             rsp.MessageIDBeingRespondedTo = message_id
@@ -143,6 +147,6 @@ class StoreGuard:
                 rsp.AffectedSOPClassUID = str(sop_class)
             rsp.Status = error.status
             rsp.ErrorComment = error.error_comment  # type: ignore[assignment]  # typed None upstream
-            assoc.dimse.send_msg(rsp, message.context_id)
+            assoc.dimse.send_msg(rsp, context_id)
         sop_uid = _command_value(command, "AffectedSOPInstanceUID")
         self.on_refused(assoc, str(sop_uid or ""), error)

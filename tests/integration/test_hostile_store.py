@@ -34,6 +34,13 @@ from pynetdicom import AE
 
 from tests.conftest import NodeProcess
 from tests.dicomgen import mr_dataset
+from tests.fuzz.dimse import (
+    ABORT,
+    CMD_MESSAGE_ID,
+    RawAssociation,
+    command_set,
+    store_rq_elements,
+)
 from tests.unit.test_reader import encode
 
 pytestmark = pytest.mark.integration
@@ -218,6 +225,31 @@ def test_undecodable_requests_get_c000_with_a_reason_and_every_one_an_answer(
     assert "C-STORE request without AffectedSOPInstanceUID" in reasons[-1]
     assert "Traceback" not in node.log()
     assert len(node.json("instances")) == 1
+
+
+def test_a_c_store_without_message_id_is_aborted_at_once(node: NodeProcess) -> None:
+    """pynetdicom drops such a request unanswered; the guard ends the association instead.
+
+    Found by the fuzz suite (tests/fuzz): the sender used to wait until the
+    node's idle timeout (dicom.network_timeout_s) closed the association.
+    """
+    ds = mr_dataset(generate_uid(), generate_uid(), 0)
+    assoc = RawAssociation.open(
+        node.port,
+        b"FUZZER",
+        node.ae_title.encode(),
+        [(MRImageStorage, ExplicitVRLittleEndian)],
+        timeout_s=10,
+    )
+    assert isinstance(assoc, RawAssociation), assoc
+    elements = store_rq_elements(MRImageStorage, ds.SOPInstanceUID, 1)
+    elements[CMD_MESSAGE_ID] = None
+    started = time.monotonic()
+    assert assoc.request(1, command_set(elements), encode(ds)) == ABORT
+    assert time.monotonic() - started < 2
+    [refused] = refusals(node)
+    assert "without Message ID: association aborted" in str(refused["reason"])
+    assert node.json("instances") == []
 
 
 def test_resent_instance_with_other_content_is_warned_kept_and_audited(node: NodeProcess) -> None:
