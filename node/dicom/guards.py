@@ -9,10 +9,13 @@ called, and each needs a guard:
   ``storage.max_dataset_mb``: the cap is enforced while reading, so memory
   stays bounded by the cap plus one PDU (the PDU size is capped elsewhere).
 * pynetdicom silently drops a C-STORE request it finds invalid (an empty or
-  missing Affected SOP Instance UID or SOP Class UID, no data set, no Message
-  ID), and the sender waits for an answer that never comes.
-  :meth:`StoreGuard.on_dimse_recv` answers such a request with 0xC000 and its
-  reason (or aborts when the request has no Message ID to answer to).
+  missing Affected SOP Instance UID or SOP Class UID, no Message ID), and the
+  sender waits for an answer that never comes. :meth:`StoreGuard.on_dimse_recv`
+  answers such a request with 0xC000 and its reason (or aborts when the
+  request has no Message ID to answer to). It answers nothing else: a request
+  without Priority (pynetdicom assumes Low) or with Command Data Set Type
+  "none" (an empty data set) reaches the service handler, which answers it,
+  and a second answer from here would contradict it.
 
 Both report each refusal to ``on_refused`` (the SCP logs and audits it).
 
@@ -43,8 +46,6 @@ log = logging.getLogger(__name__)
 
 #: ``on_refused(association, command SOP Instance UID or "", error)``.
 RefusalHook = Callable[[PynetAssociation, str, ServiceError], None]
-
-_NO_DATA_SET = 0x0101
 
 
 def drop_library_event_loggers() -> None:
@@ -120,13 +121,13 @@ class StoreGuard:
         if not isinstance(message, C_STORE_RQ):
             return
         command = message.command_set
+        # Only what makes pynetdicom drop the request (C_STORE.is_valid_request): the
+        # handler answers everything else, and one request gets one response.
         missing = [
             name
-            for name in ("AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority")
+            for name in ("AffectedSOPClassUID", "AffectedSOPInstanceUID")
             if _command_value(command, name) is None
         ]
-        if _command_value(command, "CommandDataSetType") == _NO_DATA_SET:
-            missing.append("data set")
         message_id = _command_value(command, "MessageID")
         context_id = message.context_id
         # pynetdicom drops a request without a Message ID too (is_valid_request), even

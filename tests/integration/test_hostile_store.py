@@ -36,10 +36,14 @@ from tests.conftest import NodeProcess
 from tests.dicomgen import mr_dataset
 from tests.fuzz.dimse import (
     ABORT,
+    CMD_DATA_SET_TYPE,
     CMD_MESSAGE_ID,
+    CMD_PRIORITY,
+    NO_DATA_SET,
     RawAssociation,
     command_set,
     store_rq_elements,
+    us,
 )
 from tests.unit.test_reader import encode
 
@@ -250,6 +254,37 @@ def test_a_c_store_without_message_id_is_aborted_at_once(node: NodeProcess) -> N
     [refused] = refusals(node)
     assert "without Message ID: association aborted" in str(refused["reason"])
     assert node.json("instances") == []
+
+
+def test_every_c_store_request_gets_exactly_one_response(node: NodeProcess) -> None:
+    """No Priority (pynetdicom assumes Low) or Command Data Set Type "none": one answer each.
+
+    Found by the fuzz suite (tests/fuzz): the guard answered both with 0xC000
+    while pynetdicom passed them on to the handler as well, so the sender got
+    two responses, and the request without Priority was refused and then stored.
+    """
+    first, second, third = (mr_dataset(generate_uid(), generate_uid(), i) for i in range(3))
+    assoc = RawAssociation.open(
+        node.port,
+        b"FUZZER",
+        node.ae_title.encode(),
+        [(MRImageStorage, ExplicitVRLittleEndian)],
+        timeout_s=10,
+    )
+    assert isinstance(assoc, RawAssociation), assoc
+    no_priority = store_rq_elements(MRImageStorage, first.SOPInstanceUID, 1)
+    no_priority[CMD_PRIORITY] = None
+    assert assoc.request(1, command_set(no_priority), encode(first), 1) == 0x0000
+    no_data_set = store_rq_elements(MRImageStorage, second.SOPInstanceUID, 2)
+    no_data_set[CMD_DATA_SET_TYPE] = us(NO_DATA_SET)
+    assert assoc.request(1, command_set(no_data_set), None, 2) == 0xC000
+    assert "data set is empty" in assoc.last_comment
+    plain = command_set(store_rq_elements(MRImageStorage, third.SOPInstanceUID, 3))
+    assert assoc.request(1, plain, encode(third), 3) == 0x0000
+    assoc.release()
+    assert assoc.stray_responses == 0
+    stored = {i["sop_instance_uid"] for i in node.json("instances")}
+    assert stored == {first.SOPInstanceUID, third.SOPInstanceUID}
 
 
 def test_resent_instance_with_other_content_is_warned_kept_and_audited(node: NodeProcess) -> None:
