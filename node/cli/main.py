@@ -1,9 +1,19 @@
 """The ``sarcnode`` command: run the node and answer the admin's questions.
 
-Every list command prints a rich table, or with ``--json`` one JSON array on
-stdout. Commands read the database directly, so they work while ``serve``
-runs (SQLite in WAL mode, or PostgreSQL). Exit codes: 0 ok, 1 the answer is
-"no" (broken audit chain, failed echo, node down), 2 bad usage or config.
+``--json`` follows one rule, and each command's help says which it prints:
+a command that lists rows (``studies``, ``jobs``, ``audit`` ...) prints one
+JSON array, even of one row or none; a command about one thing (``status``,
+``jobs show``, ``audit verify``, ``config show``) prints one JSON object.
+Tables print every character of a UID: on a terminal a long cell folds onto
+the next line, anywhere else (a pipe, a file) each row stays on one line.
+
+``--config`` goes before the command (``sarcnode --config node.yaml jobs``)
+or after it; the one nearest the command wins. Commands that read the node's
+database refuse to run when it does not exist (only ``serve`` and
+``deliver`` create one), so a wrong config is an error, not an empty answer.
+They read the database directly, so they work while ``serve`` runs (SQLite
+in WAL mode, or PostgreSQL). Exit codes: 0 ok, 1 the answer is "no" (broken
+audit chain, failed echo, node down), 2 bad usage, config or value.
 """
 
 from __future__ import annotations
@@ -16,13 +26,16 @@ import shutil
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.table import Table
-from sqlalchemy import func, select
+from sqlalchemy import func, inspect, or_, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from node import __version__
 from node.audit.context import AuditConfig, AuditContext
@@ -43,8 +56,20 @@ from node.config import (
     resolve_config_path,
     security_warnings,
 )
-from node.db.models import Association, AuditEvent, Delivery, Instance, Job, Series, Study
-from node.db.session import Database
+from node.db.models import (
+    DELIVERY_STATES,
+    JOB_STATES,
+    Association,
+    AuditEvent,
+    Delivery,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Study,
+)
+from node.db.session import Database, make_engine
 from pipelines.share import config_dir, models_dir
 
 app = typer.Typer(
@@ -85,16 +110,49 @@ PipelinesOpt = Annotated[
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages stay on one line for grep and tests
 
+
+def _typed(ctx: Any, name: str) -> bool:
+    """Whether the parameter ``name`` of ``ctx`` was typed on the command line."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
+
+
+def _nearest_config(ctx: typer.Context, value: Path | None) -> Path | None:
+    """``--config`` of a command: the one typed nearest the command, else ``$SARCNODE_CONFIG``.
+
+    Typed after the command it wins; else one typed before it, on a group
+    (``sarcnode jobs --config X show 1``) or on ``sarcnode`` itself
+    (``sarcnode --config X jobs``); else the environment's (``value``).
+    """
+    if value is not None and _typed(ctx, "config"):
+        return value
+    outer: Any = ctx.parent  # typer's vendored click context (no public type)
+    while outer is not None:
+        given = outer.params.get("config")
+        if given is not None and _typed(outer, "config"):
+            return Path(given)
+        outer = outer.parent
+    return value
+
+
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
-        "--config", "-c", envvar="SARCNODE_CONFIG", help="YAML config file (default: embedded)."
+        "--config",
+        "-c",
+        envvar="SARCNODE_CONFIG",
+        callback=_nearest_config,
+        help="YAML config file (default: embedded); may also come before the command.",
     ),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON array on stdout.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print the rows as one JSON array on stdout.")
+]
+JsonObjectOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 
 
 def _settings(config: Path | None) -> Settings:
+    """Load the settings from ``config`` (None: embedded defaults); exit 2 listing bad fields."""
     try:
         return load_settings(config)
     except ConfigError as exc:
@@ -104,7 +162,48 @@ def _settings(config: Path | None) -> Settings:
         raise typer.Exit(2) from exc
 
 
-def _db(settings: Settings) -> Database:
+def _no_database(settings: Settings) -> tuple[str, int] | None:
+    """Why the node's database cannot be read, and the exit code (None: it can).
+
+    Exit 2 when there is no node database where the config says (a wrong or
+    missing config), 1 when a PostgreSQL server does not answer.
+    """
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        path = Path(url.database or "")
+        if url.database in (None, "", ":memory:") or path.is_file():
+            return None
+        return (
+            f"no node database at {path} (storage.root {settings.storage.root.resolve()}): "
+            "give the node's config (--config or $SARCNODE_CONFIG, or "
+            "$SARCNODE_STORAGE__ROOT); `sarcnode serve` creates the database",
+            2,
+        )
+    engine = make_engine(settings.database_url)
+    try:
+        with engine.connect() as conn:
+            has_schema = inspect(conn).has_table("alembic_version")
+    except OperationalError as exc:
+        first = str(exc.orig or exc).strip().splitlines()[0]
+        return f"cannot reach the database {_mask(settings.database_url)}: {first}", 1
+    finally:
+        engine.dispose()
+    if has_schema:
+        return None
+    return (
+        f"no node database at {_mask(settings.database_url)} (it has no sarcnode tables): "
+        "give the node's config; `sarcnode serve` creates them",
+        2,
+    )
+
+
+def _db(settings: Settings, *, create: bool = False) -> Database:
+    """The node's database; exit 2 naming where it was looked for, unless ``create``."""
+    if not create:
+        problem = _no_database(settings)
+        if problem is not None:
+            err.print(f"[red]{escape(problem[0])}[/red]")
+            raise typer.Exit(problem[1])
     return Database(
         settings.database_url,
         echo=settings.database.echo,
@@ -116,7 +215,24 @@ def _iso(value: datetime | None) -> str | None:
     return value.replace(tzinfo=UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
+def _print_table(table: Table) -> None:
+    """Print a table without cutting a cell short.
+
+    Every column folds (``overflow="fold"``), so on a terminal a long UID
+    goes on over the next line rather than ending in "…"; printed to a pipe
+    or a file, the table is as wide as its widest row, one line per row.
+    """
+    for column in table.columns:
+        column.overflow = "fold"
+    if out.is_terminal:
+        out.print(table)
+        return
+    needed = Measurement.get(out, out.options.update_width(1_000_000), table).maximum
+    Console(width=max(needed, out.width), soft_wrap=False).print(table)
+
+
 def _emit(rows: list[dict[str, Any]], as_json: bool, title: str, columns: list[str]) -> None:
+    """``rows`` as one JSON array (``--json``), or a table of ``columns``."""
     if as_json:
         sys.stdout.write(json.dumps(rows, default=str) + "\n")
         return
@@ -124,8 +240,8 @@ def _emit(rows: list[dict[str, Any]], as_json: bool, title: str, columns: list[s
     for col in columns:
         table.add_column(col)
     for row in rows:
-        table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    out.print(table)
+        table.add_row(*("" if row.get(c) is None else escape(str(row.get(c))) for c in columns))
+    _print_table(table)
 
 
 def _newest(
@@ -158,13 +274,36 @@ def parse_since(value: str) -> datetime:
     return parsed
 
 
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False,
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    """``--version``: print ``sarcnode X.Y.Z`` and stop before any command runs."""
+    if value:
         out.print(f"sarcnode {__version__}")
         raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            envvar="SARCNODE_CONFIG",
+            help="YAML config file for the command that follows (one given after it wins).",
+        ),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """sarcnode: DICOM node for sarcoma-MRI AI. Not for clinical use with demo models.
+
+    ``--config`` here applies to the command that follows (which may take
+    its own ``--config`` too: the one after the command wins).
+    """
 
 
 @app.command()
@@ -201,9 +340,59 @@ def _device(wanted: str) -> str:
     return "cpu" + (" (no CUDA device visible)" if wanted == "cuda" else "")
 
 
+def _by_state(counts: dict[str, int], order: tuple[str, ...]) -> str:
+    """``{'done': 2, 'queued': 1}`` as ``1 queued, 2 done`` (states in lifecycle order)."""
+    states = [s for s in order if counts.get(s)] + sorted(set(counts) - set(order))
+    return ", ".join(f"{counts[s]} {s}" for s in states) or "none"
+
+
+def status_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
+    """``status`` for a person: one labelled line per topic, no raw dict or None."""
+    if info["pid"] is None:
+        process = "no heartbeat (serve not running with this config)"
+    else:
+        process = f"pid {info['pid']}, heartbeat {info['heartbeat_at'] or 'unknown'}"
+    if info["disk_free_mb"] is None:
+        disk = f"{info['storage_root']} (does not exist)"
+    else:
+        disk = (
+            f"{info['storage_root']}: {info['disk_free_mb']} MB free "
+            f"(refuses instances below {info['disk_floor_mb']} MB)"
+        )
+    running = ", ".join(f"job {j.replace(':', ' at ', 1)}" for j in info["jobs_running"])
+    return [
+        ("node", f"{'UP' if info['scp_up'] else 'DOWN'}: {info['scp']}"),
+        ("AE title", f"{info['ae_title']} on port {info['port']}"),
+        ("process", process),
+        ("database", str(info["database"])),
+        ("storage", disk),
+        ("device", str(info["device"])),
+        (
+            "received",
+            f"{info['studies']} studies, {info['series']} series "
+            f"({info['series_receiving']} receiving, {info['series_stable']} stable), "
+            f"{info['instances']} instances; last "
+            f"{info['last_received_at'] or 'never'}",
+        ),
+        ("associations", f"{info['associations_open']} open"),
+        (
+            "jobs",
+            _by_state(info["jobs"], JOB_STATES) + (f" ({running})" if running else ""),
+        ),
+        ("deliveries", _by_state(info["deliveries"], DELIVERY_STATES)),
+    ]
+
+
 @app.command()
-def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
-    """Is the node up, what does it hold, how much disk is left."""
+def status(config: ConfigOpt = None, as_json: JsonObjectOpt = False) -> None:
+    """Is the node up, what does it hold, how much disk is left; exit 1 if the SCP is down.
+
+    ``--json`` prints one object: ``scp_up``, ``scp``, ``ae_title``, ``port``,
+    ``pid``, ``heartbeat_at``, ``database``, ``storage_root``,
+    ``disk_free_mb``, ``disk_floor_mb``, ``device``, the counts, ``jobs`` and
+    ``deliveries`` (state -> count), ``jobs_running`` (``id:stage``) and
+    ``last_received_at``.
+    """
     from node.dicom.echo import echo
     from node.service import heartbeat_path
 
@@ -278,12 +467,12 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     }
     db.dispose()
     if as_json:
-        sys.stdout.write(json.dumps([info], default=str) + "\n")
+        sys.stdout.write(json.dumps(info, default=str) + "\n")
     else:
         table = Table(title="sarcnode status", show_header=False)
-        for key, value in info.items():
-            table.add_row(key, str(value))
-        out.print(table)
+        for label, text in status_lines(info):
+            table.add_row(label, escape(text))
+        _print_table(table)
     raise typer.Exit(0 if scp_up else 1)
 
 
@@ -448,7 +637,7 @@ def instances(
 @app.command()
 def associations(
     config: ConfigOpt = None,
-    limit: Annotated[int, typer.Option(help="Newest N.")] = 50,
+    limit: Annotated[int, typer.Option(min=1, help="Newest N.")] = 50,
     as_json: JsonOpt = False,
 ) -> None:
     """List inbound associations: who, accepted or why rejected, what they brought."""
@@ -502,7 +691,7 @@ def audit(
     ] = None,
     action: Annotated[str | None, typer.Option(help="Only this action (prefix match).")] = None,
     study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
-    limit: Annotated[int, typer.Option(help="Newest N events.")] = 200,
+    limit: Annotated[int, typer.Option(min=1, help="Newest N events.")] = 200,
     as_json: JsonOpt = False,
 ) -> None:
     """List audit events, newest last."""
@@ -577,7 +766,9 @@ def _print_verify(result: VerifyResult) -> None:
 
 
 @audit_app.command("verify")
-def audit_verify(ctx: typer.Context, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+def audit_verify(
+    ctx: typer.Context, config: ConfigOpt = None, as_json: JsonObjectOpt = False
+) -> None:
     """Check the chain against the audit keys and the anchor; exit 1 naming every finding.
 
     Findings: rehashed (HMAC mismatch), forged (bad HMAC beyond the anchor, or a
@@ -701,10 +892,10 @@ def deliveries(
     ctx: typer.Context,
     config: ConfigOpt = None,
     state: Annotated[
-        str | None, typer.Option(help="Only rows in this state: pending, done or dead.")
+        DeliveryState | None, typer.Option(help="Only rows in this state (one of those shown).")
     ] = None,
     study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
-    limit: Annotated[int, typer.Option(help="Newest N rows.")] = 200,
+    limit: Annotated[int, typer.Option(min=1, help="Newest N rows.")] = 200,
     as_json: JsonOpt = False,
 ) -> None:
     """List outbox rows (one per result object and destination), newest last."""
@@ -809,7 +1000,11 @@ def deliver_cmd(
     to: Annotated[list[str], typer.Option("--to", help="Destination name (repeatable).")],
     config: ConfigOpt = None,
 ) -> None:
-    """Queue result files for destinations (the outbox sends them; see `deliveries run`)."""
+    """Queue result files for destinations (the outbox sends them; see `deliveries run`).
+
+    Creates the database when there is none yet: the outbox also serves
+    results made without a node (``sarcnode analyze``).
+    """
     from node.delivery import enqueue
 
     settings = _settings(config)
@@ -817,7 +1012,7 @@ def deliver_cmd(
     if missing:
         err.print(f"[red]not found: {', '.join(missing)}[/red]")
         raise typer.Exit(2)
-    db = _db(settings)
+    db = _db(settings, create=True)  # the outbox may be used without a node (after analyze)
     try:
         created = enqueue(db, [f.resolve() for f in files], to, settings=settings)
     except KeyError as exc:
@@ -853,9 +1048,11 @@ def _job_row(job: Job) -> dict[str, Any]:
 def jobs(
     ctx: typer.Context,
     config: ConfigOpt = None,
-    state: Annotated[str | None, typer.Option(help="Only jobs in this state.")] = None,
+    state: Annotated[
+        JobState | None, typer.Option(help="Only jobs in this state (one of those shown).")
+    ] = None,
     study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
-    limit: Annotated[int, typer.Option(help="Newest N jobs.")] = 100,
+    limit: Annotated[int, typer.Option(min=1, help="Newest N jobs.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
     """List jobs, newest last: state, stage, timing, error."""
@@ -872,7 +1069,17 @@ def jobs(
         rows,
         as_json,
         "Jobs",
-        ["id", "pipeline", "state", "stage", "attempts", "seconds", "created_at", "error"],
+        [
+            "id",
+            "pipeline",
+            "study_instance_uid",
+            "state",
+            "stage",
+            "attempts",
+            "seconds",
+            "created_at",
+            "error",
+        ],
     )
 
 
@@ -902,16 +1109,47 @@ def _scores(outputs: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
+#: Stage outputs ``jobs show`` prints in their own lines above the stage outputs.
+_SHOWN_APART = {"segment": ("quality",), "score": ("scores",)}
+
+
+def output_lines(outputs: Any, prefix: str = "") -> list[str]:
+    """A stage's outputs as ``key: value`` lines, nested keys dotted, nothing cut.
+
+    ``{"masks": {"T2FS": "/a.nii.gz"}, "volume_ml": 12.5}`` gives
+    ``masks.T2FS: /a.nii.gz`` and ``volume_ml: 12.5``; a list of plain values
+    is one comma-separated line, a list of objects one group per item
+    (``extractions[0].features: ...``).
+    """
+    if isinstance(outputs, dict):
+        if not outputs:
+            return [f"{prefix}: (none)"] if prefix else []
+        lines: list[str] = []
+        for key, value in outputs.items():
+            lines += output_lines(value, f"{prefix}.{key}" if prefix else str(key))
+        return lines
+    if isinstance(outputs, list):
+        if all(not isinstance(v, dict | list) for v in outputs):
+            return [f"{prefix}: {', '.join(map(str, outputs)) or '(none)'}"]
+        return [line for i, v in enumerate(outputs) for line in output_lines(v, f"{prefix}[{i}]")]
+    return [f"{prefix}: {'-' if outputs is None else outputs}"]
+
+
 @jobs_app.command("show")
 def jobs_show(
     ctx: typer.Context,
     job_id: Annotated[int, typer.Argument(metavar="ID")],
     config: ConfigOpt = None,
-    as_json: JsonOpt = False,
+    as_json: JsonObjectOpt = False,
 ) -> None:
-    """One job: inputs, segmentation quality, scores, stages with timing and outputs, deliveries.
+    """One job: inputs, quality, scores, stages with timing and outputs, deliveries, audit.
 
-    ``--json`` gives the segment stage's quality estimate both in that stage's
+    The audit lists the job's events (``job.*``) and its deliveries' events
+    (``delivery.*``), oldest first.
+
+    ``--json`` prints one object: the row of ``jobs``, ``inputs``,
+    ``folder``, ``stages`` (each with its ``outputs``), ``deliveries``,
+    ``audit``, and the segment stage's quality estimate both in that stage's
     ``outputs`` and as ``segmentation_quality`` (None until the stage is done),
     and each signature card's result or skip record as ``scores`` (None until
     the score stage is done): rad-score, risk group (None outside the model's
@@ -965,23 +1203,28 @@ def jobs_show(
             }
             for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id))
         ]
+        delivery_ids = {d["id"] for d in detail["deliveries"]}
         detail["audit"] = [
             {
                 "seq": e.seq,
                 "ts": _iso(e.ts),
                 "action": e.action,
                 "outcome": e.outcome,
-                "detail": json.loads(e.detail),
+                "detail": facts,
             }
             for e in s.scalars(
                 select(AuditEvent)
                 .where(
                     AuditEvent.study_instance_uid == job.study_instance_uid,
-                    AuditEvent.action.startswith("job."),
+                    or_(
+                        AuditEvent.action.startswith("job."),
+                        AuditEvent.action.startswith("delivery."),
+                    ),
                 )
                 .order_by(AuditEvent.seq)
             )
-            if json.loads(e.detail).get("job") == job_id
+            if (facts := json.loads(e.detail)).get("job") == job_id
+            or (e.action.startswith("delivery.") and facts.get("delivery") in delivery_ids)
         ]
     db.dispose()
     if as_json:
@@ -989,11 +1232,14 @@ def jobs_show(
         return
     out.print(
         f"job {job_id}: {detail['state']} ({detail['pipeline']}), study "
-        f"{detail['study_instance_uid']}"
+        f"{detail['study_instance_uid']}",
+        soft_wrap=True,
     )
-    out.print(f"  inputs: {detail['inputs']}; folder {detail['folder']}")
+    for role, uid in detail["inputs"].items():
+        out.print(f"  input {escape(str(role))}: series {escape(str(uid))}", soft_wrap=True)
+    out.print(f"  folder: {escape(str(detail['folder']))}", soft_wrap=True)
     if detail["error"]:
-        out.print(f"  [red]error: {detail['error']}[/red]")
+        out.print(f"  [red]error: {escape(detail['error'])}[/red]", soft_wrap=True)
     if segmented is not None:
         line = escape(quality_text(detail["segmentation_quality"]))
         flagged = (detail["segmentation_quality"] or {}).get("review")
@@ -1010,13 +1256,26 @@ def jobs_show(
         "Stages",
         ["stage", "state", "attempts", "started_at", "seconds", "error"],
     )
-    if detail["deliveries"]:
-        _emit(
-            detail["deliveries"],
-            False,
-            "Deliveries",
-            ["id", "kind", "destination", "state", "attempts", "last_error"],
-        )
+    for st in detail["stages"]:
+        if st["outputs"] is None:
+            continue
+        apart = _SHOWN_APART.get(st["stage"], ())
+        shown = {k: v for k, v in st["outputs"].items() if k not in apart}
+        out.print(f"  outputs of {st['stage']}:")
+        for line in output_lines(shown) or ["(none)"]:
+            out.print(f"    {escape(line)}", soft_wrap=True)
+    _emit(
+        detail["deliveries"],
+        False,
+        "Deliveries",
+        ["id", "kind", "destination", "state", "attempts", "last_error"],
+    )
+    _emit(
+        [e | {"detail": json.dumps(e["detail"])} for e in detail["audit"]],
+        False,
+        "Audit",
+        ["seq", "ts", "action", "outcome", "detail"],
+    )
 
 
 @jobs_app.command("retry")
@@ -1420,7 +1679,7 @@ def cv_seg(
     inference: Annotated[
         str, typer.Option(help="Test-time inference: window (sliding) or whole.")
     ] = "window",
-    as_json: JsonOpt = False,
+    as_json: JsonObjectOpt = False,
 ) -> None:
     """Patient-level k-fold CV of a segmentation recipe: out-of-fold Dice/HD95 per patient.
 
@@ -1559,7 +1818,7 @@ def segment_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     model: ModelOpt = DEFAULT_SEG_MODEL,
     rules: RulesOpt = RULES_FILE,
-    as_json: JsonOpt = False,
+    as_json: JsonObjectOpt = False,
 ) -> None:
     """Segment the tumour; in a study with both sequences, also carry the mask to the other one.
 
@@ -1640,7 +1899,7 @@ def eval_seg(
     ] = [],  # noqa: B006
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     rules: RulesOpt = RULES_FILE,
-    as_json: JsonOpt = False,
+    as_json: JsonObjectOpt = False,
 ) -> None:
     """Dice and HD95 per case, with mean and 95% bootstrap CI per source."""
     from pipelines.io.roles import load_role_rules
@@ -2016,7 +2275,7 @@ def analyze_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
     rules: RulesOpt = RULES_FILE,
-    as_json: JsonOpt = False,
+    as_json: JsonObjectOpt = False,
 ) -> None:
     """Segment, extract radiomics and score one study with each card; write masks, scores, summary.
 
@@ -2083,13 +2342,23 @@ def clinical_set(
     metastasis: Annotated[str | None, typer.Option(help="Metastasis at diagnosis: yes/no.")] = None,
     grade: Annotated[int | None, typer.Option(min=1, max=3, help="Histological grade.")] = None,
     age: Annotated[int | None, typer.Option(min=0, max=120)] = None,
-    sex: Annotated[str | None, typer.Option(help="M or F.")] = None,
+    sex: Annotated[Literal["M", "F"] | None, typer.Option(help="M or F.")] = None,
+    before_arrival: Annotated[
+        bool,
+        typer.Option(
+            "--before-arrival",
+            help="Record the factors for a study the node has not received yet "
+            "(its first job uses them).",
+        ),
+    ] = False,
 ) -> None:
     """Record clinical factors and re-score the study's latest job (new SR and PDF).
 
     The job is queued again from its score stage; segmentation and radiomics
     are kept. The new SR (nomogram) names the radiomics-only one as its
-    predecessor.
+    predecessor. A study the node never received is refused (exit 2; a
+    mistyped UID would keep factors no job ever reads) unless
+    ``--before-arrival`` says the study is still to come.
     """
     from node.jobs import clinical_path, rescore
 
@@ -2108,13 +2377,22 @@ def clinical_set(
     try:
         path = clinical_path(settings, study_uid)
     except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(f"[red]{escape(str(exc))}[/red]")
         raise typer.Exit(2) from exc
+    db = _db(settings)
+    with db.session() as s:
+        held = s.scalar(select(Study.id).where(Study.study_instance_uid == study_uid))
+    if held is None and not before_arrival:
+        db.dispose()
+        err.print(
+            f"[red]the node holds no study {escape(study_uid)} (see `sarcnode studies`); "
+            "give --before-arrival to record factors for a study still to come[/red]"
+        )
+        raise typer.Exit(2)
     known: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     known.update(facts)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(known, indent=2))
-    db = _db(settings)
     try:
         with db.session() as s:
             record(
@@ -2127,7 +2405,11 @@ def clinical_set(
         job_id = rescore(db, study_uid, actor=os_actor())
     finally:
         db.dispose()
-    out.print(f"clinical factors of {study_uid}: {known}")
+    listed = ", ".join(
+        f"{k} {v}" if k == "age" else f"{k} {'yes' if v else 'no'}"
+        for k, v in sorted(known.items())
+    )
+    out.print(f"clinical factors of {study_uid}: {listed}", soft_wrap=True)
     if job_id is None:
         out.print("no finished job for this study yet: the factors apply to its next job")
     else:

@@ -13,6 +13,7 @@ chain depends on.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Literal, get_args
 
 from sqlalchemy import (
     BigInteger,
@@ -152,6 +153,14 @@ class AuditEvent(Base):
     hash: Mapped[str] = mapped_column(String(64))
     hash_alg: Mapped[str] = mapped_column(String(16), default="sha256", server_default="sha256")
     key_id: Mapped[str | None] = mapped_column(String(16))
+
+
+#: Every state a job can be in, in lifecycle order (``sarcnode jobs --state`` takes these).
+JobState = Literal["queued", "running", "done", "failed", "dead", "cancelled"]
+JOB_STATES: tuple[str, ...] = get_args(JobState)
+#: Every state an outbox row can be in (``sarcnode deliveries --state`` takes these).
+DeliveryState = Literal["pending", "committing", "done", "dead"]
+DELIVERY_STATES: tuple[str, ...] = get_args(DeliveryState)
 
 
 class Job(Base):

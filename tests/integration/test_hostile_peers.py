@@ -420,5 +420,5 @@ def test_embedded_defaults_refuse_unknown_callers_and_the_demo_names_its_scanner
     status = subprocess.run(
         [SARCNODE, "status", "--json"], env=env, capture_output=True, text=True, timeout=60
     )
-    [info] = json.loads(status.stdout)
+    info = json.loads(status.stdout)  # one object (status is about one thing)
     assert status.returncode == 0 and info["scp_up"], info["scp"]
