@@ -133,8 +133,8 @@ def test_a_missing_or_broken_card_is_a_config_error_naming_its_path(tmp_path: Pa
     (folder / "p.yaml").write_text(yaml.safe_dump(data))
     proc = run_cli(config, "config", "check")
     assert (
-        "pipeline sarcoma-mr: signature cards sarcnode-lungmets-t1, sarcnode-grade-t1, "
-        "sarcnode-efs-t1, sarcnode-pfs-demo, fine" in proc.stdout
+        "signature cards sarcnode-lungmets-t1, sarcnode-grade-t1, "
+        "sarcnode-efs-t1, sarcnode-pfs-demo, fine\n" in proc.stdout
     )
 
 
