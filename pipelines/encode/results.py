@@ -5,6 +5,12 @@ named by kind and sequence (``seg_T2FS.dcm``, ``seg_T1.dcm``, ``sr.dcm``,
 ``report_pdf.dcm``, plus the PDF itself as ``report.pdf``) so a re-run
 overwrites them, and their UIDs are derived (see :mod:`pipelines.encode.uids`)
 so the PACS sees the same objects again, not new ones.
+
+Each result series has its own SeriesNumber, the same in every study so a
+PACS lists them in one place after the source series: the SEGs from 9101 in
+the order of their sequence names, the SR 9190, the PDF 9191. Their
+SeriesDescriptions say what they hold first (a viewer's series list shows
+the first 25 characters or so) and end with the clinical-use warning.
 """
 
 from __future__ import annotations
@@ -17,9 +23,19 @@ import pydicom
 import SimpleITK as sitk
 
 from pipelines.encode.pdf import encode_pdf, report_pdf
-from pipelines.encode.seg import Algorithm, encode_seg, mask_array, source_datasets
+from pipelines.encode.seg import (
+    Algorithm,
+    encode_seg,
+    mask_array,
+    series_description,
+    source_datasets,
+)
 from pipelines.encode.sr import encode_sr, scores_key, tumour_measurements
 from pipelines.io.dicom import SeriesRef
+
+SEG_SERIES_BASE = 9100  # + 1, 2, ... per segmented sequence, by sequence name
+SR_SERIES_NUMBER = 9190
+PDF_SERIES_NUMBER = 9191
 
 
 def write_results(
@@ -63,6 +79,8 @@ def write_results(
     for number, role in enumerate(sorted(series), start=1):
         if role not in masks:
             continue
+        if SEG_SERIES_BASE + number >= SR_SERIES_NUMBER:
+            raise ValueError(f"too many segmented series for distinct SeriesNumbers: {number}")
         sources = source_datasets(series[role].files)
         sources_by_role[role] = sources
         seg = encode_seg(
@@ -70,8 +88,12 @@ def write_results(
             {"tumour": masks[role]},
             algorithm=algorithm,
             job_key=job_key,
-            series_number=9100 + number,
+            series_number=SEG_SERIES_BASE + number,
             uid_root=uid_root,
+        )
+        source = str(sources[0].get("SeriesDescription") or "").strip()
+        seg.SeriesDescription = series_description(
+            f"Tumour SEG on {role}" + (f" ({source})" if source else ""), not_clinical
         )
         path = out / f"seg_{role}.dcm"
         seg.save_as(path, enforce_file_format=True)
@@ -88,6 +110,7 @@ def write_results(
         job_key=job_key,
         scores=scores,
         not_for_clinical_use=not_clinical,
+        series_number=SR_SERIES_NUMBER,
         uid_root=uid_root,
         previous=previous,
         quality=quality,

@@ -27,6 +27,17 @@ MANUFACTURER = "sarcnode"
 SOFTWARE_VERSION = "0.1.0"
 DEVICE_SERIAL = "sarcnode-1"
 SARCNODE_SCHEME = "99SARCNODE"  # local coding scheme for concepts without a standard code
+WARNING = "NOT FOR CLINICAL USE"
+
+
+def series_description(what: str, not_for_clinical_use: bool = True) -> str:
+    """A result's SeriesDescription: what it holds first, then the warning (64 characters).
+
+    Viewers list series by their first 25 characters or so: the kind of
+    object comes first, the clinical-use warning last.
+    """
+    warning = f" {WARNING}" if not_for_clinical_use else ""
+    return f"{what[: 64 - len(warning)]}{warning}"
 
 
 @dataclass(frozen=True)
@@ -209,7 +220,8 @@ def encode_seg(
         content_label="TUMOUR",
         omit_empty_frames=False,
     )
-    seg.SeriesDescription = f"sarcnode tumour SEG ({sources[0].get('SeriesDescription', '')})"[:64]
+    source = str(sources[0].get("SeriesDescription") or "").strip()
+    seg.SeriesDescription = series_description("Tumour SEG" + (f" on {source}" if source else ""))
     declare_local_scheme(seg)
     return seg
 

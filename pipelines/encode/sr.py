@@ -1,40 +1,43 @@
 """TID 1500 Measurement Report (Comprehensive 3D SR) of the tumour and its scores.
 
-Designed to open in OHIF as well as to be correct DICOM: OHIF 3.12/3.13
-crash on a report that holds a volumetric group (TID 1411) at all
-(``Cannot read properties of undefined (reading 'ReferencedSOPSequence')``,
-see ``../shared/notes/real-systems.md``) but draw planar groups. So the
-report has planar groups (TID 1410) only, all on the tumour's outline as a
-closed SCOORD POLYLINE on the key slice (the slice with the largest tumour
-area):
+Correct DICOM that OHIF 3.12 shows in full. What OHIF does with a report
+(read in its 3.12.10 build, ``extensions/cornerstone-dicom-sr``, and seen in
+the browser, ``tests/integration/test_viewer.py``): it reads only the
+Imaging Measurements container; every group there must have a SCOORD on an
+image (a volumetric group, TID 1411, or one without geometry, TID 1501,
+throws ``reading 'ReferencedSOPSequence'`` and blacks out the viewport); a
+planar group is drawn on its image with a text box of its first five NUMs,
+each as ``<concept meaning>: <value to 2 decimals> <unit code>``, anchored
+at the right edge of the outline; qualitative evaluations (CODE) and TEXT
+items are not shown. Groups on one image are all drawn at once, so groups
+that share an outline overlap and cannot be read. Hence:
 
-- the tumour's group ("Tumour"): volume (ml), longest axial diameter (mm),
-  area on the key slice (mm2), mean and SD of the source intensities, the
-  segmentation's quality estimate (the agreement score as a NUM and whether
-  a person should review the mask as a coded qualitative evaluation), and
-  "not for clinical use" when a model is not;
-- one group per signature card that scored the study ("Tumour: <card>
-  <version>"), its measurements made by that card (its algorithm
-  identification), in this order because OHIF draws only a group's first
-  five NUMs: the rad-score, the predictions (survival probabilities at the
-  card's time points, or the probability of a logistic endpoint), the
-  training cohort size, the card's feature values; and, as coded
-  qualitative evaluations, the risk group, the applicability verdict, the
-  training cohort's kind (real or synthetic) and the clinical use. Outside
-  the model's range the risk group and the predictions are left out (they
-  would be extrapolations) and a NUM right after the rad-score says by how
-  much the study lies outside (widths of the training range), so OHIF,
-  which shows NUMs, shows it too. (OHIF anchors every group's text box at
-  the right edge of its outline: on one outline the boxes overlap, the
-  active group drawn on top.)
+- the tumour's planar group ("Tumour", TID 1410), its outline a closed
+  SCOORD POLYLINE on the key slice (largest tumour area), the only group on
+  that slice. Its NUMs come in the order OHIF draws them: the volume (ml);
+  when the mask is flagged for review, the ensemble agreement under a
+  concept that says so; one headline per scored card
+  (:func:`pipelines.scoring.text.headline`: ``lungmets-t1 1.0.0 AUC 0.55,
+  OUTSIDE range (NOT FOR CLINICAL USE)``, value the rad-score, made by the
+  card: its algorithm identification); then, past what OHIF draws, the
+  longest axial diameter, the key-slice area, mean and SD of the source
+  intensities (UCUM ``[arb'U]``: MR signal has no physical unit) and an
+  unflagged agreement. Coded evaluations: the review flag and "not for
+  clinical use". The numbers are the whole tumour's (the outline marks
+  where it is largest).
+- one planar group per card that scored ("Tumour: <card> <version>"), on
+  the tumour's outline on the next-largest cross-sections
+  (:func:`card_slices`), so OHIF's measurement navigation shows each on its
+  own: the rad-score, by how much the study lies outside the training range
+  (widths of the range) or the predictions (survival at the card's time
+  points, or the probability of a logistic endpoint, in %), the training
+  cohort size, the card's feature values; coded: the risk group (absent
+  outside the range), the applicability verdict, the training cohort (real
+  or synthetic), the clinical use. Every NUM names its algorithm.
 
-Every NUM carries an algorithm identification (OHIF throws on a NUM without
-a ContentSequence). Free text stays out of the groups (OHIF is not known to
-tolerate a TEXT item in one): a root "Qualitative Evaluations" container
-(TID 1500 row 12, which OHIF does not read) holds, per card, scored or
-skipped, the lines the PDF and ``jobs show`` print: which feature or score
-lies outside the range and by how much, the nested-CV headline, why a card
-was skipped. The observer is the node as a device.
+A root "Qualitative Evaluations" container (TID 1500 row 12) holds, per
+card, scored or skipped, the lines the PDF and ``jobs show`` print. The
+observer is the node as a device.
 """
 
 from __future__ import annotations
@@ -59,15 +62,22 @@ from pipelines.encode.seg import (
     EncodeError,
     declare_local_scheme,
     mask_array,
+    series_description,
 )
 from pipelines.encode.uids import derived_uid
-from pipelines.scoring.text import score_lines, survival_probabilities
+from pipelines.scoring.text import headline, score_lines, survival_probabilities
 
-ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")  # OHIF prints the code as the unit
+# OHIF prints a unit's code value after the number, so the codes are chosen to read well.
+ML = hd.sr.CodedConcept("mL", "UCUM", "milliliter")
 MM = codes.UCUM.Millimeter
 MM2 = codes.UCUM.SquareMillimeter
 PERCENT = codes.UCUM.Percent
 NO_UNITS = codes.UCUM.NoUnits
+# MR signal intensity has no physical unit: UCUM's arbitrary unit, not "1".
+ARBITRARY_UNIT = hd.sr.CodedConcept("[arb'U]", "UCUM", "arbitrary unit")
+# Dimensionless scores with a UCUM annotation (unity, named), so "0.43 {rad-score}".
+RADSCORE_UNIT = hd.sr.CodedConcept("{rad-score}", "UCUM", "rad-score")
+DICE_UNIT = hd.sr.CodedConcept("{Dice}", "UCUM", "Dice coefficient")
 
 
 def local(code: str, meaning: str) -> hd.sr.CodedConcept:
@@ -84,6 +94,9 @@ NOT_FOR_CLINICAL_USE = local("notclinical", "NOT FOR CLINICAL USE (research mode
 # Issue, Image Quality Rating, ...) rate an image or an acquisition, and none
 # says "trust in this automatic segmentation" or "a person should review it".
 SEG_AGREEMENT = local("segagreement", "Segmentation quality (agreement of ensemble views)")
+SEG_AGREEMENT_FLAGGED = local(
+    "segagreementlow", "Segmentation REVIEW RECOMMENDED (agreement of views)"
+)
 SEG_REVIEW = local("segreview", "Segmentation review")
 REVIEW_RECOMMENDED = local("reviewneeded", "Review recommended before trusting the numbers")
 NO_REVIEW_NEEDED = local("noreviewneeded", "No review needed")
@@ -113,6 +126,21 @@ def key_slice(mask: np.ndarray) -> int:
     if not areas.any():
         raise EncodeError("the tumour mask is empty: nothing to report")
     return int(np.argmax(areas))
+
+
+def card_slices(mask: np.ndarray, n: int) -> list[int]:
+    """Slices for ``n`` card groups: the tumour's next-largest cross-sections after the key slice.
+
+    OHIF draws every group of a report on its image at once, each group's
+    text box at the right edge of its outline: groups on one outline overlap
+    and cannot be read. So the key slice carries the tumour's group only, and
+    card ``i`` outlines the tumour on the slice with the ``i+1``-th largest
+    area (shared, in turn, when the tumour spans fewer slices than cards).
+    """
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    order = [int(k) for k in np.argsort(-areas, kind="stable") if areas[k] > 0]
+    rest = order[1:] or order
+    return [rest[i % len(rest)] for i in range(n)]
 
 
 def outline(slice_mask: np.ndarray, max_points: int = 200) -> np.ndarray:
@@ -191,6 +219,17 @@ def _region(outline_xy: np.ndarray, key: Dataset) -> hd.sr.ImageRegion:
     )
 
 
+def _headline(score: Mapping[str, Any]) -> hd.sr.CodedConcept:
+    """The concept of a card's headline NUM: its meaning is :func:`headline` (64 characters).
+
+    The code value names card, version and result (a code has one meaning),
+    so the same result of the same card gets the same code in every report.
+    """
+    words = headline(score)
+    result = words.split(", ")[-1].split(" (")[0].replace(" ", "-").lower()
+    return local(f"{score['signature']}-{score.get('version', '')}-{result}", words)
+
+
 def _signature_group(
     score: Mapping[str, Any],
     region: hd.sr.ImageRegion,
@@ -201,9 +240,7 @@ def _signature_group(
     signature = hd.sr.AlgorithmIdentification(
         name=str(score["signature"]), version=str(score.get("version") or "1")
     )
-    # OHIF draws the first five NUMs of a group beside its outline: the rad-score, then
-    # how far outside the range or the predictions, then the cohort size, then the inputs.
-    measurements = [_measurement(RADSCORE, score["radscore"], NO_UNITS, signature)]
+    measurements = [_measurement(RADSCORE, score["radscore"], RADSCORE_UNIT, signature)]
     verdict = score.get("applicability") or {"status": "unknown", "outside": []}
     if verdict["status"] == "outside":
         fractions = [e["by_fraction"] for e in verdict["outside"] if e["by_fraction"] is not None]
@@ -279,7 +316,7 @@ def encode_sr(
     job_key: str,
     scores: Sequence[Mapping[str, Any]] = (),
     not_for_clinical_use: bool = True,
-    series_number: int = 9102,
+    series_number: int = 9190,
     uid_root: str | None = None,
     previous: Dataset | None = None,
     quality: Mapping[str, Any] | None = None,
@@ -303,22 +340,42 @@ def encode_sr(
     seg_algorithm = hd.sr.AlgorithmIdentification(
         name=segmentation_model.name, version=segmentation_model.version
     )
+    scored = [score for score in scores if "skipped" not in score]
+    volume = _measurement(codes.SCT.Volume, facts["volume_ml"], ML, seg_algorithm)
+    flagged = quality is not None and bool(quality.get("review"))
+    agreement = []
+    if quality is not None and quality.get("score") is not None:
+        concept = SEG_AGREEMENT_FLAGGED if flagged else SEG_AGREEMENT
+        agreement = [_measurement(concept, quality["score"], DICE_UNIT, seg_algorithm)]
+    # OHIF draws the first five NUMs: volume, a flagged agreement, each card's headline.
+    headlines = [
+        _measurement(
+            _headline(score),
+            score["radscore"],
+            RADSCORE_UNIT,
+            hd.sr.AlgorithmIdentification(
+                name=str(score["signature"]), version=str(score.get("version") or "1")
+            ),
+        )
+        for score in scored
+    ]
     measurements = [
-        _measurement(codes.SCT.Volume, facts["volume_ml"], ML, seg_algorithm),
+        volume,
+        *(agreement if flagged else []),
+        *headlines,
         _measurement(codes.SCT.LongAxis, facts["longest_axial_diameter_mm"], MM, seg_algorithm),
         _measurement(codes.SCT.Area, facts["key_slice_area_mm2"], MM2, seg_algorithm),
-        _measurement(codes.SCT.Mean, facts["mean_intensity"], NO_UNITS, seg_algorithm),
-        _measurement(codes.SCT.StandardDeviation, facts["sd_intensity"], NO_UNITS, seg_algorithm),
+        _measurement(codes.SCT.Mean, facts["mean_intensity"], ARBITRARY_UNIT, seg_algorithm),
+        _measurement(
+            codes.SCT.StandardDeviation, facts["sd_intensity"], ARBITRARY_UNIT, seg_algorithm
+        ),
+        *([] if flagged else agreement),
     ]
     evaluations = []
     if quality is not None:
-        if quality.get("score") is not None:
-            measurements.append(
-                _measurement(SEG_AGREEMENT, quality["score"], NO_UNITS, seg_algorithm)
-            )
         evaluations.append(
             hd.sr.QualitativeEvaluation(
-                SEG_REVIEW, REVIEW_RECOMMENDED if quality.get("review") else NO_REVIEW_NEEDED
+                SEG_REVIEW, REVIEW_RECOMMENDED if flagged else NO_REVIEW_NEEDED
             )
         )
     if not_for_clinical_use:
@@ -345,9 +402,8 @@ def encode_sr(
             qualitative_evaluations=evaluations or None,
         )
     ]
-    for score in scores:
-        if "skipped" in score:
-            continue
+    others = card_slices(mask, len(scored))
+    for score, s in zip(scored, others, strict=True):
         tracking = derived_uid(
             "track",
             source_series,
@@ -357,7 +413,11 @@ def encode_sr(
             f"{score['signature']}:{score.get('version')}",
             root=uid_root,
         )
-        groups.append(_signature_group(score, _region(xy, key), tracking, not_for_clinical_use))
+        groups.append(
+            _signature_group(
+                score, _region(outline(mask[s]), sources[s]), tracking, not_for_clinical_use
+            )
+        )
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -391,7 +451,8 @@ def encode_sr(
         != derived_uid("instance", kind_of, version_key, job_key, root=uid_root)
         else None,
     )
-    suffix = " NOT FOR CLINICAL USE" if not_for_clinical_use else ""
-    sr.SeriesDescription = f"sarcnode tumour report{suffix}"[:64]
+    sr.SeriesDescription = series_description(
+        "Tumour and radiomics results (SR)", not_for_clinical_use
+    )
     declare_local_scheme(sr)
     return sr

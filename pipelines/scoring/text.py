@@ -1,14 +1,17 @@
-"""The words people read about a score: one place for ``jobs show``, ``analyze`` and the PDF.
+"""The words people read about a score: one place for ``jobs show``, ``analyze``, SR and PDF.
 
 Every card gets the same lines, scored or skipped: id, version and
 endpoint; the rad-score and the risk group (or why none is given); the
 predictions (withheld outside the model's range: there they are
 extrapolations); the applicability verdict; the training cohort (size, real
 or synthetic), the nested-CV headline, and "not for clinical use".
+:func:`headline` says the same in one line of at most 64 characters, for a
+viewer that prints one label per number (OHIF and the SR).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -103,3 +106,69 @@ def score_lines(result: Mapping[str, Any]) -> list[str]:
         )
     lines.append(f"  {provenance_text(result)}")
     return lines
+
+
+def short_id(result: Mapping[str, Any]) -> str:
+    """The card id without the project's ``sarcnode-`` prefix: ``lungmets-t1``."""
+    card = str(result.get("signature", "?"))
+    return card.removeprefix("sarcnode-")
+
+
+def validation_short(result: Mapping[str, Any]) -> str:
+    """The nested-CV figure in a few characters (``AUC 0.55``, ``C 0.55``) or why none.
+
+    Read from the card's headline (:func:`pipelines.scoring.cards.nested_cv_headline`);
+    a card fitted on synthetic data says so, one without a headline says
+    ``no CV``.
+    """
+    nested = str(result.get("nested_cv") or "")
+    found = re.search(r"nested[- ]CV (AUC|Harrell's C|C-index|C)\s+([0-9]*\.[0-9]+)", nested)
+    if found:
+        metric = "AUC" if found.group(1) == "AUC" else "C"
+        return f"{metric} {float(found.group(2)):.2f}"
+    if (result.get("training_cohort") or {}).get("source") == "synthetic":
+        return "synthetic"
+    return "no CV"
+
+
+def verdict_short(result: Mapping[str, Any]) -> str:
+    """The result in a few words: ``OUTSIDE range``, ``high risk``, ``positive``, ``not scored``."""
+    if "skipped" in result:
+        return "not scored"
+    if not confident(result):
+        return "OUTSIDE range"
+    group = result.get("risk_group")
+    if group is None:
+        words = "no risk group"
+    else:
+        words = f"{group} risk" if group in ("high", "low") else str(group)
+    if (result.get("applicability") or {}).get("status", "unknown") == "unknown":
+        return f"{words}, range unknown"
+    return words
+
+
+def headline(result: Mapping[str, Any], limit: int = 64) -> str:
+    """One line naming card, version, validation and result, within ``limit`` characters.
+
+    ``lungmets-t1 1.0.0 AUC 0.55, OUTSIDE range (NOT FOR CLINICAL USE)``: what
+    a viewer that shows one label per number (OHIF) prints beside the
+    rad-score. The warning is dropped, then the validation, when the line
+    would not fit (a DICOM code meaning holds 64 characters).
+    """
+    version = f" {result['version']}" if result.get("version") else ""
+    name = f"{short_id(result)}{version}"
+    warning = (
+        " (NOT FOR CLINICAL USE)"
+        if "not for clinical use" in str(result.get("clinical_use") or "not for clinical use")
+        else ""
+    )
+    verdict = verdict_short(result)
+    for line in (
+        f"{name} {validation_short(result)}, {verdict}{warning}",
+        f"{name}, {verdict}{warning}",
+        f"{name} {validation_short(result)}, {verdict}",
+        f"{name}, {verdict}",
+    ):
+        if len(line) <= limit:
+            return line
+    return f"{name}, {verdict}"[:limit]

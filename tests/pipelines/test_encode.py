@@ -149,13 +149,27 @@ def test_seg_sr_pdf_pass_dciodvfy_and_read_back(study: dict[str, object], tmp_pa
     assert np.array_equal(pixels > 0, mask)
 
     sr = hd.sr.srread(files["sr"])
-    planar = sr.content.get_planar_roi_measurement_groups()
-    # Planar groups only (OHIF): the tumour's, then one per card that scored.
-    assert len(planar) == 2 and not sr.content.get_volumetric_roi_measurement_groups()
-    group, card_group = planar
+    # Planar groups only (OHIF): the tumour's on the key slice, one per card on another slice.
+    group, card_group = sr.content.get_planar_roi_measurement_groups()
+    assert not sr.content.get_volumetric_roi_measurement_groups()
+    assert not sr.content.get_image_measurement_groups()
     names = {m.name.meaning: m for m in group.get_measurements()}
     spacing = np.prod(study["image"].GetSpacing())  # type: ignore[attr-defined]
     assert names["Volume"].value == pytest.approx(mask.sum() * spacing / 1000, rel=1e-6)
+    # OHIF draws a group's first five NUMs: the volume, then each card's headline.
+    order = [m.name.meaning for m in group.get_measurements()]
+    headline = "pfs-demo 1.0.0 synthetic, high risk (NOT FOR CLINICAL USE)"
+    assert order[:2] == ["Volume", headline]
+    assert names[headline].value == pytest.approx(0.4321)
+    assert names[headline].unit.value == "{rad-score}"
+    made_by = [
+        i.TextValue
+        for i in sr_items(names[headline][0].ContentSequence)
+        if i.ConceptNameCodeSequence[0].CodeMeaning == "Algorithm Name"
+    ]
+    assert made_by == ["sarcnode-pfs-demo"]  # the card made it, not the segmentation
+    # MR signal has no physical unit: UCUM's arbitrary unit, not "1".
+    assert names["Mean"].unit.value == names["Standard Deviation"].unit.value == "[arb'U]"
     evaluations = {q.name.meaning: q.value.meaning for q in group.get_qualitative_evaluations()}
     assert "NOT FOR CLINICAL USE" in evaluations["Clinical use"]
     names = {m.name.meaning: m for m in card_group.get_measurements()}
@@ -171,14 +185,27 @@ def test_seg_sr_pdf_pass_dciodvfy_and_read_back(study: dict[str, object], tmp_pa
     )
     assert evaluations["Training cohort"] == "SYNTHETIC patients (plumbing demo)"
     assert "NOT FOR CLINICAL USE" in evaluations["Clinical use"]
-    # The outline lies on the slice with the largest tumour area (the same in every group).
-    for each in planar:
+    # The tumour's outline lies on the slice with the largest tumour area, the card's on the
+    # next largest (OHIF draws the groups of one image at once: they would overlap).
+    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+    by_area = np.argsort(-areas, kind="stable")
+    for each, k in ((group, by_area[0]), (card_group, by_area[1])):
         region = each.roi
         assert region.GraphicType == "POLYLINE"
         assert region.GraphicData[:2] == region.GraphicData[-2:]
-        referenced = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
-        assert referenced == sources[int(np.argmax(areas))].SOPInstanceUID
+        ref = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert ref == sources[int(k)].SOPInstanceUID
+    # Result series: distinct numbers, descriptions saying what they hold and the warning.
+    headers = {kind: pydicom.dcmread(path, stop_before_pixels=True) for kind, path in files.items()}
+    assert {kind: int(ds.SeriesNumber) for kind, ds in headers.items()} == {
+        "seg_T2FS": 9101,
+        "sr": 9190,
+        "pdf": 9103,
+    }
+    assert headers["seg_T2FS"].SeriesDescription.startswith("Tumour SEG on T2FS")
+    assert headers["sr"].SeriesDescription == (
+        "Tumour and radiomics results (SR) NOT FOR CLINICAL USE"
+    )
 
     pdf = pydicom.dcmread(files["pdf"])
     document = bytes(pdf.EncapsulatedDocument)[: int(pdf.EncapsulatedDocumentLength)]
@@ -204,10 +231,14 @@ def test_a_mask_flagged_for_review_says_so_in_the_sr_and_the_pdf(
     )
     group, card_group = [g for g in measurements.ContentSequence if g.ValueType == "CONTAINER"]
     nums = [i for i in group.ContentSequence if i.ValueType == "NUM"]
-    agreement = next(i for i in nums if i.ConceptNameCodeSequence[0].CodeValue == "segagreement")
+    agreement = next(i for i in nums if i.ConceptNameCodeSequence[0].CodeValue == "segagreementlow")
     value = agreement.MeasuredValueSequence[0]
     assert float(value.NumericValue) == pytest.approx(0.4213)
-    assert value.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    assert value.MeasurementUnitsCodeSequence[0].CodeValue == "{Dice}"
+    # Flagged, it comes second (OHIF draws it) under a concept that says so.
+    assert nums.index(agreement) == 1
+    meaning = agreement.ConceptNameCodeSequence[0].CodeMeaning
+    assert meaning == "Segmentation REVIEW RECOMMENDED (agreement of views)"
     # OHIF reads every NUM's ContentSequence unguarded: this one has one, like the others.
     card_nums = [i for i in card_group.ContentSequence if i.ValueType == "NUM"]
     assert all("ContentSequence" in i for i in nums + card_nums)
