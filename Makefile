@@ -9,9 +9,10 @@ PIP := $(PY) -m pip
 CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed
 # Debian packages the tests run against for real (see tests/peers.py); R's survival
-# and glmnet are what tests/unit/test_r_agreement.py compares the survival statistics with.
+# and glmnet are what tests/unit/test_r_agreement.py compares the survival statistics with;
+# poppler-utils reads and renders the PDF report (pdftotext, pdfinfo, pdftoppm).
 DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl chromium \
-	r-cran-survival r-cran-glmnet
+	r-cran-survival r-cran-glmnet poppler-utils
 # The viewer test drives OHIF (npm @ohif/app, cached under var/cache) with
 # playwright-core (tests/viewer/package-lock.json) in Debian's Chromium; it
 # needs Node >= 20 (not Debian bookworm's 18: install it from NodeSource).

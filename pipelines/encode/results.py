@@ -127,16 +127,27 @@ def write_results(
         images[primary],
         mask,
         facts,
+        sources=sources,
+        role=primary,
         scores=scores,
         cards=cards or {},
         clinical=clinical,
         models=models,
+        segmentation_model=f"{algorithm.name} {algorithm.version}",
         not_for_clinical_use=not_clinical,
         quality=quality,
     )
     (out / "report.pdf").write_bytes(document)
     version_key = algorithm.version + scores_key(scores)
-    pdf = encode_pdf(sources, document, job_key=job_key, version_key=version_key, uid_root=uid_root)
+    pdf = encode_pdf(
+        sources,
+        document,
+        job_key=job_key,
+        version_key=version_key,
+        series_number=PDF_SERIES_NUMBER,
+        uid_root=uid_root,
+        not_for_clinical_use=not_clinical,
+    )
     pdf.save_as(out / "report_pdf.dcm", enforce_file_format=True)
     written["pdf"] = out / "report_pdf.dcm"
     return written
