@@ -12,7 +12,7 @@ viewer that prints one label per number (OHIF and the SR).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipelines.scoring.cards import cohort_text
@@ -172,3 +172,18 @@ def headline(result: Mapping[str, Any], limit: int = 64) -> str:
         if len(line) <= limit:
             return line
     return f"{name}, {verdict}"[:limit]
+
+
+def years_text(days: str) -> str:
+    """``365`` -> ``1 year``, ``1095`` -> ``3 years``, ``300`` -> ``300 days``."""
+    d = float(days)
+    years = d / 365
+    if d >= 365 and abs(years - round(years)) < 0.01:
+        return f"{round(years)} year{'s' if round(years) > 1 else ''}"
+    return f"{d:g} days"
+
+
+def shown_times(probs: Sequence[tuple[str, float]]) -> list[str]:
+    """The time points to print: whole years when the card has them (1, 3, 5), else all."""
+    years = [t for t, _ in probs if float(t) >= 365 and float(t) % 365 == 0]
+    return years or [t for t, _ in probs]

@@ -20,15 +20,8 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from pipelines.encode.pdf import (
-    _date,
-    _person,
-    at_risk,
-    key_slice_text,
-    model_block,
-    nomogram_axes,
-    patient_values,
-)
+from pipelines.encode.nomogram import at_risk, model_block, nomogram_axes, patient_values
+from pipelines.encode.pdf import _date, _person, key_slice_text
 from pipelines.encode.results import write_results
 from pipelines.encode.seg import source_datasets
 from pipelines.io.dicom import load_series, scan
