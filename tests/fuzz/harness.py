@@ -44,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from tests.fuzz.cases import PROPOSALS, AssociateCase, Case, NetCase, StoreCase
 from tests.fuzz.corpus import MARKER, Corpus
 from tests.fuzz.dimse import (
     ABORT,
@@ -67,15 +68,7 @@ from tests.fuzz.dimse import (
     read_pdu,
     store_rq_elements,
 )
-from tests.fuzz.generator import (
-    CLASSES,
-    PROPOSALS,
-    AssociateCase,
-    Case,
-    NetCase,
-    StoreCase,
-    generate,
-)
+from tests.fuzz.generator import CLASSES, generate
 
 SARCNODE = str(Path(sys.executable).parent / "sarcnode")
 FUZZ_AE = b"FUZZER"
