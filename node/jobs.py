@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import threading
 import time
@@ -39,6 +40,8 @@ from node.db.session import Database
 from node.pipelines import Decision, Pipeline, SeriesInfo, decide
 from node.stages import STAGE_FUNCTIONS, BadInput, JobContext, open_database
 from pipelines.io.dicom import series_attributes
+
+log = logging.getLogger(__name__)
 
 ACTOR = "node"
 PRIORITY_ORDER = {"urgent": 0, "normal": 1, "offpeak": 2}
@@ -65,7 +68,17 @@ class Scheduler:
             try:
                 ds = pydicom.dcmread(root / path, stop_before_pixels=True)
                 self._headers[series_uid] = series_attributes(ds)
-            except (OSError, pydicom.errors.InvalidDicomError):
+            except Exception as exc:
+                # An accepted instance may still hold a value pydicom cannot convert
+                # (the fuzz suite found ScanningSequence re-typed FL with 2 bytes:
+                # BytesLengthException). Unhandled, it ended every scheduler tick, so
+                # no study got a job; the series falls back to its modality instead.
+                log.warning(
+                    "series %s: header not readable for the pipeline rules (%s); "
+                    "using its modality only",
+                    series_uid,
+                    type(exc).__name__,
+                )
                 self._headers[series_uid] = {"Modality": modality}
         return self._headers[series_uid]
 
