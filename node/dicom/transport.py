@@ -339,12 +339,16 @@ class Connection:
 
 
 class GuardedSocket(socket.socket):
-    """A TCP socket whose reads follow and limit the DICOM PDU framing."""
+    """A TCP socket whose reads follow and limit the DICOM PDU framing.
+
+    :class:`GuardedSSLSocket` puts these methods before :class:`ssl.SSLSocket`'s,
+    so on TLS the limits apply to the decrypted stream.
+    """
 
     connection: Connection | None = None
 
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        """``socket.recv`` within the connection's PDU limits and deadlines."""
+    def recv(self, bufsize: int = 1024, flags: int = 0) -> bytes:
+        """``recv`` within the connection's PDU limits and deadlines."""
         conn = self.connection
         if conn is None:
             return super().recv(bufsize, flags)
@@ -357,37 +361,15 @@ class GuardedSocket(socket.socket):
         return conn.after_read(self, data)
 
     def send(self, data: Any, flags: int = 0) -> int:
-        """``socket.send``, noting progress."""
+        """``send``, noting progress."""
         sent = super().send(data, flags)
         if self.connection is not None:
             self.connection.sent()
         return sent
 
 
-class GuardedSSLSocket(ssl.SSLSocket):
+class GuardedSSLSocket(GuardedSocket, ssl.SSLSocket):
     """The TLS counterpart of :class:`GuardedSocket` (limits on the decrypted stream)."""
-
-    connection: Connection | None = None
-
-    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
-        """``SSLSocket.recv`` within the connection's PDU limits and deadlines."""
-        conn = self.connection
-        if conn is None:
-            return super().recv(buflen, flags)
-        want = conn.before_read(self, buflen)
-        try:
-            data = super().recv(want, flags)
-        except TimeoutError:
-            conn.timed_out(self)
-            raise  # not reached: timed_out raises
-        return conn.after_read(self, data)
-
-    def send(self, data: Any, flags: int = 0) -> int:
-        """``SSLSocket.send``, noting progress."""
-        sent = super().send(data, flags)
-        if self.connection is not None:
-            self.connection.sent()
-        return sent
 
 
 def connection_of(assoc: Association) -> Connection | None:
@@ -583,7 +565,7 @@ class GuardedAssociationServer(ThreadedAssociationServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         """Admit the connection or refuse it before any DICOM (socketserver then closes it)."""
         ip, port = peer_ip(str(client_address[0])), int(client_address[1])
-        if not isinstance(request, GuardedSocket | GuardedSSLSocket):
+        if not isinstance(request, GuardedSocket):
             log.error("connection from %s is not guarded (TLS context type?): refused", ip)
             return False
         verdict = self.registry.admit(ip, port)
