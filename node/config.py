@@ -68,6 +68,15 @@ MIN_PDU_SIZE = 4096
 MAX_PDU_SIZE = 64 * 2**20
 
 
+def _ip_address(value: str) -> str:
+    """``value`` if it is an IP address (a bind address), else a ValueError saying so."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not an IP address") from exc
+    return value
+
+
 class _Section(BaseModel):
     """Base for config sections: unknown keys are errors, values are frozen."""
 
@@ -199,11 +208,7 @@ class DicomSettings(_Section):
     @field_validator("bind")
     @classmethod
     def _bind(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not an IP address") from exc
-        return value
+        return _ip_address(value)
 
     @field_validator("storage_sop_classes")
     @classmethod
@@ -412,11 +417,7 @@ class MonitoringSettings(_Section):
     @field_validator("bind")
     @classmethod
     def _bind(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError as exc:
-            raise ValueError(f"{value!r} is not an IP address") from exc
-        return value
+        return _ip_address(value)
 
 
 class LoggingSettings(_Section):
