@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
@@ -36,6 +35,7 @@ from node.config import Settings
 from node.service import Node
 from tests.conftest import NodeProcess, free_port
 from tests.dicomgen import write_series
+from tests.integration.test_e2e import pipeline_folder
 from tests.peers import postgres_bindir
 
 pytestmark = pytest.mark.integration
@@ -61,19 +61,6 @@ def sample(text: str, name: str, **labels: str) -> float:
 
 def monitoring(port: int, **extra: Any) -> dict[str, Any]:
     return {"monitoring": {"port": port, "echo_interval_s": 0} | extra}
-
-
-def pipeline_folder(tmp_path: Path) -> Path:
-    """The shipped pipeline, no wait for T1, the demo signature only (quick)."""
-    data = yaml.safe_load((REPO / "config" / "pipelines" / "sarcoma-mr.yaml").read_text())
-    data["trigger"]["roles_file"] = str(REPO / "config" / "sequence_roles.yaml")
-    data["trigger"]["wait_for_optional_s"] = 0
-    data["segmentation_model"] = str(REPO / "models" / "sarcnode-seg-demo")
-    data["signatures"] = [str(REPO / "models" / "sarcnode-pfs-demo")]
-    folder = tmp_path / "pipelines"
-    folder.mkdir()
-    (folder / "sarcoma-mr.yaml").write_text(yaml.safe_dump(data))
-    return folder
 
 
 @pytest.mark.slow
