@@ -19,14 +19,12 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipelines.signature.nested import Recipe, nested_cv, summarise  # noqa: E402
 from pipelines.signature.real import outcome_of  # noqa: E402
-from pipelines.signature.sts import ENDPOINTS, load_sts  # noqa: E402
+from pipelines.signature.sts import ENDPOINTS, load_sts, read_cache  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 
@@ -48,11 +46,8 @@ def main() -> None:
     if not (args.cache / "features.csv").is_file():
         sys.exit(f"no feature cache in {args.cache}: run `make signatures-real` first")
     cohort = load_sts(DATA / "sts-clinical" / "clinical.csv", DATA / "sts-t1-cropped")
-    features = pd.read_csv(
-        args.cache / "features.csv", index_col="id", float_precision="round_trip"
-    )
-    table = pd.read_csv(args.cache / "raters.csv", index_col="id", float_precision="round_trip")
-    raters = [g.drop(columns="perturbation") for _, g in table.groupby("perturbation")]
+    features, raters = read_cache(args.cache)
+    assert raters is not None
     rows = []
     for endpoint in ENDPOINTS:
         clinical, outcome = outcome_of(cohort, endpoint)

@@ -29,25 +29,17 @@ def load_or_extract(
 ) -> tuple[pd.DataFrame, list[pd.DataFrame] | None]:
     """(features, perturbation raters) of ``patients``: cached in ``cache``, else extracted."""
     from pipelines.radiomics.extract import load_params, params_hash
-    from pipelines.signature.sts import extract_sts
+    from pipelines.signature.sts import extract_sts, read_cache, write_cache
 
     params = load_params(params_file)
     stamp = {"params_sha256": params_hash(params), "images": str(images.resolve()), "icc": icc}
-    features_csv, raters_csv, stamp_file = (
-        cache / "features.csv",
-        cache / "raters.csv",
-        cache / "stamp.json",
-    )
+    stamp_file = cache / "stamp.json"
     fresh = stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp
-    if fresh and features_csv.is_file() and (raters_csv.is_file() or not icc):
-        # round_trip: the cached values are the extracted ones to the last bit
-        features = pd.read_csv(features_csv, index_col="id", float_precision="round_trip")
+    cached = (cache / "features.csv").is_file() and ((cache / "raters.csv").is_file() or not icc)
+    if fresh and cached:
+        features, raters = read_cache(cache, raters=icc)
         if set(patients) <= set(features.index):
-            if not icc:
-                return features, None
-            table = pd.read_csv(raters_csv, index_col="id", float_precision="round_trip")
-            groups = table.groupby("perturbation")
-            return features, [g.drop(columns="perturbation") for _, g in groups]
+            return features, raters
     err.print(f"extracting T1 tumour + ring of {len(patients)} patients into {cache}")
     features, perturbed = extract_sts(
         images,
@@ -57,12 +49,7 @@ def load_or_extract(
         workers=workers,
         progress=lambda i, n, p: err.print(f"extracted {p} ({i}/{n})"),
     )
-    cache.mkdir(parents=True, exist_ok=True)
-    features.to_csv(features_csv, index_label="id")
-    if icc:
-        pd.concat([t.assign(perturbation=name) for name, t in perturbed.items()]).to_csv(
-            raters_csv, index_label="id"
-        )
+    write_cache(cache, features, perturbed if icc else None)
     stamp_file.write_text(json.dumps(stamp))
     return features, list(perturbed.values()) if icc else None
 

@@ -152,3 +152,31 @@ def extract_sts(
                 progress(i + 1, len(patients), patient)
     tables = {name: pd.concat(frames) for name, frames in raters.items()}
     return tables.pop("original"), tables
+
+
+def write_cache(
+    cache: Path, features: pd.DataFrame, perturbed: Mapping[str, pd.DataFrame] | None
+) -> None:
+    """Store :func:`extract_sts`'s output in ``cache`` (``features.csv``, ``raters.csv``)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    features.to_csv(cache / "features.csv", index_label="id")
+    if perturbed:
+        pd.concat([t.assign(perturbation=name) for name, t in perturbed.items()]).to_csv(
+            cache / "raters.csv", index_label="id"
+        )
+
+
+def read_cache(
+    cache: Path, *, raters: bool = True
+) -> tuple[pd.DataFrame, list[pd.DataFrame] | None]:
+    """(features, perturbation raters or None) as :func:`write_cache` stored them.
+
+    Read back with ``float_precision="round_trip"``: the values are the
+    extracted ones to the last bit, so a run from the cache fits exactly what
+    the run that extracted them fitted.
+    """
+    features = pd.read_csv(cache / "features.csv", index_col="id", float_precision="round_trip")
+    if not raters:
+        return features, None
+    table = pd.read_csv(cache / "raters.csv", index_col="id", float_precision="round_trip")
+    return features, [g.drop(columns="perturbation") for _, g in table.groupby("perturbation")]
