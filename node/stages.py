@@ -22,15 +22,12 @@ import pydicom
 import SimpleITK as sitk
 import yaml
 
+from pipelines.errors import BadInput as BadInput  # the family's base, raised by the stages
 from pipelines.io.dicom import GeometryError, SeriesRef, load_series, series_attributes
 
 if TYPE_CHECKING:
     from node.audit.context import AuditConfig
     from node.db.session import Database
-
-
-class BadInput(ValueError):
-    """The study cannot be processed as it is (the message says why); retrying will not help."""
 
 
 @dataclass(frozen=True)

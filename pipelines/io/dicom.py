@@ -26,6 +26,8 @@ import SimpleITK as sitk
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from pipelines.errors import GeometryError as GeometryError  # bad input: see pipelines.errors
+
 #: SOP classes loaded as image volumes; everything else is set aside.
 IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR",
@@ -49,10 +51,6 @@ ROLE_ATTRIBUTES = (
     "ProtocolName",
     "Modality",
 )
-
-
-class GeometryError(ValueError):
-    """A series cannot be turned into a trustworthy volume; the message says why."""
 
 
 @dataclass(frozen=True)
