@@ -372,6 +372,12 @@ class JobSettings(_Section):
     max_parallel: Annotated[int, Field(ge=1, le=64)] = 1
     max_attempts: Annotated[int, Field(ge=1, le=20)] = 3
     retry_base_s: Annotated[float, Field(ge=0)] = 30.0
+    retry_max_s: Annotated[float, Field(gt=0)] = Field(
+        3600.0, description="The retry back-off's cap (seconds)."
+    )
+    retry_jitter: Annotated[float, Field(ge=0, le=1)] = Field(
+        0.2, description="The back-off spread, a fraction (+/-) of the delay."
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     offpeak: str = Field("20:00-06:00", pattern=r"^\d{2}:\d{2}-\d{2}:\d{2}$")
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)

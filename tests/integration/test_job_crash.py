@@ -10,6 +10,7 @@ import pydicom
 import pytest
 import yaml
 
+from node.testing import Fault
 from pipelines.synth.study import write_study
 from tests.conftest import NodeProcess
 from tests.integration.test_e2e import pipeline_folder, pipeline_node, send, wait_for
@@ -29,7 +30,7 @@ def test_kill_9_in_every_stage_then_the_job_finishes_with_one_copy_of_each_objec
     write_study(study, 23)
     study_uid = str(pydicom.dcmread(next((study / "dicom" / "T1").iterdir())).StudyInstanceUID)
     for i, stage in enumerate(STAGES):
-        node.extra_env = {"SARCNODE_FAULT_PAUSE": f"{stage}:120"}
+        node.extra_env = Fault(stage, pause_s=120).env
         node.start()
         if i == 0:
             send(node, study / "dicom")
@@ -81,7 +82,7 @@ def test_a_stage_past_its_timeout_is_killed_and_the_job_goes_dead(
             "jobs": {"pipelines_dir": str(folder), "device": "cpu", "max_attempts": 1},
         }
     )
-    node.extra_env = {"SARCNODE_FAULT_PAUSE": "score:120"}  # the score stage hangs
+    node.extra_env = Fault("score", pause_s=120).env  # the score stage hangs
     node.start()
     study = tmp_path / "study"
     write_study(study, 29)
