@@ -21,35 +21,67 @@ import enum
 import io
 import logging
 import threading
+import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
-from sqlalchemy import insert, select, text, update
+from pynetdicom.dsutils import create_file_meta
+from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.audit.trail import record
 from node.config import DEFAULT_STORAGE_CLASSES, Settings
-from node.db.models import Association, Instance, Series, Study, utcnow
+from node.db.models import Instance, utcnow
 from node.db.session import Database
 from node.dicom.status import (
     DUPLICATE_KEPT_FIRST,
+    CannotUnderstand,
     DataSetMismatch,
     DuplicateRefused,
     IndexFailure,
     OutOfResources,
-    SeriesConflict,
     ShuttingDown,
     SOPClassNotSupported,
 )
 from node.dicom.validate import sop_class_uid, validate_uid
 from node.store.files import InstanceFiles, Staged
-from node.store.reader import Header, MiB, ParsedDataset, ReadLimits, read_dataset
+from node.store.index import (
+    NODE_PEER,
+    Peer,
+    audit_instance,
+    bump_association_counter,
+    check_series,
+    count_duplicate,
+    index_instance,
+    mark_stable_series,
+)
+from node.store.reader import (
+    Header,
+    MiB,
+    ParsedDataset,
+    ReadLimits,
+    read_dataset,
+    read_dataset_file,
+)
+from node.store.spool import Spool
+
+#: Re-exported: the SCP, the service and the tests import these from here.
+__all__ = [
+    "NODE_PEER",
+    "IngestPolicy",
+    "Ingestor",
+    "Peer",
+    "StoreOutcome",
+    "bump_association_counter",
+    "check_series",
+    "encode_meta",
+    "mark_stable_series",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,88 +125,10 @@ class IngestPolicy:
         )
 
 
-@dataclass(frozen=True)
-class Peer:
-    """Who sent an instance: the association row and the calling AE/IP."""
-
-    association_id: int | None
-    calling_ae: str
-    ip: str
-    #: The node itself (re-indexing at start-up), not a network peer.
-    internal: bool = False
-
-    @property
-    def actor(self) -> str:
-        """Audit actor name for this peer."""
-        return "node" if self.internal else f"ae:{self.calling_ae}"
-
-
-#: The peer named when the node indexes a file itself (start-up reconciliation).
-NODE_PEER = Peer(None, "", "", internal=True)
-
-
-def bump_association_counter(
-    s: Session,
-    association_id: int | None,
-    counter: Literal["instances_stored", "duplicates", "failures"],
-) -> None:
-    """Add one to an association's counter (no-op for instances stored outside one)."""
-    if association_id is None:
-        return
-    column = getattr(Association, counter)
-    s.connection().execute(
-        update(Association).where(Association.id == association_id).values({column: column + 1})
-    )
-
-
-def _audit_instance(
-    s: Session, action: str, peer: Peer, header: Header, detail: dict[str, Any], *, sop: bool = True
-) -> None:
-    """Audit an event about ``header``'s instance (or only its series, ``sop=False``)."""
-    record(
-        s,
-        action,
-        actor=peer.actor,
-        actor_ip=peer.ip or None,
-        study_instance_uid=header.study_instance_uid,
-        series_instance_uid=header.series_instance_uid,
-        sop_instance_uid=header.sop_instance_uid if sop else None,
-        detail=detail,
-    )
-
-
 def _class_name(uid: str) -> str:
     """A SOP class for a reason text: its name when known, never raw untrusted bytes."""
     ok, _ = validate_uid(uid)
     return str(UID(uid).name) if ok else "(invalid UID)"
-
-
-def check_series(s: Session, header: Header) -> None:
-    """Refuse an instance whose series is already filed under another study.
-
-    Raises
-    ------
-    SeriesConflict
-        With both Study Instance UIDs in the audit detail; nothing is written.
-    """
-    filed = (
-        s.connection()
-        .execute(
-            select(Study.study_instance_uid)
-            .join(Series, Series.study_id == Study.id)
-            .where(Series.series_instance_uid == header.series_instance_uid)
-        )
-        .scalar()
-    )
-    if filed is not None and filed != header.study_instance_uid:
-        raise SeriesConflict(
-            "SeriesInstanceUID is already filed under another study",
-            detail={
-                "series_instance_uid": header.series_instance_uid,
-                "study_instance_uid": header.study_instance_uid,
-                "filed_under_study": filed,
-            },
-        )
 
 
 def _database_error(exc: BaseException) -> OutOfResources | IndexFailure | None:
@@ -218,20 +172,51 @@ class Ingestor:
         #: Set when the node stops: every C-STORE from then on is refused (0xA700).
         self.closing = threading.Event()
 
+    def open_spool(
+        self, command_sop_class_uid: str, command_sop_instance_uid: str, transfer_syntax_uid: str
+    ) -> Spool:
+        """A spool for a C-STORE data set about to arrive (see :mod:`node.store.spool`).
+
+        It starts with the preamble and the File Meta Information the command's
+        UIDs and the context's transfer syntax give (as pynetdicom's
+        ``Event.file_meta``); when a command UID is not a valid UID there is no
+        File Meta Information, the data set is still received to disk and the
+        instance is refused by :meth:`store`.
+        """
+        head = b""
+        uids = (command_sop_class_uid, command_sop_instance_uid, transfer_syntax_uid)
+        if all(validate_uid(u)[0] for u in uids):
+            head = encode_meta(
+                create_file_meta(
+                    sop_class_uid=UID(command_sop_class_uid),
+                    sop_instance_uid=UID(command_sop_instance_uid),
+                    transfer_syntax=UID(transfer_syntax_uid),
+                )
+            )
+        return Spool(
+            self.files.tmp_dir / f"{uuid.uuid4().hex}.part",
+            head,
+            free_mb=self.files.free_mb,
+            min_free_mb=self.min_free_mb,
+        )
+
     def store(
         self,
         *,
         command_sop_class_uid: str,
         command_sop_instance_uid: str,
         file_meta: FileMetaDataset,
-        dataset: bytes | memoryview,
+        dataset: bytes | memoryview | Spool,
         peer: Peer,
         context_sop_class_uid: str | None = None,
     ) -> StoreOutcome:
         """Store one instance received in a C-STORE request.
 
-        ``context_sop_class_uid`` is the abstract syntax of the presentation
-        context the request came on (None outside an association).
+        ``dataset`` is the data set as received: bytes, or the :class:`Spool`
+        it was received into (then written nowhere else: checked in place,
+        fsynced and renamed). ``context_sop_class_uid`` is the abstract syntax
+        of the presentation context the request came on (None outside an
+        association).
 
         Returns
         -------
@@ -274,7 +259,7 @@ class Ingestor:
             )
         self._check_sop_class(command_sop_class_uid, context_sop_class_uid)
         ts_uid = str(file_meta.TransferSyntaxUID)
-        parsed = read_dataset(dataset, ts_uid, self.policy.limits)
+        parsed = self._read(dataset, ts_uid)
         header = parsed.header
         if header.sop_instance_uid != command_sop_instance_uid:
             raise DataSetMismatch("SOPInstanceUID differs from the C-STORE command")
@@ -283,11 +268,46 @@ class Ingestor:
         rel = self.files.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
-        staged = self.files.stage([encode_meta(file_meta), dataset])
+        if isinstance(dataset, Spool):
+            staged = dataset.finish(fsync=self.files.fsync)
+        else:
+            staged = self.files.stage([encode_meta(file_meta), dataset])
+        outcome = self._commit(parsed, rel, staged, ts_uid, peer)
+        if outcome is StoreOutcome.CONFLICT and self.policy.duplicate_conflict == "refuse":
+            raise DuplicateRefused(
+                "SOP Instance UID already stored with other content (first kept)",
+                detail={"received_sha256": staged.sha256},
+            )
+        return outcome
+
+    def _read(self, dataset: bytes | memoryview | Spool, ts_uid: str) -> ParsedDataset:
+        """Walk the received data set (in memory or in its spool file) within the limits."""
+        if not isinstance(dataset, Spool):
+            return read_dataset(dataset, ts_uid, self.policy.limits)
+        if dataset.refusal is not None:
+            raise dataset.refusal
+        try:
+            parsed = read_dataset_file(
+                dataset.path, dataset.data_offset, ts_uid, self.policy.limits
+            )
+        except OSError as exc:
+            raise OutOfResources(f"cannot read received data set: {exc.strerror or exc}") from exc
+        if not dataset.has_meta:  # the command's UIDs were not UIDs: refused above, or here
+            raise CannotUnderstand("C-STORE command UIDs are not valid UIDs")
+        return parsed
+
+    def _commit(
+        self, parsed: ParsedDataset, rel: Path, staged: Staged, ts_uid: str, peer: Peer
+    ) -> StoreOutcome:
+        """Index ``staged`` (placing it at ``rel``) in one transaction.
+
+        The staged file is removed whatever happens, the placed one too when
+        its row does not commit.
+        """
         placed: list[Path] = []
         try:
             with self.db.session() as s:
-                outcome = self._index(s, parsed, rel, staged, ts_uid, peer, placed)
+                return self._index(s, parsed, rel, staged, ts_uid, peer, placed)
         except BaseException as exc:
             for path in placed:  # placed, but its row did not commit: leave no orphan
                 self.files.remove(path)
@@ -297,12 +317,6 @@ class Ingestor:
             raise mapped from exc
         finally:
             self.files.discard(staged)
-        if outcome is StoreOutcome.CONFLICT and self.policy.duplicate_conflict == "refuse":
-            raise DuplicateRefused(
-                "SOP Instance UID already stored with other content (first kept)",
-                detail={"received_sha256": staged.sha256},
-            )
-        return outcome
 
     def _check_sop_class(self, command_class: str, context_class: str | None) -> None:
         """The command's SOP class must be configured and be its context's abstract syntax."""
@@ -347,7 +361,7 @@ class Ingestor:
         )
         if existing is not None:
             if existing.sha256 == staged.sha256:
-                self._count_duplicate(s, existing.id, existing.series_id, header, peer)
+                count_duplicate(s, existing.id, existing.series_id, header, peer)
                 return StoreOutcome.DUPLICATE
             self._record_conflict(s, existing.sha256, header, staged, ts_uid, peer)
             return StoreOutcome.CONFLICT
@@ -363,9 +377,9 @@ class Ingestor:
         }
         if parsed.oddities:
             detail["oddities"] = list(parsed.oddities)
-        self.index_instance(s, header, rel, staged.size, staged.sha256, ts_uid, peer, now)
+        index_instance(s, header, rel, staged.size, staged.sha256, ts_uid, peer, now)
         bump_association_counter(s, peer.association_id, "instances_stored")
-        _audit_instance(s, "instance.stored", peer, header, detail)
+        audit_instance(s, "instance.stored", peer, header, detail)
         return StoreOutcome.STORED
 
     def _record_conflict(
@@ -400,189 +414,3 @@ class Ingestor:
                 "status": f"0x{DuplicateRefused.status if refuse else DUPLICATE_KEPT_FIRST:04X}",
             },
         )
-
-    def index_instance(
-        self,
-        s: Session,
-        header: Header,
-        rel: Path,
-        size: int,
-        sha256: str,
-        ts_uid: str,
-        peer: Peer,
-        now: datetime,
-    ) -> None:
-        """Write the study, series and instance rows for a file placed at ``rel``."""
-        study_id = self._upsert_study(s, header, now)
-        series_id = self._upsert_series(s, header, study_id, now, peer)
-        s.connection().execute(
-            insert(Instance).values(
-                sop_instance_uid=header.sop_instance_uid,
-                sop_class_uid=header.sop_class_uid,
-                series_id=series_id,
-                instance_number=header.instance_number,
-                transfer_syntax_uid=ts_uid,
-                path=rel.as_posix(),
-                size_bytes=size,
-                sha256=sha256,
-                received_at=now,
-                association_id=peer.association_id,
-                duplicate_count=0,
-            )
-        )
-
-    @staticmethod
-    def _count_duplicate(
-        s: Session, instance_id: int, series_id: int, header: Header, peer: Peer
-    ) -> None:
-        """Count a re-sent instance; its stored file is kept as it is."""
-        s.connection().execute(
-            update(Instance)
-            .where(Instance.id == instance_id)
-            .values(duplicate_count=Instance.duplicate_count + 1)
-        )
-        s.connection().execute(
-            update(Series)
-            .where(Series.id == series_id)
-            .values(duplicate_count=Series.duplicate_count + 1)
-        )
-        if peer.association_id is not None:
-            s.connection().execute(
-                update(Association)
-                .where(Association.id == peer.association_id)
-                .values(duplicates=Association.duplicates + 1)
-            )
-        times = s.connection().scalar(
-            select(Instance.duplicate_count).where(Instance.id == instance_id)
-        )
-        record(
-            s,
-            "instance.duplicate",
-            actor=peer.actor,
-            actor_ip=peer.ip or None,
-            study_instance_uid=header.study_instance_uid,
-            series_instance_uid=header.series_instance_uid,
-            sop_instance_uid=header.sop_instance_uid,
-            detail={"times_received": (times or 0) + 1},
-        )
-
-    @staticmethod
-    def _upsert_study(s: Session, header: Header, now: datetime) -> int:
-        study_id = s.connection().scalar(
-            select(Study.id).where(Study.study_instance_uid == header.study_instance_uid)
-        )
-        if study_id is not None:
-            s.connection().execute(
-                update(Study).where(Study.id == study_id).values(last_received_at=now)
-            )
-            return int(study_id)
-        return int(
-            s.connection()
-            .execute(
-                insert(Study)
-                .values(
-                    study_instance_uid=header.study_instance_uid,
-                    patient_id=header.patient_id,
-                    patient_name=header.patient_name,
-                    study_date=header.study_date,
-                    accession_number=header.accession_number,
-                    study_description=header.study_description,
-                    first_received_at=now,
-                    last_received_at=now,
-                )
-                .returning(Study.id)
-            )
-            .scalar_one()
-        )
-
-    @staticmethod
-    def _upsert_series(s: Session, header: Header, study_id: int, now: datetime, peer: Peer) -> int:
-        row = (
-            s.connection()
-            .execute(
-                select(
-                    Series.id,
-                    Series.state,
-                    Series.instance_count,
-                    Series.stable_at,
-                    Series.reopened_count,
-                ).where(Series.series_instance_uid == header.series_instance_uid)
-            )
-            .first()
-        )
-        if row is None:
-            return int(
-                s.connection()
-                .execute(
-                    insert(Series)
-                    .values(
-                        series_instance_uid=header.series_instance_uid,
-                        study_id=study_id,
-                        modality=header.modality,
-                        series_number=header.series_number,
-                        series_description=header.series_description,
-                        instance_count=1,
-                        duplicate_count=0,
-                        first_received_at=now,
-                        last_received_at=now,
-                        state="receiving",
-                        reopened_count=0,
-                    )
-                    .returning(Series.id)
-                )
-                .scalar_one()
-            )
-        values: dict[str, Any] = {
-            "instance_count": Series.instance_count + 1,
-            "last_received_at": now,
-        }
-        if row.state == "stable":
-            values |= {
-                "state": "receiving",
-                "reopened_count": row.reopened_count + 1,
-                "stable_at": None,
-            }
-            _audit_instance(
-                s,
-                "series.reopened",
-                peer,
-                header,
-                {
-                    "instances_before": row.instance_count,
-                    "stable_since": row.stable_at,
-                    "reopened_count": row.reopened_count + 1,
-                },
-                sop=False,
-            )
-        s.connection().execute(update(Series).where(Series.id == row.id).values(**values))
-        return int(row.id)
-
-
-def mark_stable_series(db: Database, stable_seconds: float) -> list[str]:
-    """Mark series with no new instance for ``stable_seconds`` as stable.
-
-    Returns the Series Instance UIDs that became stable in this call; each
-    gets a ``series.stable`` audit event. Called by the scheduler tick.
-    """
-    now = utcnow()
-    cutoff = now - timedelta(seconds=stable_seconds)
-    with db.session() as s:
-        rows = s.scalars(
-            select(Series).where(Series.state == "receiving", Series.last_received_at <= cutoff)
-        ).all()
-        for series in rows:
-            series.state = "stable"
-            series.stable_at = now
-            record(
-                s,
-                "series.stable",
-                actor="node",
-                study_instance_uid=series.study.study_instance_uid,
-                series_instance_uid=series.series_instance_uid,
-                detail={
-                    "instances": series.instance_count,
-                    "quiet_seconds": stable_seconds,
-                    "reopened_count": series.reopened_count,
-                },
-            )
-        return [r.series_instance_uid for r in rows]

@@ -39,7 +39,8 @@ from node.audit.trail import record
 from node.db.models import AuditEvent, Instance, utcnow
 from node.dicom.status import ServiceError
 from node.dicom.validate import validate_uid
-from node.store.ingest import NODE_PEER, Ingestor, check_series
+from node.store.index import NODE_PEER, check_series, index_instance
+from node.store.ingest import Ingestor
 from node.store.reader import read_dataset
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def _reindex(ingestor: Ingestor, rel: Path) -> None:
         ):
             raise _Unindexable("its SOP Instance UID is indexed under another path")
         check_series(s, header)
-        ingestor.index_instance(s, header, rel, size, digest, ts_uid, NODE_PEER, utcnow())
+        index_instance(s, header, rel, size, digest, ts_uid, NODE_PEER, utcnow())
         record(
             s,
             "instance.reindexed",

@@ -23,6 +23,7 @@ from node.dicom.status import (
     ServiceError,
     SOPClassNotSupported,
 )
+from node.store import ingest
 from node.store.files import InstanceFiles
 from node.store.ingest import Ingestor, IngestPolicy, Peer, StoreOutcome
 from tests.dicomgen import mr_dataset
@@ -168,7 +169,7 @@ def test_database_that_cannot_be_written_answers_a700_and_leaves_no_file(
     def full(*_a: object, **_k: object) -> None:
         raise OperationalError("INSERT", {}, sqlite3.OperationalError("database or disk is full"))
 
-    monkeypatch.setattr(Ingestor, "index_instance", full)  # after the file was placed
+    monkeypatch.setattr(ingest, "index_instance", full)  # after the file was placed
     with pytest.raises(OutOfResources, match="database or disk is full") as info:
         send(ingestor, mr_dataset(generate_uid(), generate_uid(), 0))
     assert info.value.status == 0xA700
