@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from node.audit.context import AuditContext
 from node.audit.trail import record
+from node.cli import common
 from node.cli import main as cli
 from node.config import load_settings
 from node.db.models import AuditEvent, Job, JobStage, utcnow
@@ -238,7 +239,7 @@ def test_json_shape_is_the_one_the_help_names(
     assert f"one JSON {other}" not in flat(helped.output)
     extra = [] if args[0] == "pipelines" else ["--config", str(node_db.config)]
     if args[:2] == ["pipelines", "list"]:
-        extra = ["--pipelines", str(Path(cli.PIPELINES_DIR))]
+        extra = ["--pipelines", str(Path(common.PIPELINES_DIR))]
     ran = invoke(*args, "--json", *extra)
     assert ran.exit_code in (0, 1), ran.output  # status: 1, no serve runs here
     data = json.loads(ran.stdout)
@@ -328,7 +329,7 @@ def test_tables_fold_uids_on_a_terminal_rather_than_cut_them(
     node_db: NodeDb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     screen = StringIO()
-    monkeypatch.setattr(cli, "out", Console(file=screen, force_terminal=True, width=120))
+    monkeypatch.setattr(common, "out", Console(file=screen, force_terminal=True, width=120))
     ran = invoke("instances", "--config", str(node_db.config))
     assert ran.exit_code == 0, ran.output
     text = re.sub(r"\x1b\[[0-9;]*m", "", screen.getvalue())

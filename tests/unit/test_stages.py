@@ -190,6 +190,6 @@ def test_noise_fails_the_job_for_good_with_what_was_measured(tmp_path: Path) -> 
     ],
 )
 def test_quality_text(quality: dict[str, object] | None, line: str) -> None:
-    from node.cli.main import quality_text
+    from node.cli.jobs import quality_text
 
     assert quality_text(quality).startswith(line)

@@ -20,7 +20,7 @@ from rich.console import Console
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 DATA = ROOT.parent / "shared" / "data"
 
 
