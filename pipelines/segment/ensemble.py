@@ -105,6 +105,95 @@ def training_correlation(data: list[Path]) -> list[float]:
     return [round(min(values), 3), round(max(values), 3)] if values else []
 
 
+def copy_weights(cv_dir: Path, locator: Path, out: Path, k: int) -> dict[str, Any]:
+    """The locator's ``coarse.pt`` and each fold's weights as ``fine_<i>.pt`` into ``out``.
+
+    Returns the card's ``weights`` entries (checksums are added by the card writer).
+    """
+    loc = load_card(locator)
+    if locator.resolve() != out.resolve():
+        shutil.copyfile(locator / loc["weights"]["coarse"]["file"], out / "coarse.pt")
+    weights: dict[str, Any] = {"coarse": {"file": "coarse.pt"}}
+    for i in range(k):
+        shutil.copyfile(cv_dir / f"fold{i}.pt", out / f"fine_{i}.pt")
+        weights[f"fine_{i}"] = {"file": f"fine_{i}.pt"}
+    for stale in out.glob("fine.pt"):
+        stale.unlink()
+    return weights
+
+
+def quality_block(cv: dict[str, Any]) -> dict[str, Any]:
+    """The card's quality flag: its threshold and out-of-fold figures from ``cv.json``."""
+    flag = cv["quality_flag"]
+    return {
+        "method": "mean pairwise Dice between mirror test-time views, averaged over members",
+        "review_below": flag["threshold_all_folds"],
+        "failure_definition": f"out-of-fold Dice < {FAILURE_DICE}",
+        "threshold_chosen_by": "maximal sensitivity + specificity on all out-of-fold cases",
+        "out_of_fold": flag["out_of_fold"],
+        "note": "sensitivity and false-flag rate are out-of-fold: each fold's cases are "
+        "judged by the threshold chosen on the other folds",
+    }
+
+
+def training_block(
+    cv: dict[str, Any],
+    folds: dict[str, Any],
+    fold_results: list[dict[str, Any]],
+    loc: dict[str, Any],
+    data: list[Path],
+) -> dict[str, Any]:
+    """The card's training block: data, recipe, folds, the locator's origin, time and versions."""
+    return {
+        "data": [p.name for p in data],
+        "excluded": folds["excluded"],
+        "recipe": folds["recipe_settings"],
+        "folds": folds["folds"],
+        "locator": {
+            "from": f"{loc.get('id')} {loc.get('version')}",
+            "training": loc.get("training", {}).get("stages", {}).get("coarse", {}),
+        },
+        "minutes_per_fold": cv["train_minutes_per_fold"],
+        "device": fold_results[0].get("device"),
+        "versions": software_versions(),
+    }
+
+
+def validation_block(cv: dict[str, Any], cv_dir: Path, loc: dict[str, Any]) -> dict[str, Any]:
+    """The card's validation block: CV method, headline, summary, candidates and every case."""
+    return {
+        "method": cv["method"],
+        "headline": (
+            f"out-of-fold Dice {cv['dice_mean']:.3f} "
+            f"(95% CI {cv['dice_ci95'][0]:.3f}-{cv['dice_ci95'][1]:.3f}), "
+            f"{cv['n']} real T1 patients"
+        ),
+        "summary": {"real": {key: cv[key] for key in (*CV_FIGURES, "hd95_mm_ci95", "hd95_missed")}},
+        "candidates": candidate_table(cv_dir.parent, cv_dir),
+        "previous_model": previous_model(locator_card=loc),
+        "cases": cv["rows"],
+    }
+
+
+def end_to_end(model: Path, check_study: Path, rules: Path) -> dict[str, Any]:
+    """``check_study`` (a DICOM study with an RTSTRUCT) scored by the written model ``model``.
+
+    Each series on its full field of view and the FS-T2 mask carried to T1,
+    against ``GTV_Mass``: the card's ``end_to_end_case``.
+    """
+    from pipelines.io.roles import load_role_rules
+    from pipelines.segment.evaluate import dicom_cases, score
+    from pipelines.segment.infer import Segmenter
+
+    cases = dicom_cases(check_study, load_role_rules(rules), "GTV_Mass")
+    return {
+        "study": check_study.name,
+        "what": "full field of view, locator + ensemble, against the expert GTV_Mass; "
+        "never trained on",
+        "rows": score(Segmenter(model, "cpu"), cases),
+    }
+
+
 def assemble(
     cv_dir: Path,
     locator: Path,
@@ -128,17 +217,9 @@ def assemble(
     settings = folds["recipe_settings"]
     loc = load_card(locator)
     out.mkdir(parents=True, exist_ok=True)
-    if locator.resolve() != out.resolve():
-        shutil.copyfile(locator / loc["weights"]["coarse"]["file"], out / "coarse.pt")
+    weights = copy_weights(cv_dir, locator, out, folds["k"])
     fold_results = [json.loads((cv_dir / f"fold{i}.json").read_text()) for i in range(folds["k"])]
-    weights: dict[str, Any] = {"coarse": {"file": "coarse.pt"}}
-    for i in range(folds["k"]):
-        shutil.copyfile(cv_dir / f"fold{i}.pt", out / f"fine_{i}.pt")
-        weights[f"fine_{i}"] = {"file": f"fine_{i}.pt"}
-    for stale in out.glob("fine.pt"):
-        stale.unlink()
     keep = Counter(f["postprocess"]["keep_fraction"] for f in fold_results).most_common(1)[0][0]
-    flag = cv["quality_flag"]
     card: dict[str, Any] = {
         "id": model_id,
         "version": version,
@@ -171,62 +252,17 @@ def assemble(
             "0 keeps every component, 1 only the largest; holes filled",
             "by_fold": [f["postprocess"] for f in fold_results],
         },
-        "quality": {
-            "method": "mean pairwise Dice between mirror test-time views, averaged over members",
-            "review_below": flag["threshold_all_folds"],
-            "failure_definition": f"out-of-fold Dice < {FAILURE_DICE}",
-            "threshold_chosen_by": "maximal sensitivity + specificity on all out-of-fold cases",
-            "out_of_fold": flag["out_of_fold"],
-            "note": "sensitivity and false-flag rate are out-of-fold: each fold's cases are "
-            "judged by the threshold chosen on the other folds",
-        },
+        "quality": quality_block(cv),
         "input_checks": {
             "min_neighbour_correlation": DEFAULT_MIN_CORRELATION,
             "training_range": training_correlation(data),
             "what": "in-plane neighbour correlation over the tissue; random noise is ~0",
         },
-        "training": {
-            "data": [p.name for p in data],
-            "excluded": folds["excluded"],
-            "recipe": settings,
-            "folds": folds["folds"],
-            "locator": {
-                "from": f"{loc.get('id')} {loc.get('version')}",
-                "training": loc.get("training", {}).get("stages", {}).get("coarse", {}),
-            },
-            "minutes_per_fold": cv["train_minutes_per_fold"],
-            "device": fold_results[0].get("device"),
-            "versions": software_versions(),
-        },
-        "validation": {
-            "method": cv["method"],
-            "headline": (
-                f"out-of-fold Dice {cv['dice_mean']:.3f} "
-                f"(95% CI {cv['dice_ci95'][0]:.3f}-{cv['dice_ci95'][1]:.3f}), "
-                f"{cv['n']} real T1 patients"
-            ),
-            "summary": {
-                "real": {key: cv[key] for key in (*CV_FIGURES, "hd95_mm_ci95", "hd95_missed")}
-            },
-            "candidates": candidate_table(cv_dir.parent, cv_dir),
-            "previous_model": previous_model(locator_card=loc),
-            "cases": cv["rows"],
-            **(extra_validation or {}),
-        },
+        "training": training_block(cv, folds, fold_results, loc, data),
+        "validation": validation_block(cv, cv_dir, loc) | (extra_validation or {}),
     }
     write_card(out, card)
     if check_study is not None and rules is not None:
-        from pipelines.io.roles import load_role_rules
-        from pipelines.segment.evaluate import dicom_cases, score
-        from pipelines.segment.infer import Segmenter
-
-        cases = dicom_cases(check_study, load_role_rules(rules), "GTV_Mass")
-        rows = score(Segmenter(out, "cpu"), cases)
-        card["validation"]["end_to_end_case"] = {
-            "study": check_study.name,
-            "what": "full field of view, locator + ensemble, against the expert GTV_Mass; "
-            "never trained on",
-            "rows": rows,
-        }
+        card["validation"]["end_to_end_case"] = end_to_end(out, check_study, rules)
         write_card(out, card)
     return card

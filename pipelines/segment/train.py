@@ -214,6 +214,147 @@ def train_stage(
     }
 
 
+def _reused(
+    reuse: Path | None, stages_to_train: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Card and weight bytes of the model ``reuse`` when a stage is not trained (else empty)."""
+    if set(stages_to_train) == {"coarse", "fine"}:
+        return {}, {}
+    if reuse is None:
+        raise ValueError("training one stage needs --reuse MODEL for the other")
+    card = load_card(reuse)
+    weights = {
+        stage: (reuse / card["weights"][stage]["file"]).read_bytes() for stage in ("coarse", "fine")
+    }
+    return card, weights
+
+
+def _train_stages(
+    train_refs: list[CaseRef],
+    val_refs: list[CaseRef],
+    loaded: dict[str, tuple[sitk.Image, sitk.Image]],
+    out: Path,
+    settings: dict[str, Any],
+    *,
+    stages_to_train: tuple[str, ...],
+    coarse_sources: tuple[str, ...],
+    reuse: Path | None,
+    reused: tuple[dict[str, Any], dict[str, bytes]],
+    dev: torch.device,
+    progress: Progress | None,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], dict[str, int], dict[str, Any]]:
+    """Train (or copy from ``reuse``, whose card and weights are ``reused``) each stage.
+
+    Weights go to ``out/<stage>.pt``. ``settings`` holds batch, lr, val_every,
+    seed and each stage's steps. Returns each stage's architecture, steps and
+    training summary.
+    """
+    reused_card, reused_weights = reused
+    arch = {"coarse": dict(network.COARSE_ARCH), "fine": dict(network.FINE_ARCH)}
+    steps = {"coarse": settings["coarse_steps"], "fine": settings["fine_steps"]}
+    stages: dict[str, Any] = {}
+    for stage in ("coarse", "fine"):
+        if stage not in stages_to_train:
+            arch[stage] = reused_card["architecture"][stage]
+            steps[stage] = reused_card["training"]["steps"][stage]
+            stages[stage] = {**reused_card["training"]["stages"][stage], "from": str(reuse)}
+            (out / f"{stage}.pt").write_bytes(reused_weights[stage])
+            continue
+        sources = coarse_sources if stage == "coarse" else ("real", "synthetic")
+        train_for = [r for r in train_refs if r.source in sources]
+        if not train_for:
+            raise ValueError(f"no training cases from {', '.join(sources)} for the {stage} stage")
+        tr = [prepare(r, *loaded[r.case_id], stage, arch[stage]) for r in train_for]
+        va = [
+            prepare(r, *loaded[r.case_id], stage, arch[stage])
+            for r in val_refs
+            if r.source in sources
+        ]
+        state, summary = train_stage(
+            stage,
+            arch[stage],
+            tr,
+            va,
+            steps=steps[stage],
+            batch=settings["batch"] * (2 if stage == "coarse" else 1),
+            lr=settings["lr"],
+            val_every=settings["val_every"],
+            seed=settings["seed"],
+            device=dev,
+            progress=progress,
+        )
+        torch.save(state, out / f"{stage}.pt")
+        stages[stage] = {**summary, "sources": list(sources)}
+        log(
+            f"{stage}: best validation Dice {summary['best_val_dice']}"
+            f" at step {summary['best_step']}"
+        )
+    return arch, steps, stages
+
+
+def _train_card(
+    data: list[Path],
+    train_refs: list[CaseRef],
+    val_refs: list[CaseRef],
+    trained: tuple[dict[str, Any], dict[str, int], dict[str, Any]],
+    settings: dict[str, Any],
+    *,
+    model_id: str,
+    version: str,
+    excluded: set[str],
+    val_fraction: float,
+    dev: torch.device,
+) -> dict[str, Any]:
+    """The card of a freshly trained model (validation figures are added after it loads)."""
+    arch, steps, stages = trained
+    batch, lr = settings["batch"], settings["lr"]
+    synthetic_only = not any(c.source == "real" for c in train_refs)
+    return {
+        "id": model_id,
+        "version": version,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "task": "tumour segmentation (soft-tissue and bone sarcoma), MR",
+        "intended_use": intended_use(synthetic_only=synthetic_only),
+        "clinical_use": NOT_CLINICAL,
+        "input": {
+            "sequences": sorted({c.sequence for c in train_refs}),
+            "channels": 1,
+            "normalisation": "tissue mean-variance (pipelines.segment.prep.normalise)",
+            "orientation": "any (resampled along the image axes)",
+        },
+        "architecture": {
+            **arch,
+            "design": "coarse-to-fine (ROI-Net): 5 mm locator, fine box 5 cm around it",
+        },
+        "weights": {"coarse": {"file": "coarse.pt"}, "fine": {"file": "fine.pt"}},
+        "training": {
+            "data": [p.name for p in data],
+            "excluded": sorted(excluded),
+            "cases": {
+                f"{src}/{seq}": sum(1 for c in train_refs if c.source == src and c.sequence == seq)
+                for src, seq in sorted({(c.source, c.sequence) for c in train_refs})
+            },
+            "train_ids": sorted({c.group for c in train_refs}),
+            "validation_ids": sorted({c.group for c in val_refs}),
+            "split": {
+                "val_fraction": val_fraction,
+                "seed": settings["seed"],
+                "by": "patient, stratified by source",
+            },
+            "optimiser": {"name": "Adam", "lr": lr, "schedule": "cosine to lr/100"},
+            "loss": "Dice + cross-entropy (monai DiceCELoss)",
+            "steps": steps,
+            "batch": {"coarse": batch * 2, "fine": batch},
+            "checkpoint_selection": f"best validation Dice, evaluated every "
+            f"{settings['val_every']} steps",
+            "stages": stages,
+            "device": str(dev),
+            "versions": software_versions(),
+        },
+    }
+
+
 def train(
     data: list[Path],
     out: Path,
@@ -245,15 +386,7 @@ def train(
     """
     started = time.perf_counter()
     dev = pick_device(device)
-    reused: dict[str, Any] = {}
-    if set(stages_to_train) != {"coarse", "fine"}:
-        if reuse is None:
-            raise ValueError("training one stage needs --reuse MODEL for the other")
-        reused = load_card(reuse)
-        reused_weights = {
-            stage: (reuse / reused["weights"][stage]["file"]).read_bytes()
-            for stage in ("coarse", "fine")
-        }
+    reused = _reused(reuse, stages_to_train)
     excluded = set(exclude or ())
     cases = discover(data, excluded)
     if not cases:
@@ -261,95 +394,53 @@ def train(
     train_refs, val_refs = split(cases, val_fraction, seed)
     log(f"{len(cases)} cases: {len(train_refs)} training, {len(val_refs)} validation; device {dev}")
     loaded = {c.case_id: c.load() for c in cases}
-    arch = {"coarse": dict(network.COARSE_ARCH), "fine": dict(network.FINE_ARCH)}
-    steps = {"coarse": coarse_steps, "fine": fine_steps}
     out.mkdir(parents=True, exist_ok=True)
-    stages: dict[str, Any] = {}
-    for stage in ("coarse", "fine"):
-        if stage not in stages_to_train:
-            arch[stage] = reused["architecture"][stage]
-            steps[stage] = reused["training"]["steps"][stage]
-            stages[stage] = {**reused["training"]["stages"][stage], "from": str(reuse)}
-            (out / f"{stage}.pt").write_bytes(reused_weights[stage])
-            continue
-        sources = coarse_sources if stage == "coarse" else ("real", "synthetic")
-        train_for = [r for r in train_refs if r.source in sources]
-        if not train_for:
-            raise ValueError(f"no training cases from {', '.join(sources)} for the {stage} stage")
-        tr = [prepare(r, *loaded[r.case_id], stage, arch[stage]) for r in train_for]
-        va = [
-            prepare(r, *loaded[r.case_id], stage, arch[stage])
-            for r in val_refs
-            if r.source in sources
-        ]
-        state, summary = train_stage(
-            stage,
-            arch[stage],
-            tr,
-            va,
-            steps=steps[stage],
-            batch=batch * (2 if stage == "coarse" else 1),
-            lr=lr,
-            val_every=val_every,
-            seed=seed,
-            device=dev,
-            progress=progress,
-        )
-        torch.save(state, out / f"{stage}.pt")
-        stages[stage] = {**summary, "sources": list(sources)}
-        log(
-            f"{stage}: best validation Dice {summary['best_val_dice']}"
-            f" at step {summary['best_step']}"
-        )
-
-    synthetic_only = not any(c.source == "real" for c in train_refs)
-    card: dict[str, Any] = {
-        "id": model_id,
-        "version": version,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "task": "tumour segmentation (soft-tissue and bone sarcoma), MR",
-        "intended_use": intended_use(synthetic_only=synthetic_only),
-        "clinical_use": NOT_CLINICAL,
-        "input": {
-            "sequences": sorted({c.sequence for c in train_refs}),
-            "channels": 1,
-            "normalisation": "tissue mean-variance (pipelines.segment.prep.normalise)",
-            "orientation": "any (resampled along the image axes)",
-        },
-        "architecture": {
-            **arch,
-            "design": "coarse-to-fine (ROI-Net): 5 mm locator, fine box 5 cm around it",
-        },
-        "weights": {"coarse": {"file": "coarse.pt"}, "fine": {"file": "fine.pt"}},
-        "training": {
-            "data": [p.name for p in data],
-            "excluded": sorted(excluded),
-            "cases": {
-                f"{src}/{seq}": sum(1 for c in train_refs if c.source == src and c.sequence == seq)
-                for src, seq in sorted({(c.source, c.sequence) for c in train_refs})
-            },
-            "train_ids": sorted({c.group for c in train_refs}),
-            "validation_ids": sorted({c.group for c in val_refs}),
-            "split": {
-                "val_fraction": val_fraction,
-                "seed": seed,
-                "by": "patient, stratified by source",
-            },
-            "optimiser": {"name": "Adam", "lr": lr, "schedule": "cosine to lr/100"},
-            "loss": "Dice + cross-entropy (monai DiceCELoss)",
-            "steps": steps,
-            "batch": {"coarse": batch * 2, "fine": batch},
-            "checkpoint_selection": f"best validation Dice, evaluated every {val_every} steps",
-            "stages": stages,
-            "device": str(dev),
-            "versions": software_versions(),
-        },
+    settings = {
+        "coarse_steps": coarse_steps,
+        "fine_steps": fine_steps,
+        "batch": batch,
+        "lr": lr,
+        "val_every": val_every,
+        "seed": seed,
     }
+    trained = _train_stages(
+        train_refs,
+        val_refs,
+        loaded,
+        out,
+        settings,
+        stages_to_train=stages_to_train,
+        coarse_sources=coarse_sources,
+        reuse=reuse,
+        reused=reused,
+        dev=dev,
+        progress=progress,
+        log=log,
+    )
+    card = _train_card(
+        data,
+        train_refs,
+        val_refs,
+        trained,
+        settings,
+        model_id=model_id,
+        version=version,
+        excluded=excluded,
+        val_fraction=val_fraction,
+        dev=dev,
+    )
     write_card(out, card)
-    segmenter = Segmenter(out, device)
     held_out = [EvalCase(r.case_id, r.source, r.sequence, *loaded[r.case_id]) for r in val_refs]
+    card["validation"] = _validation(Segmenter(out, device), held_out)
+    card["training"]["seconds"] = round(time.perf_counter() - started, 1)
+    write_card(out, card)
+    return card
+
+
+def _validation(segmenter: Segmenter, held_out: list[EvalCase]) -> dict[str, Any]:
+    """The card's validation block: the written model run on the held-out cases."""
     rows = score(segmenter, held_out)
-    card["validation"] = {
+    return {
         "method": (
             "full pipeline at native resolution on held-out patients; "
             "95% CI by bootstrap over cases"
@@ -357,6 +448,3 @@ def train(
         "summary": summarise(rows) if rows else {},
         "cases": rows,
     }
-    card["training"]["seconds"] = round(time.perf_counter() - started, 1)
-    write_card(out, card)
-    return card
