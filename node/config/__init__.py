@@ -24,219 +24,53 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from node.dicom.validate import validate_ae_title
+from node.config.base import Section, ip_address
+from node.config.dicom import (
+    DEFAULT_STORAGE_CLASSES,
+    DEFAULT_TRANSFER_SYNTAXES,
+    MAX_PDU_SIZE,
+    MIN_PDU_SIZE,
+    DicomSettings,
+    TLSSettings,
+)
 from pipelines.share import config_dir
+
+__all__ = [
+    "CONFIG_ENV",
+    "DEFAULT_STORAGE_CLASSES",
+    "DEFAULT_TRANSFER_SYNTAXES",
+    "ENV_PREFIX",
+    "MAX_PDU_SIZE",
+    "MIN_PDU_SIZE",
+    "AuditSettings",
+    "ConfigError",
+    "DatabaseSettings",
+    "DeliverySettings",
+    "DestinationAuth",
+    "DestinationSettings",
+    "DicomSettings",
+    "ExecutorSettings",
+    "JobSettings",
+    "LoggingSettings",
+    "MonitoringSettings",
+    "SchedulerSettings",
+    "Settings",
+    "StorageSettings",
+    "TLSSettings",
+    "UidSettings",
+    "load_settings",
+    "resolve_config_path",
+    "security_warnings",
+]
 
 ENV_PREFIX = "SARCNODE_"
 CONFIG_ENV = "SARCNODE_CONFIG"
 
-#: Storage SOP classes accepted by default: the MR family the pipelines read.
-DEFAULT_STORAGE_CLASSES = [
-    "MRImageStorage",
-    "EnhancedMRImageStorage",
-    "LegacyConvertedEnhancedMRImageStorage",
-]
 
-#: Transfer syntaxes accepted as received: uncompressed, deflate, RLE, JPEG,
-#: JPEG-LS, JPEG 2000 and HTJ2K. Pixel data is decoded later, by the pipelines.
-DEFAULT_TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old scanners)
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless P14
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
-    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
-    "1.2.840.10008.1.2.4.203",  # HTJ2K
-]
-
-
-#: Bounds of ``dicom.max_pdu_size`` (dcmtk's own range starts at 4096 bytes; the
-#: upper bound keeps one PDU's buffers far from the node's memory).
-MIN_PDU_SIZE = 4096
-MAX_PDU_SIZE = 64 * 2**20
-
-
-def _ip_address(value: str) -> str:
-    """``value`` if it is an IP address (a bind address), else a ValueError saying so."""
-    try:
-        ipaddress.ip_address(value)
-    except ValueError as exc:
-        raise ValueError(f"{value!r} is not an IP address") from exc
-    return value
-
-
-class _Section(BaseModel):
-    """Base for config sections: unknown keys are errors, values are frozen."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TLSSettings(_Section):
-    """DICOM TLS for the Storage SCP (PS3.15 B.1 secure transport).
-
-    With ``enabled`` every association must be TLS; plain TCP is refused at the
-    handshake. With ``ca`` set, the SCU must present a certificate signed by it.
-    """
-
-    enabled: bool = False
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    require_client_cert: bool = True
-
-    @model_validator(mode="after")
-    def _files_when_enabled(self) -> TLSSettings:
-        if self.enabled:
-            missing = [n for n in ("cert", "key") if getattr(self, n) is None]
-            if missing:
-                raise ValueError(f"TLS is enabled but {' and '.join(missing)} not set")
-            if self.require_client_cert and self.ca is None:
-                raise ValueError("require_client_cert needs 'ca' (the CA that signs client certs)")
-            for name in ("cert", "key", "ca"):
-                path = getattr(self, name)
-                if path is not None and not Path(path).is_file():
-                    raise ValueError(f"TLS {name} file not found: {path}")
-        return self
-
-
-class DicomSettings(_Section):
-    """The node's DICOM identity and what its Storage SCP accepts."""
-
-    ae_title: str = "SARCNODE"
-    bind: str = "127.0.0.1"
-    port: Annotated[int, Field(ge=1, le=65535)] = 11112
-    allowed_calling_aes: list[str] = Field(
-        default_factory=list,
-        description="Calling AE titles that may associate (default-deny: empty refuses every "
-        "one unless accept_any_calling_ae).",
-    )
-    accept_any_calling_ae: bool = Field(
-        False,
-        description="Accept every (valid) calling AE title: only for a closed network or a "
-        "test bench, since a calling AE title is not authentication.",
-    )
-    allowed_peers: list[str] = Field(
-        default_factory=list,
-        description="IP addresses or networks (CIDR) allowed to connect, checked when the TCP "
-        "connection is accepted, before any DICOM; empty: any.",
-    )
-    require_called_ae: bool = Field(
-        True, description="Refuse associations addressed to another AE title."
-    )
-    max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
-    max_connections_per_ip: Annotated[int, Field(ge=1, le=1000)] = Field(
-        8,
-        description="Open TCP connections one source address may hold (checked at accept); "
-        "below max_associations so that one peer cannot take every slot.",
-    )
-    max_associations_per_peer: Annotated[int, Field(ge=1, le=1000)] = Field(
-        8, description="Concurrent associations of one (source address, calling AE) pair."
-    )
-    max_pdu_size: Annotated[int, Field(ge=MIN_PDU_SIZE, le=MAX_PDU_SIZE)] = Field(
-        262_144,
-        description="Largest PDU we receive: announced to the peer and enforced on every PDU's "
-        "header before its body is read (a longer PDU aborts the association).",
-    )
-    setup_timeout_s: Annotated[float, Field(gt=0)] = Field(
-        10.0,
-        description="From TCP accept to a complete A-ASSOCIATE-RQ (TLS handshake included).",
-    )
-    pdu_timeout_s: Annotated[float, Field(gt=0)] = Field(
-        15.0, description="From a PDU's first byte to its last: a slow drip is not progress."
-    )
-    network_timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    acse_timeout_s: Annotated[float, Field(gt=0)] = 30.0
-    dimse_timeout_s: Annotated[float, Field(gt=0)] = 60.0
-    shutdown_grace_s: Annotated[float, Field(ge=0, le=600)] = Field(
-        5.0,
-        description="On SIGTERM: how long open associations (and running job stages) get to "
-        "finish before they are aborted; new C-STOREs are refused (0xA700) meanwhile.",
-    )
-    storage_sop_classes: list[str] = Field(default_factory=lambda: list(DEFAULT_STORAGE_CLASSES))
-    transfer_syntaxes: list[str] = Field(default_factory=lambda: list(DEFAULT_TRANSFER_SYNTAXES))
-    tls: TLSSettings = Field(default_factory=TLSSettings)
-
-    @field_validator("ae_title")
-    @classmethod
-    def _ae_title(cls, value: str) -> str:
-        ok, reason = validate_ae_title(value)
-        if not ok:
-            raise ValueError(reason)
-        return value.strip()
-
-    @field_validator("allowed_calling_aes")
-    @classmethod
-    def _calling_aes(cls, values: list[str]) -> list[str]:
-        for value in values:
-            ok, reason = validate_ae_title(value)
-            if not ok:
-                raise ValueError(f"{value!r}: {reason}")
-        return [v.strip() for v in values]
-
-    @field_validator("max_pdu_size", mode="before")
-    @classmethod
-    def _pdu_size(cls, value: Any) -> Any:
-        if value == 0:
-            raise ValueError(
-                "0 (unlimited) is not allowed: one PDU would be read whole into memory; "
-                f"use {MIN_PDU_SIZE}-{MAX_PDU_SIZE} bytes (default 262144)"
-            )
-        return value
-
-    @field_validator("allowed_peers")
-    @classmethod
-    def _peers(cls, values: list[str]) -> list[str]:
-        for value in values:
-            try:
-                ipaddress.ip_network(value, strict=False)
-            except ValueError as exc:
-                raise ValueError(f"{value!r} is not an IP address or network") from exc
-        return values
-
-    @field_validator("bind")
-    @classmethod
-    def _bind(cls, value: str) -> str:
-        return _ip_address(value)
-
-    @field_validator("storage_sop_classes")
-    @classmethod
-    def _sop_classes(cls, values: list[str]) -> list[str]:
-        from node.dicom.validate import resolve_sop_class
-
-        if not values:
-            raise ValueError("at least one storage SOP class is needed")
-        for value in values:
-            ok, reason = resolve_sop_class(value)
-            if not ok:
-                raise ValueError(reason)
-        return values
-
-    @field_validator("transfer_syntaxes")
-    @classmethod
-    def _transfer_syntaxes(cls, values: list[str]) -> list[str]:
-        from pydicom.uid import UID
-
-        if not values:
-            raise ValueError("at least one transfer syntax is needed")
-        for value in values:
-            if not UID(value).is_transfer_syntax:
-                raise ValueError(f"{value!r} is not a known transfer syntax UID")
-        return values
-
-
-class StorageSettings(_Section):
+class StorageSettings(Section):
     """Where received instances live, how much disk must stay free, what one may cost."""
 
     root: Path = Path("var/sarcnode")
@@ -255,7 +89,7 @@ class StorageSettings(_Section):
     )
 
 
-class DatabaseSettings(_Section):
+class DatabaseSettings(Section):
     """The index and audit database. ``None``: SQLite under the storage root."""
 
     url: str | None = None
@@ -278,14 +112,14 @@ class DatabaseSettings(_Section):
         return value
 
 
-class SchedulerSettings(_Section):
+class SchedulerSettings(Section):
     """Timing of the background tick that watches series for stability."""
 
     series_stable_seconds: Annotated[float, Field(gt=0)] = 30.0
     tick_seconds: Annotated[float, Field(gt=0)] = 2.0
 
 
-class DestinationAuth(_Section):
+class DestinationAuth(Section):
     """STOW-RS credentials. Secrets come from environment variables, never the file."""
 
     kind: Literal["none", "basic", "bearer"] = "none"
@@ -302,7 +136,7 @@ class DestinationAuth(_Section):
         return self
 
 
-class DestinationSettings(_Section):
+class DestinationSettings(Section):
     """Where results go: a DICOM peer (C-STORE), a DICOMweb server (STOW-RS) or a folder."""
 
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
@@ -338,7 +172,7 @@ class DestinationSettings(_Section):
         return self
 
 
-class DeliverySettings(_Section):
+class DeliverySettings(Section):
     """Retry policy of the delivery outbox."""
 
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
@@ -350,7 +184,7 @@ class DeliverySettings(_Section):
     )
 
 
-class ExecutorSettings(_Section):
+class ExecutorSettings(Section):
     """Where job stages run: a local process pool, or a Ray cluster."""
 
     kind: Literal["local", "ray"] = "local"
@@ -362,11 +196,11 @@ class ExecutorSettings(_Section):
     )
 
 
-class JobSettings(_Section):
+class JobSettings(Section):
     """How jobs run: parallelism, retries, device, the off-peak window, pipeline files."""
 
     pipelines_dir: Path = Field(
-        config_dir() / "pipelines",
+        default_factory=lambda: config_dir() / "pipelines",  # found when settings are made
         description="Folder of pipeline YAML files.",
     )
     max_parallel: Annotated[int, Field(ge=1, le=64)] = 1
@@ -389,7 +223,7 @@ class JobSettings(_Section):
         return start <= t < end if start < end else (t >= start or t < end)
 
 
-class UidSettings(_Section):
+class UidSettings(Section):
     """The node's UID root for everything it writes (None: UUID-derived 2.25)."""
 
     root: str | None = None
@@ -402,7 +236,7 @@ class UidSettings(_Section):
         return check_root(value)
 
 
-class MonitoringSettings(_Section):
+class MonitoringSettings(Section):
     """The HTTP endpoint with ``/health`` and ``/metrics`` (Prometheus), see :mod:`node.health`."""
 
     enabled: bool = True
@@ -423,17 +257,17 @@ class MonitoringSettings(_Section):
     @field_validator("bind")
     @classmethod
     def _bind(cls, value: str) -> str:
-        return _ip_address(value)
+        return ip_address(value)
 
 
-class LoggingSettings(_Section):
+class LoggingSettings(Section):
     """Log level and optional file (stderr always)."""
 
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     file: Path | None = None
 
 
-class AuditSettings(_Section):
+class AuditSettings(Section):
     """The audit trail's HMAC key and head anchor, both kept outside the database.
 
     The key itself never goes in this file: ``$SARCNODE_AUDIT_KEY`` or the key
