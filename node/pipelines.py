@@ -101,44 +101,14 @@ def load_pipeline(path: Path) -> Pipeline:
     where = path.name
     if not isinstance(data, Mapping):
         raise PipelineError(f"{where}: must be a mapping")
-    known = {
-        "name",
-        "description",
-        "trigger",
-        "priority",
-        "stages",
-        "segmentation_model",
-        "signature",
-        "signatures",
-        "destinations",
-        "timeouts_s",
-    }
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - PIPELINE_KEYS)
     if unknown:
         raise PipelineError(f"{where}: unknown key(s) {', '.join(unknown)}")
     trigger = data.get("trigger")
     if not isinstance(trigger, Mapping):
         raise PipelineError(f"{where}: needs a 'trigger' mapping")
     base = path.parent
-    try:
-        if "roles_file" in trigger:
-            roles = load_role_rules((base / str(trigger["roles_file"])).resolve())
-        elif "roles" in trigger:
-            roles = RoleRules(
-                tuple(
-                    (str(e["role"]), parse_rule(e["rule"], f"{where}: trigger.roles[{i}]"))
-                    for i, e in enumerate(trigger["roles"])
-                )
-            )
-        else:
-            raise PipelineError(f"{where}: trigger needs 'roles_file' or 'roles'")
-        series_rule = (
-            parse_rule(trigger["series"], f"{where}: trigger.series")
-            if "series" in trigger
-            else None
-        )
-    except (RuleError, KeyError, TypeError) as exc:
-        raise PipelineError(f"{where}: {exc}") from exc
+    roles, series_rule = _trigger_rules(trigger, base, where)
     required = _list(trigger, "required", f"{where}: trigger")
     if not required:
         raise PipelineError(f"{where}: trigger.required needs at least one role")
@@ -152,16 +122,7 @@ def load_pipeline(path: Path) -> Pipeline:
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise PipelineError(f"{where}: unknown stage(s) {', '.join(bad)} (known: {STAGES})")
-    timeouts: dict[str, float] = dict(STAGE_TIMEOUTS_S)
-    given = data.get("timeouts_s") or {}
-    if not isinstance(given, Mapping) or any(k not in STAGES for k in given):
-        raise PipelineError(f"{where}: timeouts_s maps stage names to seconds")
-    try:
-        timeouts |= {str(k): float(v) for k, v in given.items()}
-    except (TypeError, ValueError) as exc:
-        raise PipelineError(f"{where}: timeouts_s: {exc}") from exc
-    if any(v <= 0 for v in timeouts.values()):
-        raise PipelineError(f"{where}: timeouts_s must be positive")
+    timeouts = _timeouts(data.get("timeouts_s"), where)
     priority = str(data.get("priority", "normal"))
     if priority not in PRIORITIES:
         raise PipelineError(f"{where}: priority must be one of {PRIORITIES}")
@@ -186,6 +147,64 @@ def load_pipeline(path: Path) -> Pipeline:
         description=str(data.get("description", "")),
         timeouts_s=timeouts,
     )
+
+
+#: The keys a pipeline file may hold.
+PIPELINE_KEYS = frozenset(
+    {
+        "name",
+        "description",
+        "trigger",
+        "priority",
+        "stages",
+        "segmentation_model",
+        "signature",
+        "signatures",
+        "destinations",
+        "timeouts_s",
+    }
+)
+
+
+def _trigger_rules(
+    trigger: Mapping[str, Any], base: Path, where: str
+) -> tuple[RoleRules, Rule | None]:
+    """The trigger's role rules (a rules file or inline roles) and its optional series rule."""
+    try:
+        if "roles_file" in trigger:
+            roles = load_role_rules((base / str(trigger["roles_file"])).resolve())
+        elif "roles" in trigger:
+            roles = RoleRules(
+                tuple(
+                    (str(e["role"]), parse_rule(e["rule"], f"{where}: trigger.roles[{i}]"))
+                    for i, e in enumerate(trigger["roles"])
+                )
+            )
+        else:
+            raise PipelineError(f"{where}: trigger needs 'roles_file' or 'roles'")
+        series_rule = (
+            parse_rule(trigger["series"], f"{where}: trigger.series")
+            if "series" in trigger
+            else None
+        )
+    except (RuleError, KeyError, TypeError) as exc:
+        raise PipelineError(f"{where}: {exc}") from exc
+    return roles, series_rule
+
+
+def _timeouts(given: Any, where: str) -> dict[str, float]:
+    """Each stage's time limit: the defaults, overridden by the file's ``timeouts_s``."""
+    timeouts: dict[str, float] = dict(STAGE_TIMEOUTS_S)
+    given = given or {}
+    if not isinstance(given, Mapping) or any(k not in STAGES for k in given):
+        raise PipelineError(f"{where}: timeouts_s maps stage names to seconds")
+    try:
+        timeouts |= {str(k): float(v) for k, v in given.items()}
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"{where}: timeouts_s: {exc}") from exc
+    if any(v <= 0 for v in timeouts.values()):
+        raise PipelineError(f"{where}: timeouts_s must be positive")
+    return timeouts
 
 
 def _segmentation_model(folder: Path, where: str) -> Path:
