@@ -318,20 +318,15 @@ def jobs_retry(
     """Queue a failed, dead or cancelled job again (finished stages are kept)."""
     settings = settings_from(config or ctx.obj)
     db = open_db(settings)
+    from node.jobs import state as lifecycle
+
     with db.session() as s:
         job = s.get(Job, job_id)
-        if job is None or job.state not in ("failed", "dead", "cancelled"):
+        if job is None or not lifecycle.allowed(job.state, "retry"):
             what = "no such job" if job is None else f"it is {job.state}"
             err.print(f"[red]job {job_id} cannot be retried: {what}[/red]")
             raise typer.Exit(2)
-        job.state, job.attempts, job.error, job.finished_at = "queued", 0, None, None
-        record(
-            s,
-            "job.retry",
-            actor=os_actor(),
-            study_instance_uid=job.study_instance_uid,
-            detail={"job": job_id},
-        )
+        lifecycle.transition(s, job, "retry", actor=os_actor())
     db.dispose()
     out.print(f"job {job_id} queued again")
 
@@ -345,20 +340,15 @@ def jobs_cancel(
     """Cancel a queued or running job (a running stage finishes; no further stage starts)."""
     settings = settings_from(config or ctx.obj)
     db = open_db(settings)
+    from node.jobs import state as lifecycle
+
     with db.session() as s:
         job = s.get(Job, job_id)
-        if job is None or job.state not in ("queued", "running"):
+        if job is None or not lifecycle.allowed(job.state, "cancel"):
             what = "no such job" if job is None else f"it is {job.state}"
             err.print(f"[red]job {job_id} cannot be cancelled: {what}[/red]")
             raise typer.Exit(2)
-        job.state = "cancelled"
-        record(
-            s,
-            "job.cancelled",
-            actor=os_actor(),
-            study_instance_uid=job.study_instance_uid,
-            detail={"job": job_id},
-        )
+        lifecycle.transition(s, job, "cancel", actor=os_actor())
     db.dispose()
     out.print(f"job {job_id} cancelled")
 

@@ -258,3 +258,28 @@ def test_the_outbox_settles_an_attempt(
     assert event.action == ("delivery.sent" if error is None else "delivery.failed")
     assert json.loads(event.detail)["state"] == state
     db.dispose()
+
+
+def test_the_admin_cli_moves_jobs_only_as_the_lifecycle_allows(
+    job: tuple[Database, JobContext], tmp_path: Path
+) -> None:
+    """``jobs cancel`` and ``jobs retry`` go through the state machine: refusals exit 2."""
+    from tests.conftest import run_cli
+
+    db, ctx = job
+    config = tmp_path / "node.yaml"
+    config.write_text(
+        f"storage: {{root: {tmp_path / 's'}}}\ndatabase: {{url: '{ctx.database_url}'}}\n"
+    )
+    job_id = str(ctx.job_id)
+    refused = run_cli(config, "jobs", "retry", job_id, check=False)
+    assert refused.returncode == 2 and "cannot be retried: it is queued" in refused.stderr
+    run_cli(config, "jobs", "cancel", job_id)
+    refused = run_cli(config, "jobs", "cancel", job_id, check=False)
+    assert refused.returncode == 2 and "cannot be cancelled: it is cancelled" in refused.stderr
+    run_cli(config, "jobs", "retry", job_id)
+    with db.session() as s:
+        row = s.get(Job, ctx.job_id)
+        assert row is not None and (row.state, row.attempts, row.finished_at) == ("queued", 0, None)
+    assert [d["job"] for d in _audit(db, "job.cancelled")] == [ctx.job_id]
+    assert [d["job"] for d in _audit(db, "job.retry")] == [ctx.job_id]
