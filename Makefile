@@ -1,6 +1,7 @@
 # sarcnode: two commands on a fresh machine.
 #   make demo   - create .venv, install, run the node on embedded defaults against a generated study
 #   make test   - install what the tests need (Debian peers when root), run the suite
+#   make test-fast - the suite without the tests marked slow (e2e, crash, viewer, ray, fuzz, wheel, ...)
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
@@ -59,7 +60,7 @@ test: venv peers viewer
 	$(PY) -m pytest -q
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not integration and not postgres"
+	$(PY) -m pytest -q -m "not slow"
 
 lint: venv
 	$(PY) -m ruff check node pipelines models tests bench

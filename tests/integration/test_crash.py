@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import NodeProcess
 from tests.dicomgen import write_series
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 N_SENT = 400
 KILL_AFTER = 40

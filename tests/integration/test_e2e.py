@@ -16,7 +16,7 @@ from pipelines.synth.study import write_study
 from tests.conftest import NodeProcess
 from tests.orthanc import Orthanc, orthanc  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -16,7 +16,7 @@ from tests.conftest import NodeProcess
 from tests.integration.test_e2e import pipeline_folder, pipeline_node, send, wait_for
 from tests.orthanc import Orthanc, orthanc  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 STAGES = ["segment", "radiomics", "score", "encode", "deliver"]
 
 

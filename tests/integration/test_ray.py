@@ -12,7 +12,7 @@ from pipelines.synth.study import write_study
 from tests.conftest import NodeProcess
 from tests.integration.test_e2e import pipeline_folder, send, wait_for
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_a_job_runs_through_ray(node_factory: Any, tmp_path: Path) -> None:

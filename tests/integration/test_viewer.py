@@ -13,7 +13,7 @@ from tests.pipelines.test_encode import _results, study  # noqa: F401 (fixture)
 from tests.viewer import run_viewer
 from tests.viewer.ohif import ViewerServer, ohif_viewer  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "var" / "test-output" / "viewer"
 
 
