@@ -24,8 +24,6 @@ from sqlalchemy.orm import Session, sessionmaker
 if TYPE_CHECKING:
     from node.audit.context import AuditContext
 
-MIGRATIONS = Path(__file__).with_name("migrations")
-
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
     """Create the engine for ``url`` with the per-backend settings described above."""
@@ -58,7 +56,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 def alembic_config(url: str) -> Config:
     """An Alembic config pointing at the packaged migrations and ``url``."""
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
+    migrations = Path(__file__).with_name("migrations")  # packaged beside this module
+    cfg.set_main_option("script_location", str(migrations))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 
