@@ -19,6 +19,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from node.audit.keys import AuditKeyError
 from node.audit.trail import (
@@ -37,10 +38,7 @@ from node.cli.common import (
     print_table,
     settings_from,
 )
-from node.config import (
-    resolve_config_path,
-    security_warnings,
-)
+from node.config import Settings, resolve_config_path, security_warnings
 from node.db.models import (
     DELIVERY_STATES,
     JOB_STATES,
@@ -132,20 +130,15 @@ def status_lines(info: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
-def status(config: ConfigOpt = None, as_json: JsonObjectOpt = False) -> None:
-    """Is the node up, what does it hold, how much disk is left; exit 1 if the SCP is down.
+def _probe_scp(settings: Settings) -> tuple[dict[str, Any], bool, str]:
+    """(the heartbeat ``serve`` writes, is the SCP up, how we know).
 
-    ``--json`` prints one object: ``scp_up``, ``scp``, ``ae_title``, ``port``,
-    ``pid``, ``heartbeat_at``, ``database``, ``storage_root``,
-    ``disk_free_mb``, ``disk_floor_mb``, ``device``, the counts, ``jobs`` and
-    ``deliveries`` (state -> count), ``jobs_running`` (``id:stage``) and
-    ``last_received_at``.
+    Without TLS the SCP is asked for a C-ECHO (a rejection of our AE title
+    still says it is up); with TLS only the heartbeat's process is checked.
     """
     from node.dicom.echo import echo
     from node.service import heartbeat_path
 
-    settings = settings_from(config)
-    db = open_db(settings)
     hb_file = heartbeat_path(settings)
     heartbeat: dict[str, Any] = {}
     if hb_file.is_file():
@@ -175,29 +168,49 @@ def status(config: ConfigOpt = None, as_json: JsonObjectOpt = False) -> None:
             scp_up, scp_detail = True, "process alive (TLS: C-ECHO not attempted)"
         except (OSError, KeyError, ValueError):
             scp_detail = "heartbeat file present but process is gone"
+    return heartbeat, scp_up, scp_detail
+
+
+def _counts(s: Session) -> dict[str, Any]:
+    """What the node holds: studies, series, instances, associations, jobs, deliveries."""
+    return {
+        "studies": s.scalar(select(func.count()).select_from(Study)),
+        "series": s.scalar(select(func.count()).select_from(Series)),
+        "instances": s.scalar(select(func.count()).select_from(Instance)),
+        "series_receiving": s.scalar(
+            select(func.count()).select_from(Series).where(Series.state == "receiving")
+        ),
+        "series_stable": s.scalar(
+            select(func.count()).select_from(Series).where(Series.state == "stable")
+        ),
+        "associations_open": s.scalar(
+            select(func.count()).select_from(Association).where(Association.state == "open")
+        ),
+        "jobs": dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all()),
+        "jobs_running": [
+            f"{j.id}:{j.stage}" for j in s.scalars(select(Job).where(Job.state == "running"))
+        ],
+        "deliveries": dict(
+            s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+        ),
+        "last_received_at": iso(s.scalar(select(func.max(Instance.received_at)))),
+    }
+
+
+def status(config: ConfigOpt = None, as_json: JsonObjectOpt = False) -> None:
+    """Is the node up, what does it hold, how much disk is left; exit 1 if the SCP is down.
+
+    ``--json`` prints one object: ``scp_up``, ``scp``, ``ae_title``, ``port``,
+    ``pid``, ``heartbeat_at``, ``database``, ``storage_root``,
+    ``disk_free_mb``, ``disk_floor_mb``, ``device``, the counts, ``jobs`` and
+    ``deliveries`` (state -> count), ``jobs_running`` (``id:stage``) and
+    ``last_received_at``.
+    """
+    settings = settings_from(config)
+    db = open_db(settings)
+    heartbeat, scp_up, scp_detail = _probe_scp(settings)
     with db.session() as s:
-        counts = {
-            "studies": s.scalar(select(func.count()).select_from(Study)),
-            "series": s.scalar(select(func.count()).select_from(Series)),
-            "instances": s.scalar(select(func.count()).select_from(Instance)),
-            "series_receiving": s.scalar(
-                select(func.count()).select_from(Series).where(Series.state == "receiving")
-            ),
-            "series_stable": s.scalar(
-                select(func.count()).select_from(Series).where(Series.state == "stable")
-            ),
-            "associations_open": s.scalar(
-                select(func.count()).select_from(Association).where(Association.state == "open")
-            ),
-            "jobs": dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all()),
-            "jobs_running": [
-                f"{j.id}:{j.stage}" for j in s.scalars(select(Job).where(Job.state == "running"))
-            ],
-            "deliveries": dict(
-                s.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
-            ),
-            "last_received_at": iso(s.scalar(select(func.max(Instance.received_at)))),
-        }
+        counts = _counts(s)
     usage = shutil.disk_usage(settings.storage.root) if settings.storage.root.exists() else None
     info = {
         "scp_up": scp_up,

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import typer
 from rich.markup import escape
 from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from node.audit.trail import (
     os_actor,
@@ -166,103 +167,87 @@ def output_lines(outputs: Any, prefix: str = "") -> list[str]:
     return [f"{prefix}: {'-' if outputs is None else outputs}"]
 
 
-@jobs_app.command("show")
-def jobs_show(
-    ctx: typer.Context,
-    job_id: Annotated[int, typer.Argument(metavar="ID")],
-    config: ConfigOpt = None,
-    as_json: JsonObjectOpt = False,
-) -> None:
-    """One job: inputs, quality, scores, stages with timing and outputs, deliveries, audit.
-
-    The audit lists the job's events (``job.*``) and its deliveries' events
-    (``delivery.*``), oldest first.
-
-    ``--json`` prints one object: the row of ``jobs``, ``inputs``,
-    ``folder``, ``stages`` (each with its ``outputs``), ``deliveries``,
-    ``audit``, and the segment stage's quality estimate both in that stage's
-    ``outputs`` and as ``segmentation_quality`` (None until the stage is done),
-    and each signature card's result or skip record as ``scores`` (None until
-    the score stage is done): rad-score, risk group (None outside the model's
-    range), predictions, ``applicability`` (status and the line people read),
-    training cohort, nested-CV headline, clinical use.
-    """
+def _stage_rows(s: Session, job_id: int) -> list[dict[str, Any]]:
+    """The job's stages, oldest first, with timing, outputs and error."""
     from node.db.models import JobStage
+
+    return [
+        {
+            "stage": st.stage,
+            "state": st.state,
+            "attempts": st.attempts,
+            "started_at": iso(st.started_at),
+            "ended_at": iso(st.ended_at),
+            "seconds": round((st.ended_at - st.started_at).total_seconds(), 2)
+            if st.started_at and st.ended_at
+            else None,
+            "outputs": json.loads(st.outputs) if st.outputs else None,
+            "error": st.error,
+        }
+        for st in s.scalars(select(JobStage).where(JobStage.job_id == job_id).order_by(JobStage.id))
+    ]
+
+
+def _job_audit(s: Session, job: Job, delivery_ids: set[int]) -> list[dict[str, Any]]:
+    """The job's events (``job.*``) and its deliveries' (``delivery.*``), oldest first."""
+    return [
+        {
+            "seq": e.seq,
+            "ts": iso(e.ts),
+            "action": e.action,
+            "outcome": e.outcome,
+            "detail": facts,
+        }
+        for e in s.scalars(
+            select(AuditEvent)
+            .where(
+                AuditEvent.study_instance_uid == job.study_instance_uid,
+                or_(
+                    AuditEvent.action.startswith("job."),
+                    AuditEvent.action.startswith("delivery."),
+                ),
+            )
+            .order_by(AuditEvent.seq)
+        )
+        if (facts := json.loads(e.detail)).get("job") == job.id
+        or (e.action.startswith("delivery.") and facts.get("delivery") in delivery_ids)
+    ]
+
+
+def _done_stage(detail: dict[str, Any], stage: str) -> dict[str, Any] | None:
+    """The stage row named ``stage`` once it has outputs, else None."""
+    return next((st for st in detail["stages"] if st["stage"] == stage and st["outputs"]), None)
+
+
+def job_detail(s: Session, job: Job) -> dict[str, Any]:
+    """What ``jobs show`` prints of ``job`` (its ``--json`` object; see the command's help)."""
+    detail = _job_row(job) | {"inputs": json.loads(job.inputs or "{}"), "folder": job.folder}
+    detail["stages"] = _stage_rows(s, job.id)
+    segmented = _done_stage(detail, "segment")
+    detail["segmentation_quality"] = segmented["outputs"].get("quality") if segmented else None
+    scored = _done_stage(detail, "score")
+    detail["scores"] = _scores(scored["outputs"]) if scored else None
+    detail["deliveries"] = [
+        {
+            "id": d.id,
+            "kind": d.kind,
+            "destination": d.destination,
+            "state": d.state,
+            "attempts": d.attempts,
+            "last_error": d.last_error,
+        }
+        for d in s.scalars(select(Delivery).where(Delivery.job_id == job.id))
+    ]
+    detail["audit"] = _job_audit(s, job, {d["id"] for d in detail["deliveries"]})
+    return detail
+
+
+def _print_job_head(detail: dict[str, Any]) -> None:
+    """``jobs show`` for a person, first part: state, inputs, error, quality, scores."""
     from pipelines.scoring.text import confident, score_lines
 
-    settings = settings_from(config or ctx.obj)
-    db = open_db(settings)
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None:
-            err.print(f"[red]no job with id {job_id}[/red]")
-            raise typer.Exit(2)
-        detail = _job_row(job) | {"inputs": json.loads(job.inputs or "{}"), "folder": job.folder}
-        detail["stages"] = [
-            {
-                "stage": st.stage,
-                "state": st.state,
-                "attempts": st.attempts,
-                "started_at": iso(st.started_at),
-                "ended_at": iso(st.ended_at),
-                "seconds": round((st.ended_at - st.started_at).total_seconds(), 2)
-                if st.started_at and st.ended_at
-                else None,
-                "outputs": json.loads(st.outputs) if st.outputs else None,
-                "error": st.error,
-            }
-            for st in s.scalars(
-                select(JobStage).where(JobStage.job_id == job_id).order_by(JobStage.id)
-            )
-        ]
-        segmented = next(
-            (st for st in detail["stages"] if st["stage"] == "segment" and st["outputs"]), None
-        )
-        detail["segmentation_quality"] = segmented["outputs"].get("quality") if segmented else None
-        scored = next(
-            (st for st in detail["stages"] if st["stage"] == "score" and st["outputs"]), None
-        )
-        detail["scores"] = _scores(scored["outputs"]) if scored else None
-        detail["deliveries"] = [
-            {
-                "id": d.id,
-                "kind": d.kind,
-                "destination": d.destination,
-                "state": d.state,
-                "attempts": d.attempts,
-                "last_error": d.last_error,
-            }
-            for d in s.scalars(select(Delivery).where(Delivery.job_id == job_id))
-        ]
-        delivery_ids = {d["id"] for d in detail["deliveries"]}
-        detail["audit"] = [
-            {
-                "seq": e.seq,
-                "ts": iso(e.ts),
-                "action": e.action,
-                "outcome": e.outcome,
-                "detail": facts,
-            }
-            for e in s.scalars(
-                select(AuditEvent)
-                .where(
-                    AuditEvent.study_instance_uid == job.study_instance_uid,
-                    or_(
-                        AuditEvent.action.startswith("job."),
-                        AuditEvent.action.startswith("delivery."),
-                    ),
-                )
-                .order_by(AuditEvent.seq)
-            )
-            if (facts := json.loads(e.detail)).get("job") == job_id
-            or (e.action.startswith("delivery.") and facts.get("delivery") in delivery_ids)
-        ]
-    db.dispose()
-    if as_json:
-        sys.stdout.write(json.dumps(detail, default=str) + "\n")
-        return
     out.print(
-        f"job {job_id}: {detail['state']} ({detail['pipeline']}), study "
+        f"job {detail['id']}: {detail['state']} ({detail['pipeline']}), study "
         f"{detail['study_instance_uid']}",
         soft_wrap=True,
     )
@@ -271,7 +256,7 @@ def jobs_show(
     out.print(f"  folder: {escape(str(detail['folder']))}", soft_wrap=True)
     if detail["error"]:
         out.print(f"  [red]error: {escape(detail['error'])}[/red]", soft_wrap=True)
-    if segmented is not None:
+    if _done_stage(detail, "segment") is not None:
         line = escape(quality_text(detail["segmentation_quality"]))
         flagged = (detail["segmentation_quality"] or {}).get("review")
         out.print(f"  [bold red]{line}[/bold red]" if flagged else f"  {line}", soft_wrap=True)
@@ -281,6 +266,11 @@ def jobs_show(
         if outside:
             lines[1] = f"[bold red]{lines[1]}[/bold red]"
         out.print("\n".join(f"  {line}" for line in lines), soft_wrap=True)
+
+
+def _print_job(detail: dict[str, Any]) -> None:
+    """``jobs show`` for a person: the head, then stages, their outputs, deliveries, audit."""
+    _print_job_head(detail)
     emit(
         detail["stages"],
         False,
@@ -307,6 +297,42 @@ def jobs_show(
         "Audit",
         ["seq", "ts", "action", "outcome", "detail"],
     )
+
+
+@jobs_app.command("show")
+def jobs_show(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument(metavar="ID")],
+    config: ConfigOpt = None,
+    as_json: JsonObjectOpt = False,
+) -> None:
+    """One job: inputs, quality, scores, stages with timing and outputs, deliveries, audit.
+
+    The audit lists the job's events (``job.*``) and its deliveries' events
+    (``delivery.*``), oldest first.
+
+    ``--json`` prints one object: the row of ``jobs``, ``inputs``,
+    ``folder``, ``stages`` (each with its ``outputs``), ``deliveries``,
+    ``audit``, and the segment stage's quality estimate both in that stage's
+    ``outputs`` and as ``segmentation_quality`` (None until the stage is done),
+    and each signature card's result or skip record as ``scores`` (None until
+    the score stage is done): rad-score, risk group (None outside the model's
+    range), predictions, ``applicability`` (status and the line people read),
+    training cohort, nested-CV headline, clinical use.
+    """
+    settings = settings_from(config or ctx.obj)
+    db = open_db(settings)
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            err.print(f"[red]no job with id {job_id}[/red]")
+            raise typer.Exit(2)
+        detail = job_detail(s, job)
+    db.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps(detail, default=str) + "\n")
+        return
+    _print_job(detail)
 
 
 @jobs_app.command("retry")

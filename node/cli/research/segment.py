@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -19,6 +19,9 @@ from node.cli.common import (
     out,
 )
 from pipelines.share import config_dir, models_dir
+
+if TYPE_CHECKING:
+    from pipelines.segment.cv import Recipe
 
 DEFAULT_SEG_MODEL = models_dir() / "sarcnode-seg-demo"
 ModelOpt = Annotated[
@@ -114,6 +117,40 @@ RULES_FILE = config_dir() / "sequence_roles.yaml"
 RulesOpt = Annotated[Path, typer.Option("--rules", help="Sequence-role rules (YAML).")]
 
 
+def _cv_recipe(recipe: str, *, steps: int | None, synthetic: bool, inference: str) -> Recipe:
+    """The candidate recipe ``cv-seg`` runs, with the options' changes; exit 2 if unknown."""
+    import dataclasses
+
+    from pipelines.segment.cv import CANDIDATES
+
+    if inference not in ("window", "whole"):
+        err.print(f"[red]cv-seg: --inference must be window or whole, not {inference!r}[/red]")
+        raise typer.Exit(2)
+    if recipe not in CANDIDATES:
+        err.print(f"[red]cv-seg: unknown recipe {recipe!r} ({', '.join(CANDIDATES)})[/red]")
+        raise typer.Exit(2)
+    chosen = CANDIDATES[recipe]
+    changes: dict[str, Any] = {"synthetic": synthetic}
+    if steps is not None:
+        changes |= {"steps": steps, "val_every": max(1, min(chosen.val_every, steps))}
+    chosen = dataclasses.replace(chosen, **changes)
+    chosen.arch = dict(chosen.arch) | {"inference": inference}
+    return chosen
+
+
+def _print_cv(summary: dict[str, Any], name: str, out_dir: Path) -> None:
+    """The finished CV's headline for a person: Dice, HD95, the quality flag, the report."""
+    q = summary["quality_flag"]["out_of_fold"]
+    out.print(
+        f"{name}: out-of-fold Dice {summary['dice_mean']:.3f} "
+        f"(95% CI {summary['dice_ci95'][0]:.3f}-{summary['dice_ci95'][1]:.3f}) over "
+        f"{summary['n']} patients; HD95 {summary['hd95_mm_mean']:.1f} mm; "
+        f"quality flag caught {q['caught']}/{q['failures']} failures, "
+        f"flagged {q['false_flags']}/{q['successes']} successes"
+    )
+    out.print(f"report: {out_dir / 'report.html'}")
+
+
 def cv_seg(
     data: Annotated[
         list[Path], typer.Argument(help="Folders of cases: the real NIfTI pairs (+ synthetic).")
@@ -152,25 +189,12 @@ def cv_seg(
     is never used. Writes folds.json, fold<i>.pt/.json (a finished fold is
     not trained again), oof/ masks, cv.json and report.html.
     """
-    import dataclasses
-
     import torch
 
     from pipelines.segment.card import ModelError
-    from pipelines.segment.cv import CANDIDATES, cross_validate, rescore_cv
+    from pipelines.segment.cv import cross_validate, rescore_cv
 
-    if inference not in ("window", "whole"):
-        err.print(f"[red]cv-seg: --inference must be window or whole, not {inference!r}[/red]")
-        raise typer.Exit(2)
-    if recipe not in CANDIDATES:
-        err.print(f"[red]cv-seg: unknown recipe {recipe!r} ({', '.join(CANDIDATES)})[/red]")
-        raise typer.Exit(2)
-    chosen = CANDIDATES[recipe]
-    changes: dict[str, Any] = {"synthetic": synthetic}
-    if steps is not None:
-        changes |= {"steps": steps, "val_every": max(1, min(chosen.val_every, steps))}
-    chosen = dataclasses.replace(chosen, **changes)
-    chosen.arch = dict(chosen.arch) | {"inference": inference}
+    chosen = _cv_recipe(recipe, steps=steps, synthetic=synthetic, inference=inference)
     if threads:
         torch.set_num_threads(threads)
     try:
@@ -204,15 +228,7 @@ def cv_seg(
     if "dice_mean" not in summary:
         out.print(f"{summary['folds_done']} of {summary['k']} folds done in {out_dir}")
         return
-    q = summary["quality_flag"]["out_of_fold"]
-    out.print(
-        f"{chosen.name}: out-of-fold Dice {summary['dice_mean']:.3f} "
-        f"(95% CI {summary['dice_ci95'][0]:.3f}-{summary['dice_ci95'][1]:.3f}) over "
-        f"{summary['n']} patients; HD95 {summary['hd95_mm_mean']:.1f} mm; "
-        f"quality flag caught {q['caught']}/{q['failures']} failures, "
-        f"flagged {q['false_flags']}/{q['successes']} successes"
-    )
-    out.print(f"report: {out_dir / 'report.html'}")
+    _print_cv(summary, chosen.name, out_dir)
 
 
 def seg_ensemble(

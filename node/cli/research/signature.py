@@ -6,18 +6,34 @@
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from node.cli.common import (
-    err,
-    out,
-)
+from node.cli.common import err, out
+
+CohortArg = Annotated[
+    Path, typer.Argument(metavar="COHORT", help="Studies + clinical.csv, or a feature table.")
+]
+ClinicalOpt = Annotated[
+    Path | None, typer.Option(help="Clinical CSV (default COHORT/clinical.csv).")
+]
+RegionOpt = Annotated[
+    list[str], typer.Option(help="Regions to extract: tumour, ring, habitat1-3 (repeatable).")
+]
+CutoffOpt = Annotated[
+    str, typer.Option(help="PFS risk groups: median or optimal (max log-rank, training).")
+]
+IccOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Robust features (ICC > --icc-threshold) from: 'perturb' (mask perturbations"
+        " of --icc-cases studies; default for a studies folder), a second reader's"
+        " feature CSV, or 'none' (default for a feature table)."
+    ),
+]
 
 
 def radiomics_cmd(
@@ -69,14 +85,10 @@ def radiomics_cmd(
 
 
 def fit_signature_cmd(
-    cohort: Annotated[
-        Path, typer.Argument(metavar="COHORT", help="Studies + clinical.csv, or a feature table.")
-    ],
+    cohort: CohortArg,
     endpoint: Annotated[str, typer.Option(help="pfs, grade or metastasis.")],
     model_out: Annotated[Path, typer.Option("--out", help="Signature folder (models/<id>).")],
-    clinical: Annotated[
-        Path | None, typer.Option(help="Clinical CSV (default COHORT/clinical.csv).")
-    ] = None,
+    clinical: ClinicalOpt = None,
     label: Annotated[
         str | None, typer.Option(help="Label column (grade: grade3, metastasis: metastasis).")
     ] = None,
@@ -91,131 +103,52 @@ def fit_signature_cmd(
     synthetic: Annotated[
         bool, typer.Option(help="Cohort is synthetic (said in the card).")
     ] = False,
-    region: Annotated[
-        list[str], typer.Option(help="Regions to extract: tumour, ring, habitat1-3 (repeatable).")
-    ] = ["tumour", "ring", "habitat1", "habitat2", "habitat3"],  # noqa: B006
-    cutoff: Annotated[
-        str, typer.Option(help="PFS risk groups: median or optimal (max log-rank, training).")
-    ] = "median",
+    region: RegionOpt = ["tumour", "ring", "habitat1", "habitat2", "habitat3"],  # noqa: B006
+    cutoff: CutoffOpt = "median",
     workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
-    icc: Annotated[
-        str | None,
-        typer.Option(
-            help="Robust features (ICC > --icc-threshold) from: 'perturb' (mask perturbations"
-            " of --icc-cases studies; default for a studies folder), a second reader's"
-            " feature CSV, or 'none' (default for a feature table)."
-        ),
-    ] = None,
+    icc: IccOpt = None,
     icc_cases: Annotated[int, typer.Option(min=2, help="Studies perturbed for the ICC.")] = 20,
     icc_threshold: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.75,
 ) -> None:
     """Fit a signature and nomogram for ENDPOINT; write card.yaml with validation figures."""
-    import pandas as pd
+    from pipelines.radiomics.extract import DEFAULT_PARAMS, load_params
+    from pipelines.signature.fit import FitOptions, fit_signature, save_signature
+    from pipelines.signature.pfs import FitError
 
-    from pipelines.radiomics.extract import DEFAULT_PARAMS, load_params, params_hash
-    from pipelines.signature.card import write_signature_card
-    from pipelines.signature.cohort import (
-        load_cohort,
-        perturbation_icc,
-        read_features,
-        second_reader_icc,
-    )
-    from pipelines.signature.logistic import fit_logistic
-    from pipelines.signature.pfs import FitError, fit_pfs
-
-    if endpoint not in ("pfs", "grade", "metastasis"):
-        err.print(f"[red]--endpoint must be pfs, grade or metastasis, not {endpoint!r}[/red]")
-        raise typer.Exit(2)
+    try:
+        options = FitOptions(
+            endpoint=endpoint,
+            label=label,
+            batch=batch,
+            val_fraction=val_fraction,
+            seed=seed,
+            synthetic=synthetic,
+            regions=tuple(region),
+            cutoff=cutoff,
+            workers=workers,
+            icc=icc,
+            icc_cases=icc_cases,
+            icc_threshold=icc_threshold,
+        )
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
     param_file = params or DEFAULT_PARAMS
     param_data = load_params(param_file)
     try:
-        features, clin = load_cohort(
+        card = fit_signature(
             cohort,
-            clinical=clinical,
+            model_out,
+            options,
+            params_file=param_file,
             params=param_data,
-            cache=model_out / "features.csv",
-            workers=workers,
-            regions=tuple(region),
-            progress=lambda i, n, case: err.print(f"extracted {case} ({i}/{n})"),
+            clinical=clinical,
+            progress=err.print,
         )
-        provenance = {
-            "extraction": {
-                "params_file": param_file.name,
-                "params_sha256": params_hash(param_data),
-            },
-            "sequences": sorted({c.split(":")[0] for c in features.columns}),
-            "regions": sorted({c.split(":")[1] for c in features.columns if c.count(":") >= 2}),
-            "cohort": {"path": cohort.name, "n": len(features.index.intersection(clin.index))},
-        }
-        table_cohort = cohort.is_file() or (cohort / "features.csv").is_file()
-        source = icc or ("none" if table_cohort else "perturb")
-        icc_values: pd.Series | None = None
-        cached = model_out / "icc.csv"
-        if source == "perturb":
-            if table_cohort:
-                raise ValueError("--icc perturb needs a folder of studies, not a feature table")
-            described = cached.with_suffix(".json")
-            if cached.is_file() and described.is_file():  # a re-fit reuses the ICCs
-                icc_values = pd.read_csv(cached, index_col=0).iloc[:, 0]
-                summary = json.loads(described.read_text())
-            else:
-                icc_values, summary = perturbation_icc(
-                    cohort,
-                    param_data,
-                    cases=icc_cases,
-                    seed=seed,
-                    workers=workers,
-                    regions=tuple(region),
-                    progress=lambda i, n, case: err.print(f"perturbed {case} ({i}/{n})"),
-                )
-                model_out.mkdir(parents=True, exist_ok=True)
-                icc_values.to_csv(cached, header=["icc"])
-                described.write_text(json.dumps(summary, indent=2))
-        elif source != "none":
-            icc_values = second_reader_icc(features, read_features(Path(source)))
-            summary = {"method": f"second segmentation ({Path(source).name})", "kind": "ICC(2,1)"}
-        if icc_values is not None:
-            provenance["robustness"] = {
-                **summary,
-                "threshold": icc_threshold,
-                "robust": int((icc_values > icc_threshold).sum()),
-                "of": int(icc_values.size),
-            }
-        if endpoint == "pfs":
-            card = fit_pfs(
-                features,
-                clin,
-                signature_id=model_out.name,
-                batch=batch,
-                val_fraction=val_fraction,
-                seed=seed,
-                synthetic=synthetic,
-                provenance=provenance,
-                cutoff_rule=cutoff,
-                icc=icc_values,
-                icc_threshold=icc_threshold,
-            ).card
-        else:
-            column = label or ("grade3" if endpoint == "grade" else "metastasis")
-            card, _ = fit_logistic(
-                features,
-                clin,
-                signature_id=model_out.name,
-                endpoint=endpoint,
-                label=column,
-                batch=batch,
-                val_fraction=val_fraction,
-                seed=seed,
-                synthetic=synthetic,
-                provenance=provenance,
-                icc=icc_values,
-                icc_threshold=icc_threshold,
-            )
     except (FitError, ValueError, OSError) as exc:
         err.print(f"[red]fit-signature: {exc}[/red]")
         raise typer.Exit(2) from exc
-    path = write_signature_card(model_out, card)
-    shutil.copyfile(param_file, model_out / param_file.name)  # the card travels with its settings
+    path = save_signature(model_out, card, param_file)
     val = card["validation"]
     key = "c_index_nomogram_lp" if endpoint == "pfs" else "auc_nomogram"
     if key in val:
@@ -228,13 +161,9 @@ def fit_signature_cmd(
 
 def evaluate_cmd(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="Signature folder (card.yaml).")],
-    cohort: Annotated[
-        Path, typer.Argument(metavar="COHORT", help="Studies + clinical.csv, or a feature table.")
-    ],
+    cohort: CohortArg,
     report_out: Annotated[Path, typer.Option("--out", help="Report folder.")],
-    clinical: Annotated[
-        Path | None, typer.Option(help="Clinical CSV (default COHORT/clinical.csv).")
-    ] = None,
+    clinical: ClinicalOpt = None,
     workers: Annotated[int | None, typer.Option(help="Extraction processes.")] = None,
 ) -> None:
     """Score COHORT with MODEL; write the papers' figures, metrics.json and report.html."""
