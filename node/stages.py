@@ -1,11 +1,15 @@
-"""The job stages: the one seam through which the node calls ``pipelines/``.
+"""The job stages: the node's checkpointing adapter over :mod:`pipelines.chain`.
 
-Each stage reads what earlier stages wrote in the job folder, writes its own
-outputs under ``<job folder>/<stage>/`` and returns a JSON-able summary.
-They hold no service state, so the same functions run in a local worker
-process or on a Ray worker. A stage raises :class:`BadInput` when the study
-itself is the problem (no retry helps); anything else is treated as
-transient by the runner.
+The chain (series → volumes → masks → features → scores → encoded objects)
+is written once, in ``pipelines/``; each stage here runs one step of it
+for a job, reading the earlier steps' typed outputs back from their
+checkpoints (``<job folder>/<stage>/outputs.json``, each value's
+``from_json``) and returning its own as ``to_json`` for the runner to
+write. They hold no service state, so the same functions run in a local
+worker process or on a Ray worker. A stage raises a
+:class:`pipelines.errors.BadInput` subclass when the study itself is the
+problem (no retry helps); anything else is an internal error for the
+runner's retry policy.
 """
 
 from __future__ import annotations
@@ -17,17 +21,19 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import pydicom
-import SimpleITK as sitk
-import yaml
 
+from pipelines import chain
 from pipelines.errors import BadInput as BadInput  # the family's base, raised by the stages
-from pipelines.io.dicom import GeometryError, SeriesRef, load_series, series_attributes
+from pipelines.errors import MissingSeriesError
+from pipelines.io.dicom import SeriesRef, series_attributes
+from pipelines.scoring.cards import SignatureCard
+from pipelines.scoring.clinical import ClinicalFactors
 
 if TYPE_CHECKING:
     from node.audit.context import AuditConfig
     from node.db.session import Database
+    from pipelines.segment.infer import Segmenter
 
 
 @dataclass(frozen=True)
@@ -47,8 +53,12 @@ class JobContext:
     database_url: str
     uid_root: str | None = None
     device: str = "auto"
-    clinical: dict[str, Any] = field(default_factory=dict)
+    clinical: Mapping[str, Any] = field(default_factory=dict)  # stored factors (covariates)
     audit: AuditConfig | None = None  # the node's audit key (no anchor: see for_worker)
+
+    def factors(self) -> ClinicalFactors:
+        """The study's clinical factors, as ``sarcnode clinical set`` stored them."""
+        return ClinicalFactors.from_json(self.clinical)
 
 
 def open_database(ctx: JobContext) -> Database:
@@ -60,39 +70,43 @@ def open_database(ctx: JobContext) -> Database:
     return Database(ctx.database_url, migrate=False, audit=audit)
 
 
-def _series(ctx: JobContext, role: str) -> SeriesRef:
-    files = sorted(ctx.files[role])
-    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-    attrs = series_attributes(ds)
-    return SeriesRef(ctx.study_instance_uid, ctx.inputs[role], tuple(files), ds.SOPClassUID, attrs)
+def _series(ctx: JobContext) -> chain.StudySeries:
+    """The job's series by role, the primary one segmented.
+
+    Raises
+    ------
+    MissingSeriesError
+        When a role of the job has no instance files.
+    """
+    refs = {}
+    for role, uid in ctx.inputs.items():
+        files = sorted(ctx.files.get(role) or [])
+        if not files:
+            raise MissingSeriesError(f"series {uid} ({role}) has no instance files")
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+        attrs = series_attributes(ds)
+        refs[role] = SeriesRef(ctx.study_instance_uid, uid, tuple(files), ds.SOPClassUID, attrs)
+    return chain.StudySeries(ctx.study_instance_uid, ctx.primary, refs)
 
 
-def _images(ctx: JobContext) -> dict[str, sitk.Image]:
-    images = {}
-    for role in ctx.inputs:
-        try:
-            images[role] = load_series(_series(ctx, role))
-        except GeometryError as exc:
-            raise BadInput(str(exc)) from exc
-    return images
+def _checkpoint(ctx: JobContext, stage: str) -> dict[str, Any]:
+    """What ``stage`` returned (its ``outputs.json``), for a later stage to read back."""
+    data: dict[str, Any] = json.loads((ctx.folder / stage / "outputs.json").read_text())
+    return data
 
 
 @cache
-def _segmenter(model: Path, device: str) -> Any:
+def _segmenter(model: Path, device: str) -> Segmenter:
     from pipelines.segment.infer import Segmenter
 
     return Segmenter(model, device)
 
 
-def _card(folder: Path) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((folder / "card.yaml").read_text())
-    return data
-
-
 def segment(ctx: JobContext) -> dict[str, Any]:
     """Tumour mask on the primary series; carried to the other roles by rigid registration.
 
-    The outputs carry the mask's quality estimate (``quality``: agreement
+    Outputs: :meth:`pipelines.chain.Masks.to_json` (model, volume, mask files,
+    registration check per carried role, device, and ``quality``: agreement
     score, ``review`` flag and its reasons; None for a model card without
     one). A mask flagged for review is still encoded and delivered: the flag
     travels with it, in the SR, the PDF and ``jobs show``.
@@ -100,67 +114,31 @@ def segment(ctx: JobContext) -> dict[str, Any]:
     Raises
     ------
     BadInput
-        When the primary image fails the model's input checks (constant, or
-        noise rather than anatomy), or no tumour is found.
+        A series' geometry cannot be trusted, the primary image fails the
+        model's input checks (constant, or noise rather than anatomy), or no
+        tumour is found.
     """
-    from pipelines.preprocess import carry_mask, register_rigid
-    from pipelines.segment.quality import InputRejected
-
-    out = ctx.folder / "segment"
-    out.mkdir(parents=True, exist_ok=True)
-    images = _images(ctx)
+    volumes = chain.load_volumes(_series(ctx))
     segmenter = _segmenter(ctx.segmentation_model, ctx.device)
-    try:
-        result = segmenter.segment(images[ctx.primary])
-    except InputRejected as exc:
-        raise BadInput(f"{ctx.primary} series: {exc}") from exc
-    if not sitk.GetArrayViewFromImage(result.mask).any():
-        raise BadInput(f"no tumour found on the {ctx.primary} series")
-    masks = {ctx.primary: result.mask}
-    accepted: dict[str, bool] = {}
-    for role, image in images.items():
-        if role != ctx.primary:
-            registration = register_rigid(image, images[ctx.primary])
-            masks[role] = carry_mask(result.mask, image, registration.transform)
-            accepted[role] = registration.accepted
-    paths = {}
-    for role, mask in masks.items():
-        path = out / f"{role}_tumour.nii.gz"
-        sitk.WriteImage(mask, str(path), useCompression=True)
-        paths[role] = str(path)
-    return {
-        "model": segmenter.model_id,
-        "volume_ml": round(result.volume_ml, 2),
-        "masks": paths,
-        "registration_accepted": accepted,
-        "device": str(segmenter.device),
-        "quality": result.quality.as_dict() if result.quality else None,
-    }
+    return chain.segment(volumes, segmenter, ctx.folder / "segment").to_json()
 
 
-def _masks(ctx: JobContext, images: Mapping[str, sitk.Image]) -> dict[str, sitk.Image]:
-    done = json.loads((ctx.folder / "segment" / "outputs.json").read_text())
-    masks = {}
-    for role, path in done["masks"].items():
-        mask = sitk.ReadImage(path)
-        mask.CopyInformation(images[role])
-        masks[role] = mask
-    return masks
-
-
-def _signatures(ctx: JobContext) -> tuple[list[Any], list[dict[str, Any]]]:
+def _signatures(ctx: JobContext) -> tuple[list[SignatureCard], list[dict[str, Any]]]:
     """(the pipeline's cards that load, skip records of those that no longer do)."""
-    from pipelines.scoring.cards import CardError, Signature
+    from pipelines.scoring.cards import CardError
 
     loaded, broken = [], []
     for folder in ctx.signatures:
         try:
-            loaded.append(Signature.load(folder))
+            loaded.append(SignatureCard.from_folder(folder))
         except CardError as exc:  # checked when the pipeline loaded; changed on disk since
             broken.append(
                 {"signature": folder.name, "version": "", "endpoint": "?", "skipped": str(exc)}
             )
     return loaded, broken
+
+
+NO_SIGNATURE = "the pipeline has no signature"
 
 
 def radiomics(ctx: JobContext) -> dict[str, Any]:
@@ -169,116 +147,75 @@ def radiomics(ctx: JobContext) -> dict[str, Any]:
     A card needing a sequence the study lacks is skipped with the reason (the
     SEG and the measurements still go out). Cards sharing parameters,
     sequences and regions share one extraction: ``features-<key>.csv``.
+    Outputs: :meth:`pipelines.chain.Features.to_json`.
     """
-    from pipelines.scoring.cards import card_facts, plan
-    from pipelines.scoring.study import extract_all
-
     if not ctx.signatures:
-        return {"skipped": "the pipeline has no signature", "extractions": [], "cards": []}
-    out = ctx.folder / "radiomics"
-    out.mkdir(parents=True, exist_ok=True)
+        return {"skipped": NO_SIGNATURE, "extractions": [], "cards": []}
     signatures, broken = _signatures(ctx)
-    images = _images(ctx)
-    masks = _masks(ctx, images)
-    extractions, skipped = plan(signatures, set(images))
-    tables, failed = extract_all(extractions, images, masks, study=ctx.study_instance_uid)
-    skipped |= failed
-    done = []
-    for extraction in extractions:
-        if extraction.key in tables:
-            path = out / f"features-{extraction.key}.csv"
-            tables[extraction.key].to_csv(path, index=False)
-            done.append(extraction.as_dict() | {"features": str(path)})
-    cards = [
-        card_facts(s.card) | ({"skipped": skipped[s.id]} if s.id in skipped else {})
-        for s in signatures
-    ]
-    return {"extractions": done, "cards": cards + broken}
+    volumes = chain.load_volumes(_series(ctx))
+    masks = chain.Masks.from_json(_checkpoint(ctx, "segment"), volumes)
+    features = chain.extract(
+        signatures, volumes, masks, ctx.folder / "radiomics", study=ctx.study_instance_uid
+    )
+    return chain.Features(features.tables, features.cards + tuple(broken)).to_json()
 
 
 def score(ctx: JobContext) -> dict[str, Any]:
     """Each card's rad-score, risk group, predictions and applicability; skipped cards say why.
 
-    ``score.json`` holds every result (``scores``, in the pipeline's order,
-    skipped cards with ``skipped``); the outputs repeat them without the
-    feature values and, for readers of the one-card outputs, the first
-    scored card's ``signature``, ``radscore``, ``risk_group``, ``model`` and
-    ``pfs_probability``. A card that cannot score this study (a feature that
-    could not be computed, a scanner its ComBat has not seen) is skipped with
-    the reason; it never fails the job.
+    ``score.json`` holds every result (:meth:`pipelines.chain.Scores.to_json`:
+    ``scores``, in the pipeline's order, skipped cards with ``skipped``);
+    the outputs are :meth:`pipelines.chain.Scores.outputs` (the results
+    without feature values, and the first scored card's ``signature``,
+    ``radscore``, ``risk_group``, ``model`` and ``pfs_probability``). A card
+    that cannot score this study (a feature that could not be computed, a
+    scanner its ComBat has not seen) is skipped with the reason; it never
+    fails the job.
     """
-    from pipelines.radiomics.study import wide
-    from pipelines.scoring.study import first_scored, score_all
-
     if not ctx.signatures:
-        return {"skipped": "the pipeline has no signature", "scores": []}
+        return {"skipped": NO_SIGNATURE, "scores": []}
     manifest = ctx.folder / "radiomics" / "outputs.json"
-    done = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    features = chain.Features.from_json(_checkpoint(ctx, "radiomics") if manifest.is_file() else {})
+    signatures, broken = _signatures(ctx)
+    scores = chain.score(signatures, features, ctx.factors(), _series(ctx))
+    scores = chain.Scores(scores.results + tuple(broken))
     out = ctx.folder / "score"
     out.mkdir(parents=True, exist_ok=True)
-    signatures, broken = _signatures(ctx)
-    skipped = {c["signature"]: c["skipped"] for c in done.get("cards", []) if "skipped" in c}
-    rows: dict[str, dict[str, float]] = {}
-    for extraction in done.get("extractions", []):
-        table = pd.read_csv(extraction["features"], dtype={"study": str})
-        row = wide(table).iloc[0].to_dict()
-        rows |= {card: row for card in extraction["cards"]}
-    facts = dict(ctx.clinical)
-    manufacturer = _series(ctx, ctx.primary).attributes.get("Manufacturer")
-    if manufacturer and "batch" not in facts:
-        facts["batch"] = str(manufacturer)
-    results = score_all(signatures, rows, skipped, facts) + broken
-    (out / "score.json").write_text(json.dumps({"scores": results}, indent=2))
-    first = first_scored(results) or {}
-    legacy = {k: first.get(k) for k in LEGACY_SCORE_KEYS} if first else {}
-    return legacy | {"scores": [{k: v for k, v in r.items() if k != "features"} for r in results]}
-
-
-# What the score stage's outputs held when a pipeline had one card (the first scored card's).
-LEGACY_SCORE_KEYS = ("signature", "radscore", "risk_group", "model", "pfs_probability")
+    (out / "score.json").write_text(json.dumps(scores.to_json(), indent=2))
+    return scores.outputs()
 
 
 def encode(ctx: JobContext) -> dict[str, Any]:
-    """SEG per series, TID 1500 SR and the PDF report, UIDs derived from the job key."""
-    from pipelines.encode.results import write_results
-    from pipelines.scoring.cards import CardError, Signature
+    """SEG per series, TID 1500 SR and the PDF report, UIDs derived from the job key.
 
-    images = _images(ctx)
-    masks = _masks(ctx, images)
-    scores: list[dict[str, Any]] = []
-    if (ctx.folder / "score" / "score.json").is_file():
-        scores = json.loads((ctx.folder / "score" / "score.json").read_text()).get("scores", [])
-    cards = {}
-    for folder in ctx.signatures:  # for the PDF's nomogram and training curves
-        try:
-            signature = Signature.load(folder)
-        except CardError:
-            continue  # reported by the score stage
-        cards[signature.id] = dict(signature.card)
-    done = json.loads((ctx.folder / "segment" / "outputs.json").read_text())
-    written = write_results(
+    Outputs: :meth:`pipelines.chain.Encoded.to_json`.
+    """
+    from pipelines.segment.card import SegModelCard
+
+    series = _series(ctx)
+    volumes = chain.load_volumes(series)
+    scored = ctx.folder / "score" / "score.json"
+    scores = chain.Scores.from_json(json.loads(scored.read_text()) if scored.is_file() else {})
+    signatures, _ = _signatures(ctx)  # a card that no longer loads is reported by score
+    return chain.encode(
         ctx.folder / "encode",
-        series={role: _series(ctx, role) for role in ctx.inputs},
-        images=images,
-        masks=masks,
-        primary=ctx.primary,
-        segmentation_card=_card(ctx.segmentation_model),
-        job_key=ctx.job_key,
+        series=series,
+        volumes=volumes,
+        masks=chain.Masks.from_json(_checkpoint(ctx, "segment"), volumes),
         scores=scores,
-        cards=cards,
-        clinical=ctx.clinical,
+        signatures=signatures,
+        model=SegModelCard.from_folder(ctx.segmentation_model),
+        clinical=ctx.factors(),
+        job_key=ctx.job_key,
         uid_root=ctx.uid_root,
-        quality=done.get("quality"),  # absent in a segment stage run before quality existed
-    )
-    return {"files": {k: str(v) for k, v in written.items()}}
+    ).to_json()
 
 
 def deliver(ctx: JobContext) -> dict[str, Any]:
     """Queue the encoded objects for the destinations (the outbox sends them, once)."""
     from node.delivery import enqueue
 
-    done = json.loads((ctx.folder / "encode" / "outputs.json").read_text())
-    files = [Path(p) for p in done["files"].values()]
+    files = list(chain.Encoded.from_json(_checkpoint(ctx, "encode")).files.values())
     db = open_database(ctx)
     try:
         created = enqueue(db, files, list(ctx.destinations), job_id=ctx.job_id)

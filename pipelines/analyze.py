@@ -16,20 +16,50 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import SimpleITK as sitk
-
-from pipelines.encode.results import write_results
+from pipelines import chain
+from pipelines.io.dicom import load_image, scan
 from pipelines.io.roles import RoleRules
-from pipelines.radiomics.study import wide
-from pipelines.scoring.cards import Signature, plan
-from pipelines.scoring.study import extract_all, first_scored, score_all
+from pipelines.scoring.cards import SignatureCard
+from pipelines.scoring.clinical import ClinicalFactors
 from pipelines.scoring.text import score_lines
+from pipelines.segment.card import SegModelCard
 from pipelines.segment.infer import Segmenter
-from pipelines.segment.study import segment_input
+from pipelines.segment.study import ROLES, InputError, choose_series, is_volume_file
+
+#: The sequence segmented (the mask is carried to the others).
+PRIMARY = "T2FS"
+
+
+def study_series(path: Path, rules: RoleRules, sequence: str = PRIMARY) -> chain.StudySeries:
+    """The roles of the (single) study under ``path``: ``sequence`` segmented, T1/T2FS carried.
+
+    A lone series of no known role is segmented as it is (role ``unknown``).
+
+    Raises
+    ------
+    pipelines.segment.study.InputError
+        When ``path`` is no folder, or holds several studies, or no series to segment.
+    """
+    if not path.is_dir():
+        raise InputError(f"{path}: neither a DICOM folder nor a NIfTI/NRRD file")
+    chosen = choose_series(scan(path), rules)
+    if sequence in chosen:
+        role = sequence
+    elif "unknown" in chosen:
+        role = "unknown"
+    elif len(chosen) == 1:
+        role = next(iter(chosen))
+    else:
+        found = ", ".join(
+            f"{r}: {ref.description or ref.series_instance_uid}" for r, ref in chosen.items()
+        )
+        raise InputError(f"no {sequence} series in the study (found {found}); try --sequence")
+    refs = {role: chosen[role]} | {r: chosen[r] for r in ROLES if r != role and r in chosen}
+    return chain.StudySeries(chosen[role].study_instance_uid, role, refs)
 
 
 def analyze_study(
@@ -37,97 +67,88 @@ def analyze_study(
     out: Path,
     *,
     segmenter: Segmenter,
-    signatures: Sequence[Signature],
+    signatures: Sequence[SignatureCard],
     rules: RoleRules,
-    clinical: Mapping[str, Any] | None = None,
+    clinical: ClinicalFactors | None = None,
     workers: int | None = None,
     uid_root: str | None = None,
 ) -> dict[str, Any]:
-    """Run the chain on ``study`` and write its outputs under ``out``; return the report.
+    """Run the chain (:mod:`pipelines.chain`) on ``study``, write its outputs under ``out``.
 
-    The report's ``scores`` hold every card's result or skip record, in the
-    order given; ``score`` is the first card that scored (what the one-card
-    report held), None when none did.
+    Returns the report: ``scores`` hold every card's result or skip record,
+    in the order given; ``score`` is the first card that scored (what the
+    one-card report held), None when none did.
+
+    Raises
+    ------
+    pipelines.errors.BadInput
+        A geometry the node cannot trust, an image that is not anatomy, no tumour.
+    pipelines.segment.study.InputError
+        When ``study`` is not a study, series or volume the chain can take.
     """
     out.mkdir(parents=True, exist_ok=True)
+    if is_volume_file(study):  # research input: a volume, no series to encode against
+        series = None
+        volumes = chain.Volumes(PRIMARY, {PRIMARY: load_image(study)})
+    else:
+        series = study_series(study, rules)
+        volumes = chain.load_volumes(series)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    seg = segment_input(study, segmenter, rules, "T2FS")
+    masks = chain.segment(volumes, segmenter, out)
     seconds["segment"] = time.perf_counter() - t0
-    masks = {}
-    for role, mask in seg.masks.items():
-        path = out / f"{role}_tumour.nii.gz"
-        sitk.WriteImage(mask, str(path), useCompression=True)
-        masks[role] = str(path)
     t1 = time.perf_counter()
-    extractions, skipped = plan(signatures, set(seg.images))
-    tables, failed = extract_all(
-        extractions, seg.images, seg.masks, study=study.name, workers=workers
-    )
+    features = chain.extract(signatures, volumes, masks, out, study=study.name, workers=workers)
     seconds["radiomics"] = time.perf_counter() - t1
-    rows: dict[str, dict[str, float]] = {}
-    extracted = []
-    for extraction in extractions:
-        if extraction.key in tables:
-            path = out / f"features-{extraction.key}.csv"
-            tables[extraction.key].to_csv(path, index=False)
-            row = wide(tables[extraction.key]).iloc[0].to_dict()
-            rows |= {card: row for card in extraction.cards}
-            extracted.append(extraction.as_dict() | {"features": str(path)})
-    facts = dict(clinical or {})
-    manufacturer = next(
-        (
-            ref.attributes.get("Manufacturer")
-            for ref in seg.series.values()
-            if ref.attributes.get("Manufacturer")
-        ),
-        None,
-    )
-    if manufacturer and "batch" not in facts:
-        facts["batch"] = manufacturer
-    results = score_all(signatures, rows, skipped | failed, facts)
-    quality = seg.result.quality.as_dict() if seg.result.quality else None
-    dicom: dict[str, str] = {}
-    if seg.series:  # DICOM input: the objects a PACS receives
+    scores = chain.score(signatures, features, clinical, series)
+    encoded = None
+    if series is not None:  # DICOM input: the objects a PACS receives
         t2 = time.perf_counter()
-        written = write_results(
+        encoded = chain.encode(
             out / "dicom",
-            series=seg.series,
-            images=seg.images,
-            masks=seg.masks,
-            primary=seg.sequence,
-            segmentation_card=segmenter.card,
-            job_key=f"analyze:{study.name}",
-            scores=results,
-            cards={s.id: dict(s.card) for s in signatures},
+            series=series,
+            volumes=volumes,
+            masks=masks,
+            scores=scores,
+            signatures=signatures,
+            model=SegModelCard.from_checked(segmenter.card, segmenter.model_dir),
             clinical=clinical,
+            job_key=f"analyze:{study.name}",
             uid_root=uid_root,
-            quality=quality,
         )
-        dicom = {kind: str(path) for kind, path in written.items()}
         seconds["encode"] = time.perf_counter() - t2
-    report = {
-        "study": study.name,
-        "segmentation": {
-            "model": segmenter.model_id,
-            "sequence": seg.sequence,
-            "volume_ml": round(seg.result.volume_ml, 2),
-            "masks": masks,
-            "registration_accepted": None
-            if seg.registration is None
-            else seg.registration.accepted,
-            "quality": quality,
-        },
-        "extractions": extracted,
-        "scores": results,
-        "score": first_scored(results),
-        "dicom": dicom,
-        "seconds": {k: round(v, 2) for k, v in seconds.items()},
-        "clinical_use": "not for clinical use",
-    }
+    report = _report(study, masks, features, scores, encoded, seconds)
     (out / "score.json").write_text(json.dumps(report, indent=2))
     (out / "summary.txt").write_text(summary(report))
     return report
+
+
+def _report(
+    study: Path,
+    masks: chain.Masks,
+    features: chain.Features,
+    scores: chain.Scores,
+    encoded: chain.Encoded | None,
+    seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The JSON report ``analyze`` prints and writes as ``score.json``."""
+    return {
+        "study": study.name,
+        "segmentation": {
+            "model": masks.model,
+            "sequence": masks.primary,
+            "volume_ml": masks.volume_ml,
+            "masks": {role: str(path) for role, path in masks.paths.items()},
+            "registration_accepted": dict(masks.registration_accepted),
+            "quality": masks.quality,
+        },
+        "extractions": features.to_json()["extractions"],
+        "scores": scores.to_json()["scores"],
+        "score": scores.first(),
+        "dicom": encoded.to_json()["files"] if encoded else {},
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "clinical_use": "not for clinical use",
+    }
 
 
 def summary(report: dict[str, Any]) -> str:

@@ -1,4 +1,4 @@
-"""The report for people: a typeset PDF in the study, as an Encapsulated PDF object.
+"""The report for people: a typeset PDF, put in the study by :mod:`pipelines.encode.document`.
 
 Written for the clinician who opens it from the PACS, one A4 page where it
 fits:
@@ -42,9 +42,9 @@ matplotlib.use("Agg")
 import numpy as np
 import SimpleITK as sitk
 from matplotlib.backends.backend_pdf import PdfPages
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
+from pipelines.encode.document import TITLE
 from pipelines.encode.layout import (
     GREY,
     LEADING,
@@ -65,9 +65,8 @@ from pipelines.encode.nomogram import (
     nomogram_axes,
     patient_values,
 )
-from pipelines.encode.seg import MANUFACTURER, SOFTWARE_VERSION, WARNING, series_description
+from pipelines.encode.seg import SOFTWARE_VERSION, WARNING
 from pipelines.encode.sr import key_slice, outline
-from pipelines.encode.uids import derived_uid
 from pipelines.scoring import is_survival
 from pipelines.scoring.cards import cohort_text
 from pipelines.scoring.text import (
@@ -79,21 +78,6 @@ from pipelines.scoring.text import (
     years_text,
 )
 from pipelines.scoring.text import verdict as verdict_text
-
-ENCAPSULATED_PDF = UID("1.2.840.10008.5.1.4.1.1.104.1")
-_COPIED = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "StudyID",
-    "ReferringPhysicianName",
-    "AccessionNumber",
-)
-TITLE = "Tumour and radiomics report"
 
 
 def _date(value: Any) -> str:
@@ -558,54 +542,3 @@ def _km_axes(page: Pages, score: Mapping[str, Any], card: Mapping[str, Any]) -> 
             x = left + width * float(t) / span
             page.put(x, page.y, str(count), size=8, ha="center", va="top")
     page.y -= 0.2
-
-
-def encode_pdf(
-    sources: Sequence[Dataset],
-    document: bytes,
-    *,
-    job_key: str,
-    version_key: str,
-    series_number: int = 9191,
-    uid_root: str | None = None,
-    title: str = TITLE,
-    not_for_clinical_use: bool = True,
-) -> FileDataset:
-    """An Encapsulated PDF instance in the source study (UIDs derived like the SEG's and SR's)."""
-    first = sources[0]
-    kind_of = "PDF " + str(first.SeriesInstanceUID)
-    sop_uid = derived_uid("instance", kind_of, version_key, job_key, root=uid_root)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ENCAPSULATED_PDF
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SpecificCharacterSet = first.get("SpecificCharacterSet", "ISO_IR 192")
-    for keyword in _COPIED:
-        setattr(ds, keyword, first.get(keyword))
-    now = datetime.now()
-    ds.SOPClassUID = ENCAPSULATED_PDF
-    ds.SOPInstanceUID = sop_uid
-    ds.Modality = "DOC"
-    ds.SeriesInstanceUID = derived_uid("series", kind_of, version_key, job_key, root=uid_root)
-    ds.SeriesNumber = series_number
-    ds.SeriesDescription = series_description(f"{title} (PDF)", not_for_clinical_use)
-    ds.Manufacturer = MANUFACTURER
-    ds.SoftwareVersions = SOFTWARE_VERSION
-    ds.ConversionType = "WSD"
-    ds.InstanceNumber = 1
-    ds.ContentDate = now.strftime("%Y%m%d")
-    ds.ContentTime = now.strftime("%H%M%S")
-    ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
-    ds.BurnedInAnnotation = "YES"  # the PDF shows the patient's name, images and numbers
-    ds.DocumentTitle = series_description(title, not_for_clinical_use)
-    ds.ConceptNameCodeSequence = []
-    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
-    ds.EncapsulatedDocumentLength = len(document)
-    ds.EncapsulatedDocument = document + (b"\0" if len(document) % 2 else b"")
-    reference = Dataset()
-    reference.ReferencedSOPClassUID = first.SOPClassUID
-    reference.ReferencedSOPInstanceUID = first.SOPInstanceUID
-    ds.SourceInstanceSequence = [reference]
-    return ds

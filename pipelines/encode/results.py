@@ -19,10 +19,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import SimpleITK as sitk
+from pydicom.dataset import Dataset
 
-from pipelines.encode.pdf import encode_pdf, report_pdf
+from pipelines.encode.document import encode_pdf
+from pipelines.encode.pdf import report_pdf
 from pipelines.encode.seg import (
     Algorithm,
     encode_seg,
@@ -32,6 +35,8 @@ from pipelines.encode.seg import (
 )
 from pipelines.encode.sr import encode_sr, scores_key, tumour_measurements
 from pipelines.io.dicom import SeriesRef
+from pipelines.scoring.clinical import ClinicalFactors
+from pipelines.segment.card import SegModelCard
 
 SEG_SERIES_BASE = 9100  # + 1, 2, ... per segmented sequence, by sequence name
 SR_SERIES_NUMBER = 9190
@@ -45,11 +50,11 @@ def write_results(
     images: Mapping[str, sitk.Image],
     masks: Mapping[str, sitk.Image],
     primary: str,
-    segmentation_card: Mapping[str, Any],
+    segmentation_card: SegModelCard,
     job_key: str,
     scores: Sequence[Mapping[str, Any]] = (),
     cards: Mapping[str, Mapping[str, Any]] | None = None,
-    clinical: Mapping[str, Any] | None = None,
+    clinical: ClinicalFactors | None = None,
     uid_root: str | None = None,
     quality: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
@@ -57,23 +62,125 @@ def write_results(
 
     ``primary`` is the sequence the tumour was segmented on: the SR and the
     PDF describe that series; each role in ``series`` with a mask gets a SEG.
-    ``scores`` are :func:`pipelines.scoring.score` results, one per card,
-    and the skip records of cards that did not score (``skipped``: why);
-    ``cards`` (by id) give the PDF each survival card's nomogram and
-    training curves. ``quality`` is the segmentation's quality estimate
+    ``segmentation_card`` names the algorithm in every object (its id and
+    version; the card type refuses a card without them). ``scores`` are
+    :func:`pipelines.scoring.score` results, one per card, and the skip
+    records of cards that did not score (``skipped``: why); ``cards`` (by
+    id) give the PDF each survival card's nomogram and training curves.
+    ``quality`` is the segmentation's quality estimate
     (:meth:`pipelines.segment.quality.Quality.as_dict`): the SR and the PDF
     show its score and whether a person should review the mask.
     """
     out.mkdir(parents=True, exist_ok=True)
-    algorithm = Algorithm(
-        str(segmentation_card.get("id", "segmentation")),
-        str(segmentation_card.get("version", "0")),
-    )
+    algorithm = Algorithm(segmentation_card.id, segmentation_card.version)
     not_clinical = "not for clinical use" in " ".join(
         str(c.get("clinical_use", "not for clinical use")).lower()
-        for c in (segmentation_card, *[s for s in scores if "skipped" not in s])
+        for c in ({"clinical_use": segmentation_card.clinical_use}, *_scored(scores))
     )
-    scored = [s for s in scores if "skipped" not in s]
+    written, sources_by_role = _write_segs(
+        out, series, masks, algorithm, job_key, uid_root, not_clinical
+    )
+    if primary not in sources_by_role:
+        return written
+    sources = sources_by_role[primary]
+    previous = pydicom.dcmread(out / "sr.dcm") if (out / "sr.dcm").is_file() else None
+    sr = encode_sr(
+        sources,
+        images[primary],
+        masks[primary],
+        segmentation_model=algorithm,
+        job_key=job_key,
+        scores=scores,
+        not_for_clinical_use=not_clinical,
+        series_number=SR_SERIES_NUMBER,
+        uid_root=uid_root,
+        previous=previous,
+        quality=quality,
+    )
+    sr.save_as(out / "sr.dcm", enforce_file_format=True)
+    written["sr"] = out / "sr.dcm"
+    written["pdf"] = _write_pdf(
+        out,
+        images[primary],
+        mask_array(masks[primary], sources),
+        sources,
+        role=primary,
+        algorithm=algorithm,
+        job_key=job_key,
+        scores=scores,
+        cards=cards or {},
+        clinical=clinical,
+        uid_root=uid_root,
+        not_clinical=not_clinical,
+        quality=quality,
+    )
+    return written
+
+
+def _write_pdf(
+    out: Path,
+    image: sitk.Image,
+    mask: np.ndarray,
+    sources: list[Dataset],
+    *,
+    role: str,
+    algorithm: Algorithm,
+    job_key: str,
+    scores: Sequence[Mapping[str, Any]],
+    cards: Mapping[str, Mapping[str, Any]],
+    clinical: ClinicalFactors | None,
+    uid_root: str | None,
+    not_clinical: bool,
+    quality: Mapping[str, Any] | None,
+) -> Path:
+    """The PDF report as ``report.pdf`` and as an Encapsulated PDF (``report_pdf.dcm``)."""
+    models = "; ".join(
+        [f"{algorithm.name} {algorithm.version}"]
+        + [f"{s['signature']} {s.get('version', '')}" for s in _scored(scores)]
+    )
+    document = report_pdf(
+        image,
+        mask,
+        tumour_measurements(image, mask),
+        sources=sources,
+        role=role,
+        scores=scores,
+        cards=cards,
+        clinical=clinical.to_json() if clinical else None,
+        models=models,
+        segmentation_model=f"{algorithm.name} {algorithm.version}",
+        not_for_clinical_use=not_clinical,
+        quality=quality,
+    )
+    (out / "report.pdf").write_bytes(document)
+    pdf = encode_pdf(
+        sources,
+        document,
+        job_key=job_key,
+        version_key=algorithm.version + scores_key(scores),
+        series_number=PDF_SERIES_NUMBER,
+        uid_root=uid_root,
+        not_for_clinical_use=not_clinical,
+    )
+    pdf.save_as(out / "report_pdf.dcm", enforce_file_format=True)
+    return out / "report_pdf.dcm"
+
+
+def _scored(scores: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The results of cards that scored (not the skip records)."""
+    return [s for s in scores if "skipped" not in s]
+
+
+def _write_segs(
+    out: Path,
+    series: Mapping[str, SeriesRef],
+    masks: Mapping[str, sitk.Image],
+    algorithm: Algorithm,
+    job_key: str,
+    uid_root: str | None,
+    not_clinical: bool,
+) -> tuple[dict[str, Path], dict[str, list[Dataset]]]:
+    """A SEG per role with a mask, numbered by role name: (kind -> path, role -> sources)."""
     written: dict[str, Path] = {}
     sources_by_role = {}
     for number, role in enumerate(sorted(series), start=1):
@@ -98,56 +205,4 @@ def write_results(
         path = out / f"seg_{role}.dcm"
         seg.save_as(path, enforce_file_format=True)
         written[f"seg_{role}"] = path
-    if primary not in sources_by_role:
-        return written
-    sources = sources_by_role[primary]
-    previous = pydicom.dcmread(out / "sr.dcm") if (out / "sr.dcm").is_file() else None
-    sr = encode_sr(
-        sources,
-        images[primary],
-        masks[primary],
-        segmentation_model=algorithm,
-        job_key=job_key,
-        scores=scores,
-        not_for_clinical_use=not_clinical,
-        series_number=SR_SERIES_NUMBER,
-        uid_root=uid_root,
-        previous=previous,
-        quality=quality,
-    )
-    sr.save_as(out / "sr.dcm", enforce_file_format=True)
-    written["sr"] = out / "sr.dcm"
-    mask = mask_array(masks[primary], sources)
-    facts = tumour_measurements(images[primary], mask)
-    models = "; ".join(
-        [f"{algorithm.name} {algorithm.version}"]
-        + [f"{s['signature']} {s.get('version', '')}" for s in scored]
-    )
-    document = report_pdf(
-        images[primary],
-        mask,
-        facts,
-        sources=sources,
-        role=primary,
-        scores=scores,
-        cards=cards or {},
-        clinical=clinical,
-        models=models,
-        segmentation_model=f"{algorithm.name} {algorithm.version}",
-        not_for_clinical_use=not_clinical,
-        quality=quality,
-    )
-    (out / "report.pdf").write_bytes(document)
-    version_key = algorithm.version + scores_key(scores)
-    pdf = encode_pdf(
-        sources,
-        document,
-        job_key=job_key,
-        version_key=version_key,
-        series_number=PDF_SERIES_NUMBER,
-        uid_root=uid_root,
-        not_for_clinical_use=not_clinical,
-    )
-    pdf.save_as(out / "report_pdf.dcm", enforce_file_format=True)
-    written["pdf"] = out / "report_pdf.dcm"
-    return written
+    return written, sources_by_role

@@ -1,6 +1,6 @@
 """The signature cards a pipeline scores with, checked once, and what to extract for them.
 
-A pipeline lists several cards (``signatures:``). :meth:`Signature.load`
+A pipeline lists several cards (``signatures:``). :meth:`SignatureCard.from_folder`
 refuses, naming the file, a card that cannot be used: unreadable YAML, a
 missing or altered parameter file, an extraction mode its parameter file
 does not give, an unknown region, feature names outside its own sequences and regions, a malformed
@@ -42,8 +42,13 @@ class CardError(ValueError):
 
 
 @dataclass(frozen=True)
-class Signature:
-    """A signature card checked for use: its folder, the card, its radiomics parameters."""
+class SignatureCard:
+    """A signature card checked for use: its folder, the card, its radiomics parameters.
+
+    Built only by :meth:`from_folder`, which refuses a card that cannot be
+    used; ``card`` is the whole mapping (what the scorer and the PDF read),
+    the other fields the facts every stage needs.
+    """
 
     folder: Path
     card: Mapping[str, Any] = field(repr=False)
@@ -53,13 +58,29 @@ class Signature:
     sequences: tuple[str, ...]
     regions: tuple[str, ...]
 
+    def __post_init__(self) -> None:
+        where = self.folder / CARD_FILE
+        for key in ("id", "version", "endpoint"):
+            if not str(self.card.get(key) or "").strip():
+                raise CardError(f"{where}: field {key!r} is missing")
+
     @property
     def id(self) -> str:
         """The card's id (its folder name, by convention)."""
         return str(self.card["id"])
 
+    @property
+    def version(self) -> str:
+        """The card's version, as every result names it."""
+        return str(self.card["version"])
+
+    @property
+    def endpoint(self) -> str:
+        """What the card predicts (``pfs``, ``efs``, ``lung_metastasis``, ``high_grade`` ...)."""
+        return str(self.card["endpoint"])
+
     @classmethod
-    def load(cls, folder: Path) -> Signature:
+    def from_folder(cls, folder: Path) -> SignatureCard:
         """Read and check the card in ``folder``.
 
         Raises
@@ -67,8 +88,6 @@ class Signature:
         CardError
             Naming ``folder``'s card file and the problem.
         """
-        from pipelines.radiomics.extract import ExtractionError, load_params, params_hash
-
         where = folder / CARD_FILE
         try:
             card = load_signature_card(folder)
@@ -76,28 +95,7 @@ class Signature:
             raise CardError(f"{where}: not valid YAML: {exc}") from exc
         except (ScoreError, OSError) as exc:
             raise CardError(f"{where}: {exc}") from exc
-        extraction = card.get("extraction")
-        if not isinstance(extraction, Mapping) or not extraction.get("params_file"):
-            raise CardError(f"{where}: needs extraction.params_file")
-        try:
-            params = load_params(folder / str(extraction["params_file"]))
-        except ExtractionError as exc:
-            raise CardError(f"{where}: {exc}") from exc
-        digest = params_hash(params)
-        pinned = extraction.get("params_sha256")
-        if pinned and pinned != digest:
-            raise CardError(
-                f"{where}: {extraction['params_file']} has sha256 {digest[:12]}..., "
-                f"the card was fitted with {str(pinned)[:12]}..."
-            )
-        mode = str(extraction.get("mode") or DEFAULT_MODE)
-        section = params.get(PARAMS_SECTION) or {}
-        extracts = str(section.get("mode") or DEFAULT_MODE) if isinstance(section, Mapping) else "?"
-        if mode != extracts:
-            raise CardError(
-                f"{where}: the card was fitted in extraction mode {mode!r}, its parameter file "
-                f"{extraction['params_file']} extracts in mode {extracts!r}"
-            )
+        params, digest, mode = _checked_params(card, folder)
         sequences = card.get("sequences")
         if (
             not isinstance(sequences, list)
@@ -108,33 +106,8 @@ class Signature:
         regions = card.get("regions") or ["tumour"]
         if not isinstance(regions, list) or any(r not in REGIONS for r in regions):
             raise CardError(f"{where}: 'regions' must be some of {', '.join(REGIONS)}")
-        if not isinstance(card["features"], list) or not all(
-            isinstance(f, Mapping) for f in card["features"]
-        ):
-            raise CardError(f"{where}: 'features' must be a list of mappings")
-        for feature in card["features"]:
-            name = str(feature.get("name", ""))
-            parts = name.split(":")
-            if len(parts) < 3 or parts[0] not in sequences or parts[1] not in regions:
-                raise CardError(
-                    f"{where}: feature {name!r} is not <sequence>:<region>:<feature> "
-                    f"of its sequences {sequences} and regions {regions}"
-                )
-            if not all(k in feature for k in ("mean", "sd", "coefficient")):
-                raise CardError(f"{where}: feature {name!r} needs mean, sd and coefficient")
-        if "radscore_cox" in card:
-            cox = card["radscore_cox"]
-            if not isinstance(cox, Mapping) or not all(
-                k in cox for k in ("covariates", "coefficients", "means", "baseline_survival")
-            ):
-                raise CardError(
-                    f"{where}: radscore_cox needs covariates, coefficients, means, "
-                    "baseline_survival"
-                )
-        try:
-            check_block(card)
-        except ScoreError as exc:
-            raise CardError(f"{where}: {exc}") from exc
+        _check_features(card, where, sequences, regions)
+        _check_models(card, where)
         return cls(
             folder=folder,
             card=card,
@@ -146,9 +119,75 @@ class Signature:
         )
 
 
-def load_signatures(folders: Sequence[Path]) -> list[Signature]:
+def _checked_params(card: Mapping[str, Any], folder: Path) -> tuple[dict[str, Any], str, str]:
+    """(radiomics parameters, their sha256, extraction mode), checked against the card."""
+    from pipelines.radiomics.extract import ExtractionError, load_params, params_hash
+
+    where = folder / CARD_FILE
+    extraction = card.get("extraction")
+    if not isinstance(extraction, Mapping) or not extraction.get("params_file"):
+        raise CardError(f"{where}: needs extraction.params_file")
+    try:
+        params = load_params(folder / str(extraction["params_file"]))
+    except ExtractionError as exc:
+        raise CardError(f"{where}: {exc}") from exc
+    digest = params_hash(params)
+    pinned = extraction.get("params_sha256")
+    if pinned and pinned != digest:
+        raise CardError(
+            f"{where}: {extraction['params_file']} has sha256 {digest[:12]}..., "
+            f"the card was fitted with {str(pinned)[:12]}..."
+        )
+    mode = str(extraction.get("mode") or DEFAULT_MODE)
+    section = params.get(PARAMS_SECTION) or {}
+    extracts = str(section.get("mode") or DEFAULT_MODE) if isinstance(section, Mapping) else "?"
+    if mode != extracts:
+        raise CardError(
+            f"{where}: the card was fitted in extraction mode {mode!r}, its parameter file "
+            f"{extraction['params_file']} extracts in mode {extracts!r}"
+        )
+    return params, digest, mode
+
+
+def _check_features(
+    card: Mapping[str, Any], where: Path, sequences: list[str], regions: list[str]
+) -> None:
+    """Every feature is ``<sequence>:<region>:<feature>`` of the card's own, with its numbers."""
+    if not isinstance(card["features"], list) or not all(
+        isinstance(f, Mapping) for f in card["features"]
+    ):
+        raise CardError(f"{where}: 'features' must be a list of mappings")
+    for feature in card["features"]:
+        name = str(feature.get("name", ""))
+        parts = name.split(":")
+        if len(parts) < 3 or parts[0] not in sequences or parts[1] not in regions:
+            raise CardError(
+                f"{where}: feature {name!r} is not <sequence>:<region>:<feature> "
+                f"of its sequences {sequences} and regions {regions}"
+            )
+        if not all(k in feature for k in ("mean", "sd", "coefficient")):
+            raise CardError(f"{where}: feature {name!r} needs mean, sd and coefficient")
+
+
+def _check_models(card: Mapping[str, Any], where: Path) -> None:
+    """The rad-score Cox block, when there is one, and the applicability block."""
+    if "radscore_cox" in card:
+        cox = card["radscore_cox"]
+        if not isinstance(cox, Mapping) or not all(
+            k in cox for k in ("covariates", "coefficients", "means", "baseline_survival")
+        ):
+            raise CardError(
+                f"{where}: radscore_cox needs covariates, coefficients, means, baseline_survival"
+            )
+    try:
+        check_block(card)
+    except ScoreError as exc:
+        raise CardError(f"{where}: {exc}") from exc
+
+
+def load_signatures(folders: Sequence[Path]) -> list[SignatureCard]:
     """Each card in ``folders``, in order; an id used twice is an error."""
-    found = [Signature.load(folder) for folder in folders]
+    found = [SignatureCard.from_folder(folder) for folder in folders]
     ids = [s.id for s in found]
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
@@ -188,7 +227,7 @@ class Extraction:
 
 
 def plan(
-    signatures: Sequence[Signature], available: Collection[str]
+    signatures: Sequence[SignatureCard], available: Collection[str]
 ) -> tuple[list[Extraction], dict[str, str]]:
     """(extractions to run, card id -> why it is skipped) for a study with ``available`` roles.
 
@@ -196,7 +235,7 @@ def plan(
     made from the tumour mask, so any study gives them.
     """
     skipped: dict[str, str] = {}
-    groups: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], list[Signature]] = {}
+    groups: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], list[SignatureCard]] = {}
     for s in signatures:
         missing = [r for r in s.sequences if r not in available]
         if missing:

@@ -16,7 +16,7 @@ import pandas as pd
 import SimpleITK as sitk
 
 from pipelines.scoring import ScoreError, score
-from pipelines.scoring.cards import Extraction, Signature, card_facts
+from pipelines.scoring.cards import Extraction, SignatureCard, card_facts
 
 NOT_EXTRACTED = (
     "no features were extracted for it (no radiomics stage ran, or it ran before the card "
@@ -53,7 +53,7 @@ def extract_all(
 
 
 def score_all(
-    signatures: Sequence[Signature],
+    signatures: Sequence[SignatureCard],
     rows: Mapping[str, Mapping[str, float]],
     skipped: Mapping[str, str],
     clinical: Mapping[str, Any] | None = None,

@@ -9,6 +9,8 @@ are not the ones the card (and its validation figures) describe.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +169,64 @@ def write_card(folder: Path, card: dict[str, Any]) -> Path:
     path = folder / CARD_FILE
     path.write_text(yaml.safe_dump(card, sort_keys=False, width=100))
     return path
+
+
+@dataclass(frozen=True)
+class SegModelCard:
+    """A segmentation model's card, checked: what every result names as its algorithm.
+
+    Built by :meth:`from_folder` (weights checksummed, inference fields
+    checked) or :meth:`from_checked` for a card a
+    :class:`~pipelines.segment.infer.Segmenter` has already loaded. ``id``
+    and ``version`` are required: a result never names a model
+    "segmentation 0".
+    """
+
+    folder: Path
+    id: str
+    version: str
+    clinical_use: str
+    card: Mapping[str, Any] = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for key in ("id", "version"):
+            if not str(getattr(self, key)).strip():
+                raise ModelError(f"model card {self.folder / CARD_FILE}: field {key!r} is missing")
+
+    @classmethod
+    def from_checked(cls, card: Mapping[str, Any], folder: Path) -> SegModelCard:
+        """From a card already read by :func:`load_card` (``folder`` is where it lives).
+
+        Raises
+        ------
+        ModelError
+            ``model card <folder>/card.yaml: field 'id' is missing`` (or version).
+        """
+        for key in ("id", "version"):
+            if card.get(key) is None:
+                raise ModelError(f"model card {folder / CARD_FILE}: field {key!r} is missing")
+        return cls(
+            folder=folder,
+            id=str(card["id"]),
+            version=str(card["version"]),
+            clinical_use=str(card.get("clinical_use") or NOT_CLINICAL),
+            card=card,
+        )
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> SegModelCard:
+        """Read ``folder/card.yaml``, check its weights' checksums and inference fields.
+
+        Raises
+        ------
+        ModelError
+            Naming the folder or the card's field and the problem.
+        """
+        card = load_card(folder)
+        check_inference_card(card, folder / CARD_FILE)
+        return cls.from_checked(card, folder)
+
+    @property
+    def name(self) -> str:
+        """``<id> <version>``, as the SR, the PDF and the job outputs name the model."""
+        return f"{self.id} {self.version}"

@@ -19,6 +19,7 @@ from pipelines.encode.seg import Algorithm, EncodeError, encode_seg, source_data
 from pipelines.encode.sr import longest_axial_diameter_mm
 from pipelines.encode.uids import check_root, derived_uid
 from pipelines.io.dicom import load_series, scan
+from pipelines.segment.card import SegModelCard
 from pipelines.segment.quality import Quality
 from pipelines.synth.study import write_study
 from tests.peers import require
@@ -101,7 +102,7 @@ def _results(
     score: dict[str, object] | None = SCORE,
     quality: dict[str, object] | None = None,
 ) -> dict[str, Path]:
-    seg_card = yaml.safe_load((REPO / "models" / "sarcnode-seg-demo" / "card.yaml").read_text())
+    seg_card = SegModelCard.from_folder(REPO / "models" / "sarcnode-seg-demo")
     pfs_card = yaml.safe_load((REPO / "models" / "sarcnode-pfs-demo" / "card.yaml").read_text())
     features = {f["name"]: 1.0 + i for i, f in enumerate(pfs_card["features"])}
     return write_results(

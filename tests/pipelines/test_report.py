@@ -27,6 +27,7 @@ from pipelines.encode.seg import source_datasets
 from pipelines.io.dicom import load_series, scan
 from pipelines.io.roles import load_role_rules
 from pipelines.scoring import score
+from pipelines.segment.card import SegModelCard
 from pipelines.segment.study import choose_series
 from tests.conftest import shared_data
 from tests.peers import require
@@ -75,7 +76,7 @@ def sts001(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             features[name] = low - (high - low)
         results.append(score(c, features))
     out = tmp_path_factory.mktemp("sts001")
-    seg_card = card("sarcnode-seg-demo")
+    seg_card = SegModelCard.from_folder(REPO / "models" / "sarcnode-seg-demo")
     files = write_results(
         out,
         series={"T2FS": ref},
@@ -183,7 +184,7 @@ def test_the_outside_only_report_fits_on_one_page(tmp_path: Path) -> None:
         images={"T2FS": image},
         masks={"T2FS": mask},
         primary="T2FS",
-        segmentation_card=card("sarcnode-seg-demo"),
+        segmentation_card=SegModelCard.from_folder(REPO / "models" / "sarcnode-seg-demo"),
         job_key="report-test-outside",
         scores=results,
         cards=cards,

@@ -18,7 +18,7 @@ import yaml
 
 from pipelines.radiomics.extract import load_params, params_hash
 from pipelines.scoring import is_survival, score
-from pipelines.scoring.cards import CardError, Signature, load_signatures, plan
+from pipelines.scoring.cards import CardError, SignatureCard, load_signatures, plan
 from pipelines.scoring.domain import judge, reconstruct_block
 from pipelines.scoring.text import score_lines
 from pipelines.signature.card import load_signature_card
@@ -91,7 +91,7 @@ def t1_card(
 
 
 def test_the_demo_card_knows_its_range_and_says_it_is_the_synthetic_demo() -> None:
-    card = Signature.load(DEMO).card
+    card = SignatureCard.from_folder(DEMO).card
     inside = {f["name"]: f["mean"] for f in card["features"]}
     result = score(card, inside)
     assert result["applicability"]["status"] == "inside"
@@ -130,7 +130,7 @@ def test_the_demo_block_is_reconstructed_from_the_training_cases(tmp_path: Path)
 
 
 def test_a_feature_outside_its_training_range_withholds_the_risk_group(tmp_path: Path) -> None:
-    card = Signature.load(t1_card(tmp_path / "c", sphericity=(0.35, 0.9))).card
+    card = SignatureCard.from_folder(t1_card(tmp_path / "c", sphericity=(0.35, 0.9))).card
     inside = score(card, {SPHERICITY: 0.6, ELONGATION: 0.7})
     assert inside["applicability"]["status"] == "inside"
     assert inside["risk_group"] in ("positive", "negative") and "probability" in inside
@@ -156,7 +156,7 @@ def test_a_feature_outside_its_training_range_withholds_the_risk_group(tmp_path:
     assert "fitted on 37 real patients; nested CV: nested-CV AUC 0.71" in text
 
     # A final fit that kept no feature: the card says so, and so does every output.
-    empty = Signature.load(
+    empty = SignatureCard.from_folder(
         t1_card(
             tmp_path / "e",
             features=[],
@@ -194,9 +194,11 @@ def test_an_efs_card_is_a_survival_card(tmp_path: Path) -> None:
 
 
 def test_cards_apply_by_sequence_and_share_extractions(tmp_path: Path) -> None:
-    demo = Signature.load(DEMO)
-    metastasis = Signature.load(t1_card(tmp_path / "m"))
-    grade = Signature.load(t1_card(tmp_path / "g", "sarcnode-grade-test", endpoint="high_grade"))
+    demo = SignatureCard.from_folder(DEMO)
+    metastasis = SignatureCard.from_folder(t1_card(tmp_path / "m"))
+    grade = SignatureCard.from_folder(
+        t1_card(tmp_path / "g", "sarcnode-grade-test", endpoint="high_grade")
+    )
     extractions, skipped = plan([demo, metastasis, grade], {"T2FS"})
     assert extractions == []
     assert skipped["sarcnode-grade-test"] == "needs T1: not in the study (it has T2FS)"
@@ -232,7 +234,7 @@ def test_a_broken_card_is_refused_naming_its_file(
 ) -> None:
     folder = t1_card(tmp_path / "bad", **change)
     with pytest.raises(CardError, match=str(folder / "card.yaml")) as info:
-        Signature.load(folder)
+        SignatureCard.from_folder(folder)
     assert message in str(info.value)
 
 
@@ -240,8 +242,8 @@ def test_unreadable_missing_and_twice_listed_cards_are_refused(tmp_path: Path) -
     folder = t1_card(tmp_path / "c")
     (folder / "card.yaml").write_text("id: [unclosed\n")
     with pytest.raises(CardError, match="not valid YAML"):
-        Signature.load(folder)
+        SignatureCard.from_folder(folder)
     with pytest.raises(CardError, match=str(tmp_path / "none")):
-        Signature.load(tmp_path / "none")
+        SignatureCard.from_folder(tmp_path / "none")
     with pytest.raises(CardError, match="listed twice: sarcnode-pfs-demo"):
         load_signatures([DEMO, DEMO])

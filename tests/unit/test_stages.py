@@ -163,9 +163,12 @@ def test_noise_fails_the_job_for_good_with_what_was_measured(tmp_path: Path) -> 
             detail = json.loads(failed.detail)
     finally:
         db.dispose()
-    assert error.startswith("segment: BadInput: T2FS series: the image looks like noise")
+    assert error.startswith(
+        "segment: ImplausibleImageError: T2FS series: the image looks like noise"
+    )
     assert "neighbouring voxels correlate" in error
-    assert detail["stage"] == "segment" and detail["error"].startswith("BadInput: ")
+    assert detail["stage"] == "segment"
+    assert detail["error"].startswith("ImplausibleImageError: ")
     shown = json.loads(run_cli(config, "jobs", "show", str(ctx.job_id), "--json").stdout)
     assert shown["state"] == "failed" and shown["segmentation_quality"] is None
 
