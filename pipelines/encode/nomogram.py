@@ -137,6 +137,9 @@ def patient_values(
     return values
 
 
+LABEL_X = -4.0  # where axis labels end, in points
+
+
 def nomogram_axes(ax: Any, model: Model, patient: Mapping[str, float]) -> dict[str, float]:
     """Draw the nomogram of ``model`` on ``ax``; return the patient's points and outcomes.
 
@@ -145,119 +148,141 @@ def nomogram_axes(ax: Any, model: Model, patient: Mapping[str, float]) -> dict[s
     each covariate, total points and outcomes are marked in red; the
     outcomes read off the axes are the model's (the printed) numbers.
     """
-    names = model.covariates
-    zero = {
-        c: model.ranges[c][0] if model.coefficients[c] > 0 else model.ranges[c][1] for c in names
-    }
-    spans = {
-        c: abs(model.coefficients[c]) * (model.ranges[c][1] - model.ranges[c][0]) for c in names
-    }
-    scale = 100.0 / max(max(spans.values()), 1e-12)
-
-    def points(c: str, v: float) -> float:
-        return scale * model.coefficients[c] * (v - zero[c])
-
-    total_max = sum(scale * spans[c] for c in names)
-    offset = model.lp(zero)  # the linear predictor at 0 total points
-    rows = len(names) + 2 + len(model.outcomes)
+    scale = _Scale.of(model)
+    rows = len(model.covariates) + 2 + len(model.outcomes)
     y = float(rows)
-    label_x = -4.0
-
-    def axis(
-        yy: float, label: str, ticks: Sequence[tuple[float, str]], lo: float, hi: float
-    ) -> None:
-        ax.plot([lo, hi], [yy, yy], color="black", linewidth=0.8)
-        for x, text in ticks:
-            ax.plot([x, x], [yy, yy + 0.12], color="black", linewidth=0.8)
-            ax.text(x, yy + 0.18, text, ha="center", va="bottom", fontsize=7)
-        ax.text(label_x, yy, label, ha="right", va="center", fontsize=8.5)
-
-    axis(
-        y,
-        "Points",
-        [(p, f"{p:g}") for p in range(0, 101, 10)],
-        0,
-        100,
-    )
+    _axis(ax, y, "Points", [(p, f"{p:g}") for p in range(0, 101, 10)], 0, 100)
     marks: dict[str, float] = {}
-    total = 0.0
-    for c in names:
+    for c in model.covariates:
         y -= 1
-        lo, hi = model.ranges[c]
-        ticks = MaxNLocator(nbins=6).tick_values(lo, hi)
-        ticks = [t for t in ticks if lo - 1e-9 <= t <= hi + 1e-9]
-        binary = (lo, hi) == (0.0, 1.0)
-        labels = [(points(c, t), ("yes" if t else "no") if binary else f"{t:g}") for t in ticks]
-        ends = sorted([points(c, lo), points(c, hi)])
-        axis(y, "Rad-score" if c == "radscore" else c.replace("_", " "), labels, *ends)
-        if c in patient:
-            p = points(c, patient[c])
-            total += p
+        p = _covariate_row(ax, y, c, model, scale, patient.get(c), rows)
+        if p is not None:
             marks[c] = p
-            shown = min(max(p, ends[0]), ends[1])  # a value off the axis is marked at its end
-            ax.plot([shown], [y], "o", color=RED, markersize=5, zorder=5)
-            ax.plot([shown, shown], [y, float(rows)], color=RED, linewidth=0.6, linestyle=":")
-            if shown != p:
-                ax.text(
-                    shown,
-                    y - 0.3,
-                    f"{patient[c]:.3g}: off the axis",
-                    color=RED,
-                    fontsize=7,
-                    ha="center",
-                    va="top",
-                )
+    total = sum(marks.values())
     y -= 1
-    per = 100.0 / total_max if total_max else 1.0
-    step = _nice_step(total_max)
-    axis(
-        y,
-        "Total points",
-        [(t * per, f"{t:g}") for t in np.arange(0, total_max + 1e-9, step)],
-        0,
-        100,
-    )
+    per = 100.0 / scale.total_max if scale.total_max else 1.0
+    step = _nice_step(scale.total_max)
+    ticks = [(t * per, f"{t:g}") for t in np.arange(0, scale.total_max + 1e-9, step)]
+    _axis(ax, y, "Total points", ticks, 0, 100)
     at = min(max(total * per, 0.0), 100.0)
     ax.plot([at], [y], "o", color=RED, markersize=5, zorder=5)
     marks["total_points"] = total
-    lp = offset + total / scale
+    lp = scale.offset + total / scale.scale
     for label, function in model.outcomes:
         y -= 1
-        lp_lo, lp_hi = offset, offset + total_max / scale
-        marked: list[tuple[float, str]] = []
-        for prob in (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
-            where = _inverse(function, prob, lp_lo, lp_hi)
-            if where is not None:
-                marked.append(((where - offset) * scale * per, f"{prob:g}"))
-        if marked:
-            xs = [x for x, _ in marked]
-            axis(y, label, _spaced(marked), min(xs), max(xs))
-        else:
-            ax.text(label_x, y, label, ha="right", va="center", fontsize=8.5)
-        value = function(lp)
-        marks[label] = value
-        ax.plot([at], [y], "o", color=RED, markersize=5, zorder=5)
-        ax.text(
-            at + 1.2,
-            y - 0.08,
-            f"{value:.0%}",
-            color=RED,
-            fontsize=8,
-            va="top",
-            bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
-            zorder=6,
-        )
-    ax.plot(
-        [at, at],
-        [y, y + len(model.outcomes) + 1],
-        color=RED,
-        linewidth=0.6,
-        linestyle=":",
-    )
+        marks[label] = _outcome_row(ax, y, label, function, scale, per, lp, at)
+    ax.plot([at, at], [y, y + len(model.outcomes) + 1], color=RED, linewidth=0.6, linestyle=":")
     ax.set_xlim(-45, 108)
     ax.set_ylim(y - 0.9, rows + 0.8)
     ax.axis("off")
     return marks
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """Points per unit of each covariate: the widest covariate spans 100 points."""
+
+    coefficients: Mapping[str, float]
+    zero: Mapping[str, float]  # each covariate's value at 0 points
+    scale: float  # points per unit of linear predictor
+    total_max: float  # the most total points
+    offset: float  # the linear predictor at 0 total points
+
+    @classmethod
+    def of(cls, model: Model) -> _Scale:
+        names = model.covariates
+        zero = {
+            c: model.ranges[c][0] if model.coefficients[c] > 0 else model.ranges[c][1]
+            for c in names
+        }
+        spans = {
+            c: abs(model.coefficients[c]) * (model.ranges[c][1] - model.ranges[c][0]) for c in names
+        }
+        scale = 100.0 / max(max(spans.values()), 1e-12)
+        total_max = sum(scale * spans[c] for c in names)
+        return cls(dict(model.coefficients), zero, scale, total_max, model.lp(zero))
+
+    def points(self, c: str, v: float) -> float:
+        """The points covariate ``c`` at value ``v`` adds."""
+        return self.scale * self.coefficients[c] * (v - self.zero[c])
+
+
+def _axis(
+    ax: Any, y: float, label: str, ticks: Sequence[tuple[float, str]], lo: float, hi: float
+) -> None:
+    """A horizontal axis from ``lo`` to ``hi`` at height ``y`` with labelled ticks."""
+    ax.plot([lo, hi], [y, y], color="black", linewidth=0.8)
+    for x, text in ticks:
+        ax.plot([x, x], [y, y + 0.12], color="black", linewidth=0.8)
+        ax.text(x, y + 0.18, text, ha="center", va="bottom", fontsize=7)
+    ax.text(LABEL_X, y, label, ha="right", va="center", fontsize=8.5)
+
+
+def _covariate_row(
+    ax: Any, y: float, c: str, model: Model, scale: _Scale, value: float | None, rows: int
+) -> float | None:
+    """Covariate ``c``'s axis, the patient's value marked; return its points (None: not given)."""
+    lo, hi = model.ranges[c]
+    ticks = MaxNLocator(nbins=6).tick_values(lo, hi)
+    ticks = [t for t in ticks if lo - 1e-9 <= t <= hi + 1e-9]
+    binary = (lo, hi) == (0.0, 1.0)
+    labels = [(scale.points(c, t), ("yes" if t else "no") if binary else f"{t:g}") for t in ticks]
+    ends = sorted([scale.points(c, lo), scale.points(c, hi)])
+    _axis(ax, y, "Rad-score" if c == "radscore" else c.replace("_", " "), labels, *ends)
+    if value is None:
+        return None
+    p = scale.points(c, value)
+    shown = min(max(p, ends[0]), ends[1])  # a value off the axis is marked at its end
+    ax.plot([shown], [y], "o", color=RED, markersize=5, zorder=5)
+    ax.plot([shown, shown], [y, float(rows)], color=RED, linewidth=0.6, linestyle=":")
+    if shown != p:
+        ax.text(
+            shown,
+            y - 0.3,
+            f"{value:.3g}: off the axis",
+            color=RED,
+            fontsize=7,
+            ha="center",
+            va="top",
+        )
+    return p
+
+
+def _outcome_row(
+    ax: Any,
+    y: float,
+    label: str,
+    function: Callable[[float], float],
+    scale: _Scale,
+    per: float,
+    lp: float,
+    at: float,
+) -> float:
+    """One outcome's axis (probabilities at their total points), the patient's marked."""
+    lp_lo, lp_hi = scale.offset, scale.offset + scale.total_max / scale.scale
+    marked: list[tuple[float, str]] = []
+    for prob in (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99):
+        where = _inverse(function, prob, lp_lo, lp_hi)
+        if where is not None:
+            marked.append(((where - scale.offset) * scale.scale * per, f"{prob:g}"))
+    if marked:
+        xs = [x for x, _ in marked]
+        _axis(ax, y, label, _spaced(marked), min(xs), max(xs))
+    else:
+        ax.text(LABEL_X, y, label, ha="right", va="center", fontsize=8.5)
+    value = function(lp)
+    ax.plot([at], [y], "o", color=RED, markersize=5, zorder=5)
+    ax.text(
+        at + 1.2,
+        y - 0.08,
+        f"{value:.0%}",
+        color=RED,
+        fontsize=8,
+        va="top",
+        bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5},
+        zorder=6,
+    )
+    return value
 
 
 def _spaced(ticks: Sequence[tuple[float, str]], gap: float = 4.5) -> list[tuple[float, str]]:

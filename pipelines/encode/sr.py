@@ -42,7 +42,8 @@ observer is the node as a device.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import contourpy
@@ -307,6 +308,115 @@ def _notes(scores: Sequence[Mapping[str, Any]]) -> hd.sr.ContainerContentItem:
     return container
 
 
+def _tumour_measurements(
+    facts: Mapping[str, float],
+    quality: Mapping[str, Any] | None,
+    scored: Sequence[Mapping[str, Any]],
+    seg_algorithm: hd.sr.AlgorithmIdentification,
+) -> list[hd.sr.Measurement]:
+    """The tumour group's NUMs, in the order OHIF shows them (it draws the first five).
+
+    Volume, a flagged agreement, each card's headline rad-score, then the
+    diameter, key-slice area, signal mean and SD, and an unflagged agreement.
+    """
+    volume = _measurement(codes.SCT.Volume, facts["volume_ml"], ML, seg_algorithm)
+    flagged = quality is not None and bool(quality.get("review"))
+    agreement = []
+    if quality is not None and quality.get("score") is not None:
+        concept = SEG_AGREEMENT_FLAGGED if flagged else SEG_AGREEMENT
+        agreement = [_measurement(concept, quality["score"], DICE_UNIT, seg_algorithm)]
+    headlines = [
+        _measurement(
+            _headline(score),
+            score["radscore"],
+            RADSCORE_UNIT,
+            hd.sr.AlgorithmIdentification(
+                name=str(score["signature"]), version=str(score.get("version") or "1")
+            ),
+        )
+        for score in scored
+    ]
+    return [
+        volume,
+        *(agreement if flagged else []),
+        *headlines,
+        _measurement(codes.SCT.LongAxis, facts["longest_axial_diameter_mm"], MM, seg_algorithm),
+        _measurement(codes.SCT.Area, facts["key_slice_area_mm2"], MM2, seg_algorithm),
+        _measurement(codes.SCT.Mean, facts["mean_intensity"], ARBITRARY_UNIT, seg_algorithm),
+        _measurement(
+            codes.SCT.StandardDeviation, facts["sd_intensity"], ARBITRARY_UNIT, seg_algorithm
+        ),
+        *([] if flagged else agreement),
+    ]
+
+
+def _tumour_evaluations(
+    quality: Mapping[str, Any] | None, not_for_clinical_use: bool
+) -> list[hd.sr.QualitativeEvaluation]:
+    """Whether a person should review the mask (when estimated), and the clinical-use warning."""
+    evaluations = []
+    if quality is not None:
+        flagged = bool(quality.get("review"))
+        evaluations.append(
+            hd.sr.QualitativeEvaluation(
+                SEG_REVIEW, REVIEW_RECOMMENDED if flagged else NO_REVIEW_NEEDED
+            )
+        )
+    if not_for_clinical_use:
+        evaluations.append(hd.sr.QualitativeEvaluation(CLINICAL_USE, NOT_FOR_CLINICAL_USE))
+    return evaluations
+
+
+def _device(segmentation_model: Algorithm, uid_root: str | None) -> hd.sr.ObserverContext:
+    """The observer: sarcnode as a device, named by the segmentation model."""
+    return hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=derived_uid("device", DEVICE_SERIAL, root=uid_root),
+            name="sarcnode",
+            manufacturer_name=MANUFACTURER,
+            model_name=segmentation_model.name,
+            serial_number=DEVICE_SERIAL,
+        ),
+    )
+
+
+def _groups(
+    sources: Sequence[Dataset],
+    image: sitk.Image,
+    mask: np.ndarray,
+    scored: Sequence[Mapping[str, Any]],
+    *,
+    quality: Mapping[str, Any] | None,
+    seg_algorithm: hd.sr.AlgorithmIdentification,
+    tracking_uid: Callable[..., str],
+    not_for_clinical_use: bool,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """The tumour's group on the key slice, then one group per scored card on its own slice."""
+    k = key_slice(mask)
+    groups = [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid(), identifier="Tumour"),
+            referenced_region=_region(outline(mask[k]), sources[k]),
+            finding_type=codes.SCT.Neoplasm,
+            algorithm_id=seg_algorithm,
+            measurements=_tumour_measurements(
+                tumour_measurements(image, mask), quality, scored, seg_algorithm
+            ),
+            qualitative_evaluations=_tumour_evaluations(quality, not_for_clinical_use) or None,
+        )
+    ]
+    others = card_slices(mask, len(scored))
+    for score, s in zip(scored, others, strict=True):
+        tracking = tracking_uid(f"{score['signature']}:{score.get('version')}")
+        groups.append(
+            _signature_group(
+                score, _region(outline(mask[s]), sources[s]), tracking, not_for_clinical_use
+            )
+        )
+    return groups
+
+
 def encode_sr(
     sources: Sequence[Dataset],
     image: sitk.Image,
@@ -333,101 +443,33 @@ def encode_sr(
     its predecessor document.
     """
     mask = mask_array(tumour, sources)
-    facts = tumour_measurements(image, mask)
-    k = key_slice(mask)
-    key = sources[k]
     source_series = str(sources[0].SeriesInstanceUID)
     seg_algorithm = hd.sr.AlgorithmIdentification(
         name=segmentation_model.name, version=segmentation_model.version
     )
     scored = [score for score in scores if "skipped" not in score]
-    volume = _measurement(codes.SCT.Volume, facts["volume_ml"], ML, seg_algorithm)
-    flagged = quality is not None and bool(quality.get("review"))
-    agreement = []
-    if quality is not None and quality.get("score") is not None:
-        concept = SEG_AGREEMENT_FLAGGED if flagged else SEG_AGREEMENT
-        agreement = [_measurement(concept, quality["score"], DICE_UNIT, seg_algorithm)]
-    # OHIF draws the first five NUMs: volume, a flagged agreement, each card's headline.
-    headlines = [
-        _measurement(
-            _headline(score),
-            score["radscore"],
-            RADSCORE_UNIT,
-            hd.sr.AlgorithmIdentification(
-                name=str(score["signature"]), version=str(score.get("version") or "1")
-            ),
-        )
-        for score in scored
-    ]
-    measurements = [
-        volume,
-        *(agreement if flagged else []),
-        *headlines,
-        _measurement(codes.SCT.LongAxis, facts["longest_axial_diameter_mm"], MM, seg_algorithm),
-        _measurement(codes.SCT.Area, facts["key_slice_area_mm2"], MM2, seg_algorithm),
-        _measurement(codes.SCT.Mean, facts["mean_intensity"], ARBITRARY_UNIT, seg_algorithm),
-        _measurement(
-            codes.SCT.StandardDeviation, facts["sd_intensity"], ARBITRARY_UNIT, seg_algorithm
-        ),
-        *([] if flagged else agreement),
-    ]
-    evaluations = []
-    if quality is not None:
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(
-                SEG_REVIEW, REVIEW_RECOMMENDED if flagged else NO_REVIEW_NEEDED
-            )
-        )
-    if not_for_clinical_use:
-        evaluations.append(hd.sr.QualitativeEvaluation(CLINICAL_USE, NOT_FOR_CLINICAL_USE))
     version_key = segmentation_model.version + scores_key(scores)
-    xy = outline(mask[k])
-    groups = [
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=derived_uid(
-                    "track",
-                    source_series,
-                    segmentation_model.version,
-                    job_key,
-                    "tumour",
-                    root=uid_root,
-                ),
-                identifier="Tumour",
-            ),
-            referenced_region=_region(xy, key),
-            finding_type=codes.SCT.Neoplasm,
-            algorithm_id=seg_algorithm,
-            measurements=measurements,
-            qualitative_evaluations=evaluations or None,
-        )
-    ]
-    others = card_slices(mask, len(scored))
-    for score, s in zip(scored, others, strict=True):
-        tracking = derived_uid(
-            "track",
-            source_series,
-            segmentation_model.version,
-            job_key,
-            "tumour",
-            f"{score['signature']}:{score.get('version')}",
-            root=uid_root,
-        )
-        groups.append(
-            _signature_group(
-                score, _region(outline(mask[s]), sources[s]), tracking, not_for_clinical_use
-            )
-        )
-    device = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=derived_uid("device", DEVICE_SERIAL, root=uid_root),
-            name="sarcnode",
-            manufacturer_name=MANUFACTURER,
-            model_name=segmentation_model.name,
-            serial_number=DEVICE_SERIAL,
-        ),
+
+    tracking_uid = partial(
+        derived_uid,
+        "track",
+        source_series,
+        segmentation_model.version,
+        job_key,
+        "tumour",
+        root=uid_root,
     )
+    groups = _groups(
+        sources,
+        image,
+        mask,
+        scored,
+        quality=quality,
+        seg_algorithm=seg_algorithm,
+        tracking_uid=tracking_uid,
+        not_for_clinical_use=not_for_clinical_use,
+    )
+    device = _device(segmentation_model, uid_root)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
         procedure_reported=codes.LN.MRIUnspecifiedBodyRegion,
@@ -436,19 +478,18 @@ def encode_sr(
     if scores:
         report[0].ContentSequence.append(_notes(scores))
     kind_of = "SR " + source_series
+    instance_uid = derived_uid("instance", kind_of, version_key, job_key, root=uid_root)
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources),
         content=report[0],
         series_instance_uid=derived_uid("series", kind_of, version_key, job_key, root=uid_root),
         series_number=series_number,
-        sop_instance_uid=derived_uid("instance", kind_of, version_key, job_key, root=uid_root),
+        sop_instance_uid=instance_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,
         previous_versions=[previous]
-        if previous is not None
-        and previous.SOPInstanceUID
-        != derived_uid("instance", kind_of, version_key, job_key, root=uid_root)
+        if previous is not None and previous.SOPInstanceUID != instance_uid
         else None,
     )
     sr.SeriesDescription = series_description(

@@ -64,18 +64,7 @@ def score(
     if missing:
         raise ScoreError(f"signature {card['id']}: missing feature(s) {', '.join(missing)}")
     clinical = dict(clinical or {})
-    values = np.array([float(features[n]) for n in names])
-    combat = card.get("combat")
-    if combat:
-        batch = clinical.get(combat["batch_column"])
-        if batch is None:
-            raise ScoreError(f"signature {card['id']}: needs the batch ({combat['batch_column']})")
-        if combat.get("feature_names") != names:
-            raise ScoreError(f"signature {card['id']}: ComBat block does not match its features")
-        try:
-            values = ComBat.from_dict(combat).transform(values[None, :], [batch])[0]
-        except ValueError as exc:
-            raise ScoreError(f"signature {card['id']}: {exc}") from exc
+    values = _harmonised(card, names, np.array([float(features[n]) for n in names]), clinical)
     z = np.array([(v - f["mean"]) / f["sd"] for v, f in zip(values, card["features"], strict=True)])
     coefficients = np.array([f["coefficient"] for f in card["features"]])
     radscore = float(card.get("intercept", 0.0) + z @ coefficients)
@@ -83,34 +72,7 @@ def score(
     verdict = judge(card, raw, radscore)
     out: dict[str, Any] = card_facts(card) | {"radscore": radscore}
     if is_survival(card):
-        cutoff = float(card["radscore"]["cutoff"])
-        out["risk_group"] = "high" if radscore > cutoff else "low"
-        out["cutoff"] = cutoff
-        nomogram = card.get("nomogram") or card["radscore_cox"]
-        extra = [c for c in nomogram["covariates"] if c != "radscore"]
-        given = [c for c in extra if clinical.get(c) is not None]
-        have_all = len(given) == len(extra)
-        if given and not have_all:
-            missing = [c for c in extra if c not in given]
-            raise ScoreError(
-                f"signature {card['id']}: the nomogram also needs {', '.join(missing)} "
-                "(give every clinical factor, or none for the radiomics-only model)"
-            )
-        block = nomogram if have_all else card["radscore_cox"]
-        covariates = {"radscore": radscore, **{c: float(clinical[c]) for c in extra if have_all}}
-        lp = sum(
-            block["coefficients"][c] * (covariates[c] - block["means"][c])
-            for c in block["covariates"]
-        )
-        out["model"] = "nomogram" if have_all and extra else "radscore"
-        out["linear_predictor"] = float(lp)
-        out["survival_probability"] = {
-            str(t): float(s0 ** math.exp(lp)) for t, s0 in block["baseline_survival"].items()
-        }
-        if card["endpoint"] == "pfs":  # the name every output used before EFS cards
-            out["pfs_probability"] = dict(out["survival_probability"])
-        if not have_all:
-            out["missing_clinical"] = [c for c in extra if c not in clinical or clinical[c] is None]
+        out |= _survival(card, radscore, clinical)
     else:
         out["probability"] = 1 / (1 + math.exp(-radscore))
         out["risk_group"] = (
@@ -121,4 +83,60 @@ def score(
         out["risk_group"] = None
         out["risk_group_withheld"] = OUTSIDE_WORDS
     out["features"] = raw
+    return out
+
+
+def _harmonised(
+    card: Mapping[str, Any], names: list[str], values: np.ndarray, clinical: Mapping[str, Any]
+) -> np.ndarray:
+    """``values`` through the card's ComBat for the study's batch (as they are without one)."""
+    combat = card.get("combat")
+    if not combat:
+        return values
+    batch = clinical.get(combat["batch_column"])
+    if batch is None:
+        raise ScoreError(f"signature {card['id']}: needs the batch ({combat['batch_column']})")
+    if combat.get("feature_names") != names:
+        raise ScoreError(f"signature {card['id']}: ComBat block does not match its features")
+    try:
+        harmonised: np.ndarray = ComBat.from_dict(combat).transform(values[None, :], [batch])[0]
+    except ValueError as exc:
+        raise ScoreError(f"signature {card['id']}: {exc}") from exc
+    return harmonised
+
+
+def _survival(
+    card: Mapping[str, Any], radscore: float, clinical: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A survival card's risk group and survival probabilities: the nomogram or rad-score model.
+
+    The nomogram answers when every clinical factor it needs is given, the
+    rad-score-only Cox model when none is; some but not all is an error.
+    """
+    cutoff = float(card["radscore"]["cutoff"])
+    out: dict[str, Any] = {"risk_group": "high" if radscore > cutoff else "low", "cutoff": cutoff}
+    nomogram = card.get("nomogram") or card["radscore_cox"]
+    extra = [c for c in nomogram["covariates"] if c != "radscore"]
+    given = [c for c in extra if clinical.get(c) is not None]
+    have_all = len(given) == len(extra)
+    if given and not have_all:
+        missing = [c for c in extra if c not in given]
+        raise ScoreError(
+            f"signature {card['id']}: the nomogram also needs {', '.join(missing)} "
+            "(give every clinical factor, or none for the radiomics-only model)"
+        )
+    block = nomogram if have_all else card["radscore_cox"]
+    covariates = {"radscore": radscore, **{c: float(clinical[c]) for c in extra if have_all}}
+    lp = sum(
+        block["coefficients"][c] * (covariates[c] - block["means"][c]) for c in block["covariates"]
+    )
+    out["model"] = "nomogram" if have_all and extra else "radscore"
+    out["linear_predictor"] = float(lp)
+    out["survival_probability"] = {
+        str(t): float(s0 ** math.exp(lp)) for t, s0 in block["baseline_survival"].items()
+    }
+    if card["endpoint"] == "pfs":  # the name every output used before EFS cards
+        out["pfs_probability"] = dict(out["survival_probability"])
+    if not have_all:
+        out["missing_clinical"] = [c for c in extra if c not in clinical or clinical[c] is None]
     return out
