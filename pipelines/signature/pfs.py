@@ -28,6 +28,7 @@ riskRegression do; each card names this (:data:`IPCW`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -214,39 +215,11 @@ def fit_pfs(
     provenance: dict[str, Any] | None = None,
 ) -> PfsFit:
     """Fit the signature on ``features`` (index: case id) and ``clinical`` (same ids)."""
-    missing = [c for c in (time, event) if c not in clinical.columns]
-    if missing:
-        raise FitError(f"clinical table lacks column(s): {', '.join(missing)}")
-    ids = features.index.intersection(clinical.index)
-    if len(ids) < 20:
-        raise FitError(f"only {len(ids)} cases have both features and clinical data")
-    x_all = features.loc[ids].astype(float)
-    clin = derive_clinical(clinical.loc[ids])
-    split = _split(clin, event, val_fraction, seed)
+    x_all, clin, split = _cases(features, clinical, time, event, val_fraction, seed)
     train, val = split == "train", split == "validation"
-    if clin.loc[train, event].sum() < 5:
-        raise FitError("fewer than 5 events among the training cases")
-    steps: dict[str, int] = {"features": x_all.shape[1]}
-
-    usable = x_all.columns[(x_all.notna().all()) & (x_all.loc[train].std() > 0)]
-    x_all = x_all[usable]
-    steps["non_constant"] = len(usable)
-    if icc is not None:
-        keep = [c for c in x_all.columns if icc.get(c, np.nan) > icc_threshold]
-        x_all = x_all[keep]
-        steps["robust_icc"] = len(keep)
-        if not steps["robust_icc"]:
-            raise FitError(f"no feature has ICC > {icc_threshold}")
-
-    combat: ComBat | None = None
-    if batch is not None:
-        combat = ComBat().fit(x_all.loc[train].to_numpy(), clin.loc[train, batch])
-        x_all = pd.DataFrame(
-            combat.transform(x_all.to_numpy(), clin[batch]),
-            index=x_all.index,
-            columns=x_all.columns,
-        )
-
+    steps: dict[str, int] = {"features": features.shape[1]}
+    x_all = _robust(x_all, train, icc, icc_threshold, steps)
+    x_all, combat = _harmonise(x_all, clin, train, batch)
     means, sds = x_all.loc[train].mean(), x_all.loc[train].std(ddof=0)
     z = (x_all - means) / sds
     copies = duplicates(z.loc[train])
@@ -254,28 +227,9 @@ def fit_pfs(
     steps["distinct"] = z.shape[1]
     t_train = clin.loc[train, time].to_numpy(float)
     e_train = clin.loc[train, event].to_numpy(int)
-
-    uni = univariate_cox(z.loc[train], t_train, e_train)
-    candidates = list(uni.loc[uni["p_adj"] < p_threshold, "feature"])
-    steps["univariate_cox"] = len(candidates)
-    if len(candidates) < 2:
-        raise FitError(
-            f"{len(candidates)} feature(s) pass the univariate Cox filter"
-            f" (adjusted p < {p_threshold})"
-        )
-    coef, alpha, curve = lasso_cox(z.loc[train, candidates], t_train, e_train, seed=seed)
-    selected = coef[coef != 0]
-    steps["lasso_cox"] = len(selected)
-    if selected.empty:
-        raise FitError("LASSO-Cox kept no feature")
-
+    selected, lasso = _select(z.loc[train], t_train, e_train, p_threshold, seed, steps)
     radscore = z[selected.index] @ selected
-    if cutoff_rule == "median":
-        cutoff = float(radscore.loc[train].median())
-    elif cutoff_rule == "optimal":
-        cutoff = optimal_cutoff(radscore.loc[train].to_numpy(), t_train, e_train)
-    else:
-        raise FitError(f"unknown cut-off rule {cutoff_rule!r} (median or optimal)")
+    cutoff = _cutoff(radscore.loc[train], cutoff_rule, t_train, e_train)
     scores = pd.DataFrame(
         {
             "split": split,
@@ -286,28 +240,195 @@ def fit_pfs(
         }
     )
     frame = clin.assign(radscore=radscore)
-    significant = []
-    for factor in clinical_factors:
-        if factor in frame.columns and frame.loc[train, factor].nunique() > 1:
-            p = cox(frame.loc[train], time, event, [factor]).p_values[factor]
-            if p < 0.05:
-                significant.append(factor)
+    significant = _significant(frame.loc[train], time, event, clinical_factors)
     radscore_model = cox(frame.loc[train], time, event, ["radscore"])
     nomogram = cox(frame.loc[train], time, event, ["radscore", *significant])
     scores["nomogram_lp"] = nomogram.linear_predictor(frame)
+    models = {"radscore": radscore_model, "nomogram": nomogram}
+    validation = _validation(scores, frame, split, models, time, event, seed)
+    card: dict[str, Any] = _card_head(signature_id, synthetic, provenance) | {
+        "features": feature_block(selected, means, sds),
+        "combat": combat_block(combat, batch, x_all.columns, selected),
+        "radscore": {
+            "formula": "sum(coefficient * (value - mean) / sd)",
+            "cutoff": cutoff,
+            "cutoff_rule": CUTOFF_RULES[cutoff_rule] + "; above = high risk",
+        },
+        "radscore_cox": _cox_block(radscore_model, TIME_POINTS_DAYS),
+        "nomogram": _cox_block(nomogram, TIME_POINTS_DAYS),
+        "time_points_days": TIME_POINTS_DAYS,
+        "training": {
+            "n": int(train.sum()),
+            "events": int(e_train.sum()),
+            "steps": steps,
+            "duplicate_features": copies,
+            "lasso": lasso,
+            "univariate_clinical_significant": significant,
+            "metrics": _judge(scores[train], seed),
+            "km_by_risk_group": km_curves(scores[train], time, event),
+        },
+        "validation": {
+            "n": int(val.sum()),
+            "events": int(clin.loc[val, event].sum()),
+            **validation,
+        },
+    }
+    card["nomogram"]["ranges"] = _ranges(frame.loc[train], card["nomogram"]["covariates"])
+    return PfsFit(card=card, scores=scores)
 
-    validation = _judge(scores[val], seed) if val.any() else {}
-    if val.any():
-        for name, model in (("radscore", radscore_model), ("nomogram", nomogram)):
-            ibs = integrated_brier(model, frame.loc[train], frame.loc[val], time, event)
-            if ibs is not None:
-                validation[f"integrated_brier_{name}"] = round(ibs, 4)
-                validation["ipcw"] = IPCW
-    if "oracle_lp" in clin.columns and val.any():  # synthetic cohorts carry the true risk
+
+def _cases(
+    features: pd.DataFrame,
+    clinical: pd.DataFrame,
+    time: str,
+    event: str,
+    val_fraction: float,
+    seed: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.Series]:
+    """(features, clinical table with derived columns, train/validation split) of the cases.
+
+    Only cases with both features and clinical data count; a cohort too
+    small or with too few training events is refused.
+    """
+    missing = [c for c in (time, event) if c not in clinical.columns]
+    if missing:
+        raise FitError(f"clinical table lacks column(s): {', '.join(missing)}")
+    ids = features.index.intersection(clinical.index)
+    if len(ids) < 20:
+        raise FitError(f"only {len(ids)} cases have both features and clinical data")
+    clin = derive_clinical(clinical.loc[ids])
+    split = _split(clin, event, val_fraction, seed)
+    if clin.loc[split == "train", event].sum() < 5:
+        raise FitError("fewer than 5 events among the training cases")
+    return features.loc[ids].astype(float), clin, split
+
+
+def _harmonise(
+    x_all: pd.DataFrame, clin: pd.DataFrame, train: pd.Series, batch: str | None
+) -> tuple[pd.DataFrame, ComBat | None]:
+    """Features through ComBat fitted on the training cases by ``batch`` (as they are without)."""
+    if batch is None:
+        return x_all, None
+    combat = ComBat().fit(x_all.loc[train].to_numpy(), clin.loc[train, batch])
+    harmonised = pd.DataFrame(
+        combat.transform(x_all.to_numpy(), clin[batch]), index=x_all.index, columns=x_all.columns
+    )
+    return harmonised, combat
+
+
+def _significant(train: pd.DataFrame, time: str, event: str, factors: tuple[str, ...]) -> list[str]:
+    """Clinical factors significant (p < 0.05) in univariate Cox on the training cases."""
+    return [
+        factor
+        for factor in factors
+        if factor in train.columns
+        and train[factor].nunique() > 1
+        and cox(train, time, event, [factor]).p_values[factor] < 0.05
+    ]
+
+
+def _ranges(train: pd.DataFrame, covariates: list[str]) -> dict[str, list[float]]:
+    """Each covariate's training range: the nomogram's axes and its applicability check."""
+    return {c: [float(train[c].min()), float(train[c].max())] for c in covariates}
+
+
+#: How each cut-off rule is described on the card.
+CUTOFF_RULES = {
+    "median": "median of training rad-scores",
+    "optimal": "maximal log-rank statistic on training cases (10th-90th percentile)",
+}
+
+
+def _robust(
+    x_all: pd.DataFrame,
+    train: pd.Series,
+    icc: pd.Series | None,
+    icc_threshold: float,
+    steps: dict[str, int],
+) -> pd.DataFrame:
+    """Features without gaps that vary on the training cases and, given ICCs, are robust."""
+    usable = x_all.columns[(x_all.notna().all()) & (x_all.loc[train].std() > 0)]
+    x_all = x_all[usable]
+    steps["non_constant"] = len(usable)
+    if icc is not None:
+        keep = [c for c in x_all.columns if icc.get(c, np.nan) > icc_threshold]
+        x_all = x_all[keep]
+        steps["robust_icc"] = len(keep)
+        if not steps["robust_icc"]:
+            raise FitError(f"no feature has ICC > {icc_threshold}")
+    return x_all
+
+
+def _select(
+    z_train: pd.DataFrame,
+    t_train: np.ndarray,
+    e_train: np.ndarray,
+    p_threshold: float,
+    seed: int,
+    steps: dict[str, int],
+) -> tuple[pd.Series, dict[str, Any]]:
+    """(features LASSO-Cox kept with their coefficients, the card's ``lasso`` block).
+
+    Univariate Cox first (adjusted p below ``p_threshold``), then LASSO-Cox
+    with 5-fold cross-validation.
+    """
+    uni = univariate_cox(z_train, t_train, e_train)
+    candidates = list(uni.loc[uni["p_adj"] < p_threshold, "feature"])
+    steps["univariate_cox"] = len(candidates)
+    if len(candidates) < 2:
+        raise FitError(
+            f"{len(candidates)} feature(s) pass the univariate Cox filter"
+            f" (adjusted p < {p_threshold})"
+        )
+    coef, alpha, curve = lasso_cox(z_train[candidates], t_train, e_train, seed=seed)
+    selected = coef[coef != 0]
+    steps["lasso_cox"] = len(selected)
+    if selected.empty:
+        raise FitError("LASSO-Cox kept no feature")
+    lasso = {
+        "alpha": alpha,
+        "folds": 5,
+        "seed": seed,
+        "cv_best_c": float(curve["cv_c"].max()),
+        "objective": "-loglik/n + alpha*sum|coef| (Breslow ties), as glmnet's lambda",
+        "tolerance": LASSO_TOL,
+    }
+    return selected, lasso
+
+
+def _cutoff(radscore: pd.Series, rule: str, t_train: np.ndarray, e_train: np.ndarray) -> float:
+    """The risk-group cut-off on the training rad-scores by ``rule`` (median or optimal)."""
+    if rule == "median":
+        return float(radscore.median())
+    if rule == "optimal":
+        return optimal_cutoff(radscore.to_numpy(), t_train, e_train)
+    raise FitError(f"unknown cut-off rule {rule!r} (median or optimal)")
+
+
+def _validation(
+    scores: pd.DataFrame,
+    frame: pd.DataFrame,
+    split: pd.Series,
+    models: Mapping[str, Any],
+    time: str,
+    event: str,
+    seed: int,
+) -> dict[str, Any]:
+    """Metrics on the held-out cases: C-index, td-AUC, log-rank, integrated Brier, oracle C."""
+    train, val = split == "train", split == "validation"
+    if not val.any():
+        return {}
+    validation = _judge(scores[val], seed)
+    for name, model in models.items():
+        ibs = integrated_brier(model, frame.loc[train], frame.loc[val], time, event)
+        if ibs is not None:
+            validation[f"integrated_brier_{name}"] = round(ibs, 4)
+            validation["ipcw"] = IPCW
+    if "oracle_lp" in frame.columns:  # synthetic cohorts carry the true risk
         c, low, high = bootstrap_c(
-            clin.loc[val, time].to_numpy(float),
-            clin.loc[val, event].to_numpy(int),
-            clin.loc[val, "oracle_lp"].to_numpy(float),
+            frame.loc[val, time].to_numpy(float),
+            frame.loc[val, event].to_numpy(int),
+            frame.loc[val, "oracle_lp"].to_numpy(float),
             n=500,
             seed=seed,
         )
@@ -315,8 +436,14 @@ def fit_pfs(
             "value": round(c, 4),
             "ci95": [round(low, 4), round(high, 4)],
         }
-    training_metrics = _judge(scores[train], seed)
-    card: dict[str, Any] = {
+    return validation
+
+
+def _card_head(
+    signature_id: str, synthetic: bool, provenance: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The card's id, version, kind, endpoint, date, intended and clinical use, provenance."""
+    return {
         "id": signature_id,
         "version": "1.0.0",
         "kind": "radiomics signature",
@@ -328,49 +455,7 @@ def fit_pfs(
         + ".",
         "clinical_use": NOT_CLINICAL,
         **(provenance or {}),
-        "features": feature_block(selected, means, sds),
-        "combat": combat_block(combat, batch, x_all.columns, selected),
-        "radscore": {
-            "formula": "sum(coefficient * (value - mean) / sd)",
-            "cutoff": cutoff,
-            "cutoff_rule": (
-                "median of training rad-scores"
-                if cutoff_rule == "median"
-                else "maximal log-rank statistic on training cases (10th-90th percentile)"
-            )
-            + "; above = high risk",
-        },
-        "radscore_cox": _cox_block(radscore_model, TIME_POINTS_DAYS),
-        "nomogram": _cox_block(nomogram, TIME_POINTS_DAYS),
-        "time_points_days": TIME_POINTS_DAYS,
-        "training": {
-            "n": int(train.sum()),
-            "events": int(e_train.sum()),
-            "steps": steps,
-            "duplicate_features": copies,
-            "lasso": {
-                "alpha": alpha,
-                "folds": 5,
-                "seed": seed,
-                "cv_best_c": float(curve["cv_c"].max()),
-                "objective": "-loglik/n + alpha*sum|coef| (Breslow ties), as glmnet's lambda",
-                "tolerance": LASSO_TOL,
-            },
-            "univariate_clinical_significant": significant,
-            "metrics": training_metrics,
-            "km_by_risk_group": km_curves(scores[train], time, event),
-        },
-        "validation": {
-            "n": int(val.sum()),
-            "events": int(clin.loc[val, event].sum()),
-            **validation,
-        },
     }
-    card["nomogram"]["ranges"] = {
-        c: [float(frame.loc[train, c].min()), float(frame.loc[train, c].max())]
-        for c in card["nomogram"]["covariates"]
-    }
-    return PfsFit(card=card, scores=scores)
 
 
 def _judge(scores: pd.DataFrame, seed: int) -> dict[str, Any]:
