@@ -1,35 +1,26 @@
-"""Guards on C-STORE requests below the service handler, where pynetdicom decides alone.
+"""The guard on C-STORE requests below the service handler, where pynetdicom decides alone.
 
-Two things happen before :meth:`~node.dicom.scp.StorageSCP._handle_store` is
-called, and each needs a guard:
+pynetdicom silently drops a C-STORE request it finds invalid (an empty or
+missing Affected SOP Instance UID or SOP Class UID, no Message ID), and the
+sender waits for an answer that never comes. :meth:`StoreGuard.on_dimse_recv`
+answers such a request with 0xC000 and its reason (or aborts when the request
+has no Message ID to answer to), and reports each refusal to ``on_refused``
+(the SCP logs and audits it). It answers nothing else: a request without
+Priority (pynetdicom assumes Low) or with Command Data Set Type "none" (an
+empty data set) reaches the service handler, which answers it, and a second
+answer from here would contradict it. (What arrives before the request is
+decoded, command sets and data set sizes, is guarded by
+:mod:`node.dicom.inbound`.)
 
-* pynetdicom collects a data set's fragments into memory without limit. The
-  :meth:`StoreGuard.on_pdu_recv` handler counts a data set's bytes as its
-  P-DATA PDUs arrive and aborts the association as soon as they pass
-  ``storage.max_dataset_mb``: the cap is enforced while reading, so memory
-  stays bounded by the cap plus one PDU (the PDU size is capped elsewhere).
-* pynetdicom silently drops a C-STORE request it finds invalid (an empty or
-  missing Affected SOP Instance UID or SOP Class UID, no Message ID), and the
-  sender waits for an answer that never comes. :meth:`StoreGuard.on_dimse_recv`
-  answers such a request with 0xC000 and its reason (or aborts when the
-  request has no Message ID to answer to). It answers nothing else: a request
-  without Priority (pynetdicom assumes Low) or with Command Data Set Type
-  "none" (an empty data set) reaches the service handler, which answers it,
-  and a second answer from here would contradict it.
-
-Both report each refusal to ``on_refused`` (the SCP logs and audits it).
-
-pynetdicom's own logging handlers for these events run first and raise on a
-request without an Affected SOP Instance UID, which would stop the second
-guard from running; :func:`drop_library_event_loggers` turns them off (their
-output is below the level :mod:`node.logs` lets through for pynetdicom anyway).
+pynetdicom's own logging handler for this event runs first and raises on a
+request without an Affected SOP Instance UID, which would stop the guard from
+running; :func:`drop_library_event_loggers` turns them off (their output is
+below the level :mod:`node.logs` lets through for pynetdicom anyway).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
 from collections.abc import Callable
 
 from pydicom.dataset import Dataset
@@ -38,9 +29,8 @@ from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
-from pynetdicom.pdu import P_DATA_TF
 
-from node.dicom.status import CannotUnderstand, DatasetTooLarge, ServiceError
+from node.dicom.status import CannotUnderstand, ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -71,49 +61,10 @@ def _command_value(command: Dataset | None, keyword: str) -> object:
 
 
 class StoreGuard:
-    """Per-association bookkeeping for the two guards described in the module docstring."""
+    """Answers the C-STORE requests pynetdicom would drop (see the module docstring)."""
 
-    def __init__(self, max_dataset_bytes: int, on_refused: RefusalHook) -> None:
-        self.max_dataset_bytes = max_dataset_bytes
+    def __init__(self, on_refused: RefusalHook) -> None:
         self.on_refused = on_refused
-        self._received: weakref.WeakKeyDictionary[PynetAssociation, int] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._lock = threading.Lock()
-
-    def on_pdu_recv(self, event: Event) -> None:
-        """EVT_PDU_RECV (DUL thread): count data set bytes; abort past the cap."""
-        pdu = event.pdu
-        if not isinstance(pdu, P_DATA_TF):
-            return
-        assoc = event.assoc
-        with self._lock:
-            total = self._received.get(assoc, 0)
-            over = False
-            for item in pdu.presentation_data_value_items:
-                data = item.presentation_data_value
-                if not data or data[0] & 0x01:  # command fragments are small and decoded apart
-                    continue
-                total += len(data) - 1
-                if total > self.max_dataset_bytes:
-                    over = True
-                    break
-                if data[0] & 0x02:  # last fragment of this data set
-                    total = 0
-            self._received[assoc] = 0 if over else total
-        if over:
-            self._refuse_too_large(assoc)
-
-    def _refuse_too_large(self, assoc: PynetAssociation) -> None:
-        message = getattr(assoc.dimse, "message", None)
-        command = getattr(message, "command_set", None)
-        sop_uid = _command_value(command, "AffectedSOPInstanceUID")
-        error = DatasetTooLarge(
-            f"data set passed the {self.max_dataset_bytes // (1024 * 1024)} MiB cap "
-            "(storage.max_dataset_mb) while arriving: association aborted"
-        )
-        assoc.abort()  # non-blocking inside a notification handler
-        self.on_refused(assoc, str(sop_uid or ""), error)
 
     def on_dimse_recv(self, event: Event) -> None:
         """EVT_DIMSE_RECV (DUL thread): answer a C-STORE request pynetdicom would drop."""

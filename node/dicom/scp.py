@@ -39,18 +39,24 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StorageCommitmentPushModel,
     Verification,
 )
-from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.audit.trail import record
 from node.config import DicomSettings
-from node.db.models import Association, utcnow
 from node.db.session import Database
+from node.dicom.associations import record_end, write_association
 from node.dicom.guards import StoreGuard, drop_library_event_loggers
-from node.dicom.status import DUPLICATE_KEPT_FIRST, SUCCESS, IndexFailure, ServiceError
+from node.dicom.inbound import InboundGuard
+from node.dicom.status import (
+    DUPLICATE_KEPT_FIRST,
+    SUCCESS,
+    IndexFailure,
+    OutOfResources,
+    ServiceError,
+)
+from node.dicom.tls import AuditedTLSContext, build_ssl_context, tls_peer
 from node.dicom.transport import (
     GuardedAssociationServer,
-    GuardedSSLSocket,
     TransportEvent,
     TransportLimits,
     connection_of,
@@ -58,6 +64,7 @@ from node.dicom.transport import (
 from node.dicom.validate import sop_class_uid, validate_ae_title
 from node.logs import printable
 from node.store.ingest import Ingestor, Peer, StoreOutcome, bump_association_counter
+from node.store.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -81,68 +88,6 @@ def _rq(assoc: PynetAssociation) -> A_ASSOCIATE:
     return primitive
 
 
-class AuditedTLSContext(ssl.SSLContext):
-    """Server TLS context that defers the handshake to the connection's own thread.
-
-    pynetdicom wraps each accepted socket in the server's accept loop. Were the
-    handshake done there, one client that connects and never speaks would hold
-    up every other sender, and socketserver drops a failed handshake silently.
-    So sockets are wrapped without handshaking; :meth:`StorageSCP._on_conn_open`
-    (run in the connection's thread) performs it under the ACSE timeout and
-    reports failures to ``on_failure`` (peer address, reason) for the audit.
-    """
-
-    on_failure: Callable[[str, str], None] | None = None
-    # Accepted sockets get the transport guard (PDU limits on the decrypted stream).
-    sslsocket_class = GuardedSSLSocket
-
-    def wrap_socket(self, sock: socket.socket, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
-        """Wrap for TLS without handshaking (see the class docstring)."""
-        kwargs["do_handshake_on_connect"] = False
-        return super().wrap_socket(sock, *args, **kwargs)
-
-    def handshake(self, sock: ssl.SSLSocket, timeout_s: float) -> bool:
-        """Run the server handshake; on failure report it, shut the socket, return False."""
-        try:
-            peer = str(sock.getpeername()[0])
-        except OSError:
-            peer = "unknown"
-        previous = sock.gettimeout()
-        sock.settimeout(timeout_s)
-        try:
-            sock.do_handshake()
-            return True
-        except (ssl.SSLError, OSError) as exc:
-            if self.on_failure is not None:
-                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-                self.on_failure(peer, str(reason))
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()  # the association then sees a closed transport and ends quietly
-            return False
-        finally:
-            with contextlib.suppress(OSError):
-                sock.settimeout(previous)
-
-
-def build_ssl_context(
-    settings: DicomSettings, on_failure: Callable[[str, str], None] | None = None
-) -> ssl.SSLContext | None:
-    """The server TLS context from ``dicom.tls`` (None when TLS is off)."""
-    tls = settings.tls
-    if not tls.enabled:
-        return None
-    ctx = AuditedTLSContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.on_failure = on_failure
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    assert tls.cert is not None and tls.key is not None  # guaranteed by TLSSettings
-    ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
-    if tls.ca is not None:
-        ctx.load_verify_locations(cafile=str(tls.ca))
-    ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
-    return ctx
-
-
 class StorageSCP:
     """The node's DICOM listener; start with :meth:`start`, stop with :meth:`stop`."""
 
@@ -162,10 +107,19 @@ class StorageSCP:
         self._assocs: weakref.WeakKeyDictionary[PynetAssociation, _AssocInfo] = (
             weakref.WeakKeyDictionary()
         )
+        # pynetdicom runs EVT_ACCEPTED in the association's thread while its DUL
+        # thread already reads P-DATA: an abort may come first.
+        self._ended_early: weakref.WeakKeyDictionary[PynetAssociation, str] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
         self._server: GuardedAssociationServer | None = None
-        self._store_guard = StoreGuard(
-            ingestor.policy.limits.max_dataset_bytes, self._on_store_guard_refusal
+        self._store_guard = StoreGuard(self._on_store_guard_refusal)
+        self._inbound = InboundGuard(
+            max_dataset_bytes=ingestor.policy.limits.max_dataset_bytes,
+            open_spool=ingestor.open_spool,
+            on_refused=self._on_store_guard_refusal,
+            on_aborted=self._on_inbound_abort,
         )
         self.ae = self._build_ae()
 
@@ -200,7 +154,6 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._on_closed),
             (evt.EVT_C_ECHO, self._handle_echo),
             (evt.EVT_C_STORE, self._handle_store),
-            (evt.EVT_PDU_RECV, self._store_guard.on_pdu_recv),
             (evt.EVT_DIMSE_RECV, self._store_guard.on_dimse_recv),
             (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
         ]
@@ -214,6 +167,7 @@ class StorageSCP:
                 server_class=GuardedAssociationServer,
                 limits=TransportLimits.from_settings(self.settings),
                 on_events=self._on_transport_events,
+                on_released=self._inbound.release,
             ),
         )
         server.start()
@@ -274,6 +228,7 @@ class StorageSCP:
         sock = assoc.dul.socket.socket if assoc.dul.socket else None
         if sock is None:
             return
+        self._inbound.attach(assoc)  # before any P-DATA can arrive
         conn = connection_of(assoc)
         if conn is not None:
             conn.assoc = assoc
@@ -345,8 +300,8 @@ class StorageSCP:
         # As pynetdicom's own rejection path does: wait until the A-ASSOCIATE-RJ
         # has gone out before the server closes the socket.
         assoc.kill()
-        self._write_association(
-            calling, called, ip, port, state="rejected", reason=reason, tls=self._tls_peer(assoc)
+        write_association(
+            self.db, calling, called, ip, port, state="rejected", reason=reason, tls=tls_peer(assoc)
         )
 
     def _on_tls_failure(self, ip: str, reason: str) -> None:
@@ -370,115 +325,42 @@ class StorageSCP:
         assoc = event.assoc
         reason = f"maximum associations ({self.settings.max_associations}) reached"
         log.warning("refusing association from %s: %s", assoc.requestor.address, reason)
-        self._write_association(
+        write_association(
+            self.db,
             printable(_rq(assoc).calling_ae_title.strip()),
             printable(_rq(assoc).called_ae_title.strip()),
             assoc.requestor.address,
             assoc.requestor.port,
             state="rejected",
             reason=reason,
-            tls=self._tls_peer(assoc),
+            tls=tls_peer(assoc),
         )
-
-    @staticmethod
-    def _tls_peer(assoc: PynetAssociation) -> tuple[bool, str | None]:
-        sock = assoc.dul.socket.socket if assoc.dul.socket else None
-        if not isinstance(sock, ssl.SSLSocket):
-            return False, None
-        cert = sock.getpeercert() or {}
-        subject = dict(x[0] for x in cert.get("subject", ()))  # type: ignore[misc]
-        return True, subject.get("commonName")
-
-    def _write_association(
-        self,
-        calling: str,
-        called: str,
-        ip: str,
-        port: int,
-        *,
-        state: str,
-        reason: str | None,
-        tls: tuple[bool, str | None],
-    ) -> int | None:
-        try:
-            with self.db.session() as s:
-                row = Association(
-                    calling_ae=calling[:16],
-                    called_ae=called[:16],
-                    peer_ip=ip,
-                    peer_port=port,
-                    tls=tls[0],
-                    tls_peer=tls[1],
-                    state=state,
-                    reason=reason,
-                    started_at=utcnow(),
-                    instances_stored=0,
-                    duplicates=0,
-                    failures=0,
-                )
-                s.add(row)
-                s.flush()
-                record(
-                    s,
-                    "association.rejected" if state == "rejected" else "association.accepted",
-                    actor=f"ae:{calling}",
-                    actor_ip=ip,
-                    outcome="refused" if state == "rejected" else "ok",
-                    detail={
-                        "association": row.id,
-                        "called_ae": called,
-                        "tls": tls[0],
-                        "tls_peer": tls[1],
-                        **({"reason": reason} if reason else {}),
-                    },
-                )
-                return row.id
-        except SQLAlchemyError:
-            log.exception("cannot record association from %s", ip)
-            return None
 
     def _on_accepted(self, event: Event) -> None:
         assoc = event.assoc
         calling = printable(assoc.requestor.ae_title.strip())
         called = printable(_rq(assoc).called_ae_title.strip())
         ip, port = assoc.requestor.address, assoc.requestor.port
-        row_id = self._write_association(
-            calling, called, ip, port, state="open", reason=None, tls=self._tls_peer(assoc)
+        row_id = write_association(
+            self.db, calling, called, ip, port, state="open", reason=None, tls=tls_peer(assoc)
         )
+        info = _AssocInfo(row_id, Peer(row_id, calling, ip))
         with self._lock:
-            self._assocs[assoc] = _AssocInfo(row_id, Peer(row_id, calling, ip))
+            ended = self._ended_early.pop(assoc, None)
+            if ended is None:
+                self._assocs[assoc] = info
         log.info("association %s accepted from %s (%s:%d)", row_id, calling, ip, port)
+        if ended is not None:
+            record_end(self.db, info.row_id, info.peer, ended)
 
     def _on_closed(self, event: Event) -> None:
+        state = "released" if event.event is evt.EVT_RELEASED else "aborted"
         with self._lock:
             info = self._assocs.pop(event.assoc, None)
-        if info is None or info.row_id is None:
-            return
-        state = "released" if event.event is evt.EVT_RELEASED else "aborted"
-        try:
-            with self.db.session() as s:
-                s.execute(
-                    update(Association)
-                    .where(Association.id == info.row_id)
-                    .values(state=state, ended_at=utcnow())
-                )
-                row = s.get(Association, info.row_id)
-                record(
-                    s,
-                    f"association.{state}",
-                    actor=info.peer.actor,
-                    actor_ip=info.peer.ip,
-                    outcome="ok" if state == "released" else "warning",
-                    detail={
-                        "association": info.row_id,
-                        "stored": row.instances_stored if row else None,
-                        "duplicates": row.duplicates if row else None,
-                        "failures": row.failures if row else None,
-                    },
-                )
-        except SQLAlchemyError:
-            log.exception("cannot record end of association %s", info.row_id)
-        log.info("association %s %s", info.row_id, state)
+            if info is None:  # ended (aborted by a guard) before EVT_ACCEPTED was handled
+                self._ended_early[event.assoc] = state
+        if info is not None:
+            record_end(self.db, info.row_id, info.peer, state)
 
     def _on_transport_events(self, groups: Sequence[tuple[TransportEvent, int]]) -> None:
         """Audit connections the transport guard refused or aborted (from its reaper thread).
@@ -520,40 +402,69 @@ class StorageSCP:
     def _handle_store(self, event: Event) -> Dataset:
         """C-STORE: store and index, or answer a failure status with its reason.
 
-        A re-sent instance with other content is answered with the warning
+        The data set is the spool it was received into (:mod:`node.dicom.inbound`),
+        or the bytes pynetdicom holds when there is none. A re-sent instance with
+        other content is answered with the warning
         :data:`~node.dicom.status.DUPLICATE_KEPT_FIRST` (the first copy kept).
         """
         req = cast(C_STORE, event.request)
-        assert req.DataSet is not None  # pynetdicom only calls us with a data set
         peer = self._peer(event.assoc)
         status = Dataset()
+        spool = self._inbound.take_spool(event.assoc, req._dataset_path)  # type: ignore[arg-type]
         try:
+            if spool is not None:
+                dataset: bytes | memoryview | Spool = spool
+            elif req._dataset_path is not None:  # removed when its association ended
+                raise OutOfResources("the received data set is no longer available")
+            else:
+                assert req.DataSet is not None  # pynetdicom only calls us with a data set
+                dataset = req.DataSet.getbuffer()
             outcome = self.ingestor.store(
                 command_sop_class_uid=str(req.AffectedSOPClassUID),
                 command_sop_instance_uid=str(req.AffectedSOPInstanceUID),
                 file_meta=event.file_meta,
-                dataset=req.DataSet.getbuffer(),
+                dataset=dataset,
                 peer=peer,
                 context_sop_class_uid=str(event.context.abstract_syntax),
             )
         except ServiceError as exc:
-            status.Status = exc.status
-            status.ErrorComment = exc.error_comment
-            self._audit_failure(peer, str(req.AffectedSOPInstanceUID), exc)
-            return status
+            return self._refused(status, peer, str(req.AffectedSOPInstanceUID), exc)
         except Exception as exc:
             log.exception("unexpected error storing an instance from %s", peer.calling_ae)
             err = IndexFailure(f"internal error: {type(exc).__name__}")
-            status.Status = err.status
-            status.ErrorComment = err.error_comment
-            self._audit_failure(peer, str(req.AffectedSOPInstanceUID), err)
-            return status
+            return self._refused(status, peer, str(req.AffectedSOPInstanceUID), err)
+        finally:
+            if spool is not None:
+                spool.discard()  # nothing left once placed; else the refused data set
         if outcome is StoreOutcome.CONFLICT:
             status.Status = DUPLICATE_KEPT_FIRST
             status.ErrorComment = "SOP Instance UID stored before with other content: first kept"
             return status
         status.Status = SUCCESS
         return status
+
+    def _refused(self, status: Dataset, peer: Peer, sop_uid: str, exc: ServiceError) -> Dataset:
+        """``status`` set to ``exc``'s failure status and Error Comment, audited."""
+        status.Status = exc.status
+        status.ErrorComment = exc.error_comment
+        self._audit_failure(peer, sop_uid, exc)
+        return status
+
+    def _on_inbound_abort(self, assoc: PynetAssociation, reason: str) -> None:
+        """An association aborted for what it sent (:mod:`node.dicom.inbound`): audit it.
+
+        Through the transport guard's batches (one row per address and reason,
+        however many), as its own aborts are.
+        """
+        conn = connection_of(assoc)
+        ip, port = assoc.requestor.address, assoc.requestor.port
+        event = TransportEvent(
+            "connection.aborted", ip, port, reason, conn.calling_ae if conn else None
+        )
+        if conn is not None:
+            conn.registry.report(event)
+        else:
+            self._on_transport_events([(event, 1)])
 
     def _on_store_guard_refusal(
         self, assoc: PynetAssociation, command_sop_uid: str, exc: ServiceError

@@ -50,30 +50,37 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom.transport import ThreadedAssociationServer
 
+from node.dicom.limits import (
+    MAX_ASSOCIATE_RQ,
+    MAX_CONTROL_PDU,
+    PDU_NAMES,
+    IPNetwork,
+    TransportLimits,
+)
+
 if TYPE_CHECKING:
     from pynetdicom.association import Association
 
-    from node.config import DicomSettings
+__all__ = [  # the limits are re-exported: the guard's users import them from here
+    "MAX_ASSOCIATE_RQ",
+    "MAX_CONTROL_PDU",
+    "Connection",
+    "ConnectionRegistry",
+    "GuardedAssociationServer",
+    "GuardedSSLSocket",
+    "GuardedSocket",
+    "IPNetwork",
+    "TransportEvent",
+    "TransportLimits",
+    "TransportViolation",
+    "connection_of",
+    "peer_ip",
+]
 
 log = logging.getLogger(__name__)
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _HEADER_LEN = 6
-_PDU_NAMES = {
-    0x01: "A-ASSOCIATE-RQ",
-    0x02: "A-ASSOCIATE-AC",
-    0x03: "A-ASSOCIATE-RJ",
-    0x04: "P-DATA-TF",
-    0x05: "A-RELEASE-RQ",
-    0x06: "A-RELEASE-RP",
-    0x07: "A-ABORT",
-}
-#: Largest A-ASSOCIATE-RQ read: 128 presentation contexts with a dozen transfer
-#: syntaxes each and a 64 KiB user-identity token still fit.
-MAX_ASSOCIATE_RQ = 256 * 1024
-#: Largest other control PDU (A-ASSOCIATE-AC/RJ, A-RELEASE, A-ABORT hold a few bytes).
-MAX_CONTROL_PDU = 64 * 1024
 #: How long a refused or aborted event may wait for the reaper (seconds).
 REAP_INTERVAL_S = 0.25
 #: At most this many refusals and aborts wait for the reaper; more are counted only.
@@ -94,59 +101,6 @@ class TransportViolation(ConnectionAbortedError):
 
     #: The record the library logs for this exception adds nothing to ours.
     already_logged = True
-
-
-@dataclass(frozen=True)
-class TransportLimits:
-    """The transport limits of one listener, from ``dicom.*`` settings.
-
-    ``max_connections`` is every association slot plus one peer's worth of
-    connections still in set-up or tear-down, so the DICOM-level limit (an
-    A-ASSOCIATE-RJ transient, which a sender understands and retries) answers
-    before the TCP-level one does.
-    """
-
-    allowed_networks: tuple[IPNetwork, ...]
-    max_connections: int
-    max_connections_per_ip: int
-    max_pdu_size: int
-    setup_timeout_s: float
-    pdu_timeout_s: float
-    idle_timeout_s: float
-
-    @classmethod
-    def from_settings(cls, settings: DicomSettings) -> TransportLimits:
-        """The limits ``settings`` ask for."""
-        return cls(
-            allowed_networks=tuple(
-                ipaddress.ip_network(p, strict=False) for p in settings.allowed_peers
-            ),
-            max_connections=settings.max_associations + settings.max_connections_per_ip,
-            max_connections_per_ip=settings.max_connections_per_ip,
-            max_pdu_size=settings.max_pdu_size,
-            setup_timeout_s=settings.setup_timeout_s,
-            pdu_timeout_s=settings.pdu_timeout_s,
-            idle_timeout_s=settings.network_timeout_s,
-        )
-
-    @property
-    def stall_timeout_s(self) -> float:
-        """No byte in or out for this long: the connection is stopped by the reaper.
-
-        Past pynetdicom's own idle timeout with room to spare; only a thread stuck
-        in a blocking call (a send the peer never reads) gets this far.
-        """
-        return 2 * self.idle_timeout_s + self.pdu_timeout_s
-
-    def pdu_limit(self, pdu_type: int) -> int | None:
-        """Largest acceptable length of a PDU of ``pdu_type`` (None: unknown type)."""
-        if pdu_type == 0x04:
-            return self.max_pdu_size
-        if pdu_type == 0x01:
-            return MAX_ASSOCIATE_RQ
-        if pdu_type in _PDU_NAMES:
-            return MAX_CONTROL_PDU
-        return None
 
 
 @dataclass(frozen=True)
@@ -231,7 +185,7 @@ class Connection:
             pdu_deadline = self._pdu_started + limits.pdu_timeout_s
             if deadline is None or pdu_deadline < deadline:
                 deadline = pdu_deadline
-                name = _PDU_NAMES.get(self._pdu_type, "PDU") if self._remaining else "PDU header"
+                name = PDU_NAMES.get(self._pdu_type, "PDU") if self._remaining else "PDU header"
                 why = f"{name} not complete {limits.pdu_timeout_s:g} s after its first byte"
         return deadline, why
 
@@ -298,7 +252,7 @@ class Connection:
         elif length > limit:
             self.abort(
                 sock,
-                f"{_PDU_NAMES[pdu_type]} of {length} bytes is over the {limit}-byte limit",
+                f"{PDU_NAMES[pdu_type]} of {length} bytes is over the {limit}-byte limit",
                 ABORT_INVALID_PARAMETER,
             )
         self._pdu_type = pdu_type
@@ -383,8 +337,12 @@ def connection_of(assoc: Association) -> Connection | None:
 class ConnectionRegistry:
     """Open connections by source address and calling AE; the events waiting for the audit."""
 
-    def __init__(self, limits: TransportLimits) -> None:
+    def __init__(
+        self, limits: TransportLimits, on_finished: Callable[[Association], None] | None = None
+    ) -> None:
+        """``on_finished(association)``: a connection's threads have ended (reaper thread)."""
         self.limits = limits
+        self.on_finished = on_finished
         self._lock = threading.Lock()
         self._open: list[Connection] = []
         self._events: deque[TransportEvent] = deque()
@@ -498,6 +456,8 @@ class ConnectionRegistry:
             if conn.sock is not None:
                 with contextlib.suppress(OSError):
                     conn.sock.close()
+            if conn.assoc is not None and self.on_finished is not None:
+                self.on_finished(conn.assoc)
             reason = self._silent_end(conn)
             if reason is not None:
                 events.append(TransportEvent("connection.aborted", conn.ip, conn.port, reason))
@@ -538,11 +498,12 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         *args: Any,
         limits: TransportLimits,
         on_events: Callable[[Sequence[tuple[TransportEvent, int]]], None],
+        on_released: Callable[[Association], None] | None = None,
         **kwargs: Any,
     ) -> None:
         """``args``/``kwargs`` as pynetdicom's ``AssociationServer``; then the guard's own."""
         self.limits = limits
-        self.registry = ConnectionRegistry(limits)
+        self.registry = ConnectionRegistry(limits, on_released)
         self.on_events = on_events
         self._stopping = threading.Event()
         super().__init__(*args, **kwargs)

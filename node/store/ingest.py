@@ -154,6 +154,20 @@ def encode_meta(file_meta: FileMetaDataset) -> bytes:
     return out.getvalue()
 
 
+def _check_command(header: Header, sop_class_uid: str, sop_instance_uid: str) -> None:
+    """The data set must be the instance the C-STORE command names.
+
+    Raises
+    ------
+    DataSetMismatch
+        Its SOP Instance or SOP Class UID differs from the command's.
+    """
+    if header.sop_instance_uid != sop_instance_uid:
+        raise DataSetMismatch("SOPInstanceUID differs from the C-STORE command")
+    if header.sop_class_uid != sop_class_uid:
+        raise DataSetMismatch("SOPClassUID differs from the C-STORE command")
+
+
 class Ingestor:
     """Stores received instances under one storage root and indexes them in the DB."""
 
@@ -261,14 +275,13 @@ class Ingestor:
         ts_uid = str(file_meta.TransferSyntaxUID)
         parsed = self._read(dataset, ts_uid)
         header = parsed.header
-        if header.sop_instance_uid != command_sop_instance_uid:
-            raise DataSetMismatch("SOPInstanceUID differs from the C-STORE command")
-        if header.sop_class_uid != command_sop_class_uid:
-            raise DataSetMismatch("SOPClassUID differs from the C-STORE command")
+        _check_command(header, command_sop_class_uid, command_sop_instance_uid)
         rel = self.files.relative_path(
             header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
         )
         if isinstance(dataset, Spool):
+            if not dataset.has_meta:  # the UIDs are checked above: the transfer syntax
+                raise CannotUnderstand("no File Meta Information for this presentation context")
             staged = dataset.finish(fsync=self.files.fsync)
         else:
             staged = self.files.stage([encode_meta(file_meta), dataset])
@@ -292,8 +305,6 @@ class Ingestor:
             )
         except OSError as exc:
             raise OutOfResources(f"cannot read received data set: {exc.strerror or exc}") from exc
-        if not dataset.has_meta:  # the command's UIDs were not UIDs: refused above, or here
-            raise CannotUnderstand("C-STORE command UIDs are not valid UIDs")
         return parsed
 
     def _commit(

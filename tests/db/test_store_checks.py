@@ -7,9 +7,11 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pynetdicom.dsutils import create_file_meta
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -26,6 +28,7 @@ from node.dicom.status import (
 from node.store import ingest
 from node.store.files import InstanceFiles
 from node.store.ingest import Ingestor, IngestPolicy, Peer, StoreOutcome
+from node.store.spool import Spool
 from tests.dicomgen import mr_dataset
 from tests.unit.test_reader import encode
 
@@ -210,3 +213,71 @@ def test_inconsistent_instances_are_refused_and_nothing_is_written(
     assert files_under(ingestor) == []
     with ingestor.db.session() as s:
         assert s.scalars(select(Study)).all() == []
+
+
+def spooled(ing: Ingestor, ds: Dataset, *, fragment: int = 1000) -> Spool:
+    """``ds`` received into a spool as the SCP receives it: in fragments, as they come."""
+    spool = ing.open_spool(str(ds.SOPClassUID), str(ds.SOPInstanceUID), ExplicitVRLittleEndian)
+    raw = encode(ds)
+    for start in range(0, len(raw), fragment):
+        spool.write(raw[start : start + fragment])
+    return spool
+
+
+def send_spool(ing: Ingestor, ds: Dataset, spool: Spool) -> StoreOutcome:
+    return ing.store(
+        command_sop_class_uid=str(ds.SOPClassUID),
+        command_sop_instance_uid=str(ds.SOPInstanceUID),
+        file_meta=ds.file_meta,
+        dataset=spool,
+        peer=PEER,
+        context_sop_class_uid=MRImageStorage,
+    )
+
+
+def test_a_spooled_data_set_is_placed_as_the_file_the_bytes_would_make(
+    ingestor: Ingestor,
+) -> None:
+    ds = mr_dataset(generate_uid(), generate_uid(), 0)
+    spool = spooled(ingestor, ds)
+    assert send_spool(ingestor, ds, spool) is StoreOutcome.STORED
+    [placed] = files_under(ingestor)
+    # What the SCP wrote for bytes: pynetdicom's Event.file_meta, then the data set as sent.
+    meta = create_file_meta(
+        sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        transfer_syntax=ExplicitVRLittleEndian,
+    )
+    assert placed.read_bytes() == ingest.encode_meta(meta) + encode(ds)
+    assert pydicom.dcmread(placed).PixelData == ds.PixelData
+    assert not list(ingestor.files.tmp_dir.iterdir())  # renamed, not copied
+    # Received again: the same content, a duplicate (not a conflict).
+    assert send_spool(ingestor, ds, spooled(ingestor, ds, fragment=333)) is StoreOutcome.DUPLICATE
+    assert not list(ingestor.files.tmp_dir.iterdir())
+
+
+def test_a_spooled_data_set_that_is_refused_leaves_nothing(ingestor: Ingestor) -> None:
+    ds = mr_dataset(generate_uid(), generate_uid(), 0)
+    ds.PixelData = ds.PixelData[:100]
+    spool = spooled(ingestor, ds)
+    with pytest.raises(DataSetMismatch):
+        send_spool(ingestor, ds, spool)
+    spool.discard()  # what the SCP does after every request
+    assert files_under(ingestor) == [] and not list(ingestor.files.tmp_dir.iterdir())
+
+
+def test_a_spool_under_the_disk_floor_keeps_nothing_and_answers_a700(
+    db_url: str, tmp_path: Path
+) -> None:
+    db = Database(db_url)
+    try:
+        ing = Ingestor(db, InstanceFiles(tmp_path / "store", fsync=False), min_free_mb=10**9)
+        ds = mr_dataset(generate_uid(), generate_uid(), 0)
+        spool = spooled(ing, ds)
+        assert not list(ing.files.tmp_dir.iterdir())  # nothing was written
+        assert spool.received == len(encode(ds))
+        with pytest.raises(OutOfResources, match="floor") as info:
+            send_spool(ing, ds, spool)
+        assert info.value.status == 0xA700
+    finally:
+        db.dispose()

@@ -22,6 +22,7 @@ import contextlib
 import socket
 import struct
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 ABORT = "abort"
@@ -245,6 +246,33 @@ def _parse_ac(body: bytes) -> tuple[dict[int, tuple[int, str]], int]:
     return results, max_pdu
 
 
+def _fragments(parts: Sequence[bytes | memoryview], size: int) -> Iterator[tuple[memoryview, bool]]:
+    """``parts`` joined, cut in fragments of ``size`` bytes: (fragment, is it the last).
+
+    An empty data set is one empty last fragment. Fragments are views of the
+    parts, joined (copied) only where a fragment spans two parts.
+    """
+    views = [memoryview(p).cast("B") for p in parts]
+    total = sum(len(v) for v in views)
+    if not total:
+        yield memoryview(b""), True
+        return
+    sent = 0
+    pending: list[memoryview] = []
+    pending_len = 0
+    for view in views:
+        while len(view):
+            take = min(size - pending_len, len(view))
+            pending.append(view[:take])
+            pending_len += take
+            view = view[take:]
+            if pending_len == size or sent + pending_len == total:
+                piece = pending[0] if len(pending) == 1 else memoryview(b"".join(pending))
+                sent += pending_len
+                yield piece, sent == total
+                pending, pending_len = [], 0
+
+
 # -- an association ----------------------------------------------------------------
 
 
@@ -334,14 +362,15 @@ class RawAssociation:
         self,
         cid: int,
         command: bytes,
-        data_set: bytes | memoryview | None,
+        data_set: bytes | memoryview | Sequence[bytes | memoryview] | None,
         message_id: int | None = None,
     ) -> Outcome:
         """Send one DIMSE request (command, then the data set in fragments); the outcome.
 
-        With ``message_id``, a response to another Message ID is counted in
-        :attr:`stray_responses` and skipped. The association is marked ended
-        after an abort or a timeout.
+        ``data_set`` may be given in parts (sent as one data set: a large one
+        need not be joined in memory). With ``message_id``, a response to
+        another Message ID is counted in :attr:`stray_responses` and skipped.
+        The association is marked ended after an abort or a timeout.
         """
         self.last_comment = ""
         deadline = time.monotonic() + self.timeout_s
@@ -350,12 +379,9 @@ class RawAssociation:
         try:
             self._send(p_data(cid, 0x03, command))
             if data_set is not None:
-                view = memoryview(data_set)
-                if not len(view):
-                    self._send(p_data(cid, 0x02, b""))
-                for start in range(0, len(view), fragment):
-                    last = start + fragment >= len(view)
-                    self._send(p_data(cid, 0x02 if last else 0x00, view[start : start + fragment]))
+                parts = [data_set] if isinstance(data_set, bytes | memoryview) else data_set
+                for piece, last in _fragments(parts, fragment):
+                    self._send(p_data(cid, 0x02 if last else 0x00, piece))
             outcome = self._response(deadline, message_id)
             self.last_used = time.monotonic()
             return outcome

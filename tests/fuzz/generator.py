@@ -39,11 +39,15 @@ ae_titles           reject (unknown calling or called AE title), or abort where
                     pynetdicom cannot decode the title (control characters, backslash,
                     non-ASCII, blank); FUZZER with trailing white space is FUZZER
 command             0xC000 (no or empty SOP Instance/Class UID, no data set), abort
-                    (undecodable command set, no Message ID, unknown command field);
-                    0x0000 without Priority (pynetdicom assumes Low)
+                    (undecodable command set: random, cut inside an element header
+                    or value, an element longer than the set, over 64 KiB; no
+                    Message ID, unknown command field); 0x0000 without Priority
+                    (pynetdicom assumes Low)
 network             abort: raw-socket attacks (huge PDU lengths, unknown PDU types,
-                    random bytes, drips, idle, PDUs out of order); closed for the
-                    connections the fuzz itself closes (also mid-data-set)
+                    random bytes, drips, idle, PDUs out of order, a data set
+                    fragment before its command, a command fragment inside a data
+                    set); closed for the connections the fuzz itself closes (also
+                    mid-data-set)
 oversize            abort: a data set over storage.max_dataset_mb, while it arrives
 ==================  ===================================================================
 

@@ -48,7 +48,10 @@ from tests.fuzz.dimse import (
     Outcome,
     abort_pdu,
     associate_rq,
+    command_set,
+    p_data,
     release_rq,
+    store_rq_elements,
     us,
 )
 
@@ -128,12 +131,17 @@ def command(rng: Random, corpus: Corpus, n: int) -> Iterator[Case]:
             {ABORT, CANNOT_UNDERSTAND},
         ),
     ]
+    kinds = len(modes) + len(_BROKEN) + 1
     for i in range(n):
         inst = t.fresh(rng)
-        pick = i % (len(modes) + 1) if i < 2 * (len(modes) + 1) else rng.randrange(len(modes) + 1)
-        if pick == len(modes):
-            raw = rng.randbytes(rng.choice([0, 1, 3, 8, 12, 64, 300]))
-            label = f"random command set ({len(raw)} bytes)"
+        pick = i % kinds if i < 2 * kinds else rng.randrange(kinds)
+        if pick >= len(modes):
+            if pick == kinds - 1:
+                raw = rng.randbytes(rng.choice([0, 1, 3, 8, 12, 64, 300]))
+                label = f"random command set ({len(raw)} bytes)"
+            else:
+                valid = command_set(store_rq_elements(t.sop_class, inst.sop_instance, 1))
+                label, raw = _BROKEN[pick - len(modes)](rng, valid)
             yield store_case("command", label, inst, {ABORT}, raw_command=raw, own_association=True)
             continue
         label, changes, expect = modes[pick]
@@ -145,102 +153,174 @@ def command(rng: Random, corpus: Corpus, n: int) -> Iterator[Case]:
         yield case if data is None else replace(case, data_set=None)
 
 
+def _element_starts(command: bytes) -> list[int]:
+    """Offsets of the elements of a well-formed command set."""
+    starts, pos = [], 0
+    while pos < len(command):
+        starts.append(pos)
+        pos += 8 + struct.unpack_from("<L", command, pos + 4)[0]
+    return starts
+
+
+def _cut_in_header(rng: Random, valid: bytes) -> tuple[str, bytes]:
+    start = rng.choice(_element_starts(valid)[1:])
+    return "command set cut inside an element header", valid[: start + rng.randint(1, 7)]
+
+
+def _cut_in_value(rng: Random, valid: bytes) -> tuple[str, bytes]:
+    last = _element_starts(valid)[-1]  # the Affected SOP Instance UID
+    return "command set cut inside a value", valid[: rng.randint(last + 9, len(valid) - 1)]
+
+
+def _overlong_element(rng: Random, valid: bytes) -> tuple[str, bytes]:
+    raw = bytearray(valid)
+    last = _element_starts(valid)[-1]
+    struct.pack_into("<L", raw, last + 4, len(valid) + rng.randint(1, 5000))
+    return "command element longer than the command set", bytes(raw)
+
+
+def _oversized_command(rng: Random, valid: bytes) -> tuple[str, bytes]:
+    size = rng.randint(65_536, 100_000)
+    return "command set over 64 KiB", valid + struct.pack("<HHL", 0, 0x5000, size) + bytes(size)
+
+
+#: Command sets that do not decode as they stand (pydicom would read them short):
+#: the node must abort before pynetdicom sees them.
+_BROKEN = (_cut_in_header, _cut_in_value, _overlong_element, _oversized_command)
+
+
 # -- network, oversize ------------------------------------------------------------------------
+
+
+#: A raw-socket attack: (label, steps, outcomes it may get, seconds it may take).
+Attack = tuple[str, tuple[Step, ...], set[Outcome], float]
+
+
+def _p_data_header(length: int) -> bytes:
+    return struct.pack(">BBL", PDU_P_DATA, 0, length)
+
+
+def _before_association(rng: Random, rq: bytes) -> list[Attack]:
+    """Attacks before (or instead of) a complete A-ASSOCIATE-RQ."""
+    command_pdv = struct.pack(">LBB", 2, 1, 0x03)
+    p_data_header = _p_data_header
+    return [
+        ("connect and close", (("close", b""),), {CLOSED}, 5),
+        ("idle after connect", (), {ABORT}, 10),
+        (
+            "random bytes first",
+            (("send", bytes([rng.randint(8, 255)]) + rng.randbytes(rng.randint(5, 4000))),),
+            {ABORT},
+            10,
+        ),
+        (
+            "A-ASSOCIATE-RQ of random content",
+            (("send", struct.pack(">BBL", 1, 0, 200) + rng.randbytes(200)),),
+            {ABORT, REJECT},
+            10,
+        ),
+        (
+            "A-ASSOCIATE-RQ announcing 300 kB",
+            (("send", struct.pack(">BBL", 1, 0, 300_000) + rq[6:]),),
+            {ABORT},
+            10,
+        ),
+        (
+            "unknown PDU type",
+            (("send", struct.pack(">BBL", rng.randint(8, 255), 0, 4) + b"\0" * 4),),
+            {ABORT},
+            10,
+        ),
+        ("half a PDU header", (("send", rq[:3]),), {ABORT}, 10),
+        ("A-ASSOCIATE-RQ dripped", (("drip", rq),), {ABORT}, 10),
+        ("P-DATA before A-ASSOCIATE", (("send", p_data_header(6) + command_pdv),), {ABORT}, 10),
+        ("A-RELEASE-RQ before A-ASSOCIATE", (("send", release_rq()),), {ABORT}, 10),
+    ]
+
+
+def _in_association(rng: Random, rq: bytes, data: bytes, sop_instance: str) -> list[Attack]:
+    """Attacks on an accepted association: PDUs out of order, drips, broken P-DATA."""
+    store_command = command_set(store_rq_elements(MRImageStorage, sop_instance, 1))
+    p_data_header = _p_data_header
+    return [
+        (
+            "announced 512 MiB P-DATA",
+            (("associate", b""), ("send", p_data_header(512 << 20) + rng.randbytes(1024))),
+            {ABORT},
+            10,
+        ),
+        (
+            "P-DATA dripped",
+            (
+                ("associate", b""),
+                (
+                    "drip",
+                    p_data_header(len(data) + 6)
+                    + struct.pack(">LBB", len(data) + 2, 1, 0x02)
+                    + data,
+                ),
+            ),
+            {ABORT},
+            10,
+        ),
+        (
+            "data set fragment before its command set",
+            (("associate", b""), ("send", b"".join(p_data(1, 0x02, data[:512])))),
+            {ABORT},
+            10,
+        ),
+        (
+            "command fragment inside a data set",
+            (
+                ("associate", b""),
+                ("send", b"".join(p_data(1, 0x03, store_command))),
+                ("send", b"".join(p_data(1, 0x00, data[:512]))),
+                ("send", b"".join(p_data(1, 0x03, store_command))),
+            ),
+            {ABORT},
+            10,
+        ),
+        (
+            "PDV longer than its PDU",
+            (
+                ("associate", b""),
+                ("send", p_data_header(6) + struct.pack(">LBB", 5000, 1, 0x03)),
+            ),
+            {ABORT},
+            10,
+        ),
+        (
+            "empty PDV",
+            (("associate", b""), ("send", p_data_header(4) + struct.pack(">L", 0))),
+            {ABORT},
+            10,
+        ),
+        ("second A-ASSOCIATE-RQ", (("associate", b""), ("send", rq)), {ABORT}, 10),
+        ("idle after A-ASSOCIATE", (("associate", b""),), {ABORT}, 20),
+        (
+            "A-ABORT mid data set",
+            (("associate", b""), ("store_half", data), ("send", abort_pdu()), ("close", b"")),
+            {CLOSED},
+            5,
+        ),
+        (
+            "close mid data set",
+            (("associate", b""), ("store_half", data), ("close", b"")),
+            {CLOSED},
+            5,
+        ),
+    ]
 
 
 def network(rng: Random, corpus: Corpus, n: int) -> Iterator[Case]:
     """Raw-socket attacks on the upper layer."""
     t = next(s for s in corpus.synthetic if s.syntax == ExplicitVRLittleEndian)
     rq = associate_rq(b"FUZZER", b"SARCNODE", [(1, MRImageStorage, [ExplicitVRLittleEndian])])
-
-    def p_data_header(length: int) -> bytes:
-        return struct.pack(">BBL", PDU_P_DATA, 0, length)
-
     for i in range(n):
         inst = t.fresh(rng)
-        data = inst.encode()
-        command_pdv = struct.pack(">LBB", 2, 1, 0x03)
-        attacks: list[tuple[str, tuple[Step, ...], set[Outcome], float]] = [
-            ("connect and close", (("close", b""),), {CLOSED}, 5),
-            ("idle after connect", (), {ABORT}, 10),
-            (
-                "random bytes first",
-                (("send", bytes([rng.randint(8, 255)]) + rng.randbytes(rng.randint(5, 4000))),),
-                {ABORT},
-                10,
-            ),
-            (
-                "A-ASSOCIATE-RQ of random content",
-                (("send", struct.pack(">BBL", 1, 0, 200) + rng.randbytes(200)),),
-                {ABORT, REJECT},
-                10,
-            ),
-            (
-                "A-ASSOCIATE-RQ announcing 300 kB",
-                (("send", struct.pack(">BBL", 1, 0, 300_000) + rq[6:]),),
-                {ABORT},
-                10,
-            ),
-            (
-                "unknown PDU type",
-                (("send", struct.pack(">BBL", rng.randint(8, 255), 0, 4) + b"\0" * 4),),
-                {ABORT},
-                10,
-            ),
-            ("half a PDU header", (("send", rq[:3]),), {ABORT}, 10),
-            ("A-ASSOCIATE-RQ dripped", (("drip", rq),), {ABORT}, 10),
-            ("P-DATA before A-ASSOCIATE", (("send", p_data_header(6) + command_pdv),), {ABORT}, 10),
-            ("A-RELEASE-RQ before A-ASSOCIATE", (("send", release_rq()),), {ABORT}, 10),
-            (
-                "announced 512 MiB P-DATA",
-                (("associate", b""), ("send", p_data_header(512 << 20) + rng.randbytes(1024))),
-                {ABORT},
-                10,
-            ),
-            (
-                "P-DATA dripped",
-                (
-                    ("associate", b""),
-                    (
-                        "drip",
-                        p_data_header(len(data) + 6)
-                        + struct.pack(">LBB", len(data) + 2, 1, 0x02)
-                        + data,
-                    ),
-                ),
-                {ABORT},
-                10,
-            ),
-            (
-                "PDV longer than its PDU",
-                (
-                    ("associate", b""),
-                    ("send", p_data_header(6) + struct.pack(">LBB", 5000, 1, 0x03)),
-                ),
-                {ABORT},
-                10,
-            ),
-            (
-                "empty PDV",
-                (("associate", b""), ("send", p_data_header(4) + struct.pack(">L", 0))),
-                {ABORT},
-                10,
-            ),
-            ("second A-ASSOCIATE-RQ", (("associate", b""), ("send", rq)), {ABORT}, 10),
-            ("idle after A-ASSOCIATE", (("associate", b""),), {ABORT}, 20),
-            (
-                "A-ABORT mid data set",
-                (("associate", b""), ("store_half", data), ("send", abort_pdu()), ("close", b"")),
-                {CLOSED},
-                5,
-            ),
-            (
-                "close mid data set",
-                (("associate", b""), ("store_half", data), ("close", b"")),
-                {CLOSED},
-                5,
-            ),
-        ]
+        attacks = _before_association(rng, rq) + _in_association(
+            rng, rq, inst.encode(), inst.sop_instance
+        )
         label, steps, expect, limit = (
             attacks[i % len(attacks)] if i < len(attacks) else rng.choice(attacks)
         )

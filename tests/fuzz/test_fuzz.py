@@ -36,8 +36,8 @@ BOUNDED = {
     "duplicates": 12,
     "phi_planted": 24,
     "ae_titles": 16,
-    "command": 15,
-    "network": 18,
+    "command": 20,
+    "network": 20,
     "oversize": 2,
 }
 #: serve's peak RSS may not pass this (issue 13: under 500 MB under hostile input).

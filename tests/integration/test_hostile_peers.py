@@ -32,6 +32,14 @@ from pynetdicom import AE
 
 from tests.conftest import SARCNODE, NodeProcess, free_port
 from tests.dicomgen import mr_dataset
+from tests.fuzz.dimse import (
+    CMD_FIELD,
+    RawAssociation,
+    command_set,
+    p_data,
+    store_rq_elements,
+    uid_value,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -282,6 +290,59 @@ def test_associations_per_address_and_calling_ae_keep_slots_for_others(
     assert event["detail"]["reason"] == (
         "GREEDY from 127.0.0.1 already holds 2 associations (dicom.max_associations_per_peer)"
     )
+
+
+# -- command sets ------------------------------------------------------------------------
+
+
+def broken_commands(sop_uid: str) -> dict[str, bytes]:
+    """Command sets pynetdicom's reader could not decode (its DUL thread raised, no answer)."""
+    valid = command_set(store_rq_elements(MRImageStorage, sop_uid, 1))
+    last = len(valid) - 8 - len(uid_value(sop_uid))  # the Affected SOP Instance UID
+    overlong = bytearray(valid)
+    struct.pack_into("<L", overlong, last + 4, 5000)
+    no_field = {**store_rq_elements(MRImageStorage, sop_uid, 1), CMD_FIELD: None}
+    return {
+        "random bytes": bytes(range(7, 47)),
+        "cut inside a value": valid[:-3],
+        "cut inside an element header": valid[: last + 5],
+        "element longer than the set": bytes(overlong),
+        "no Command Field": command_set(no_field),
+    }
+
+
+def test_undecodable_command_sets_are_aborted_audited_and_serve_stays_healthy(
+    node_factory: NodeFactory,
+) -> None:
+    node = node_factory()
+    node.start()
+    ds = mr_dataset(generate_uid(), generate_uid(), 0)
+    cases = broken_commands(str(ds.SOPInstanceUID))
+    for label, command in cases.items():
+        assoc = RawAssociation.open(
+            node.port, b"FUZZER", b"SARCNODE", [(MRImageStorage, ExplicitVRLittleEndian)]
+        )
+        assert isinstance(assoc, RawAssociation), assoc
+        assoc.sock.sendall(b"".join(p_data(1, 0x03, command)))
+        started = time.monotonic()
+        pdu_type, _ = read_pdu(assoc.sock)
+        assert pdu_type == 0x07, f"{label}: PDU 0x{pdu_type:02X} instead of an A-ABORT"
+        assert time.monotonic() - started < 2, label
+        assoc.close()
+    aborted = wait_events(node, "connection.aborted", lambda e: counted(e) >= len(cases), 5)
+    reasons = {e["detail"]["reason"] for e in aborted}
+    assert reasons == {
+        "command element (0807,0A09) runs past the end of the command set",  # random bytes
+        "command element (0000,1000) runs past the end of the command set",
+        "command set ends inside an element header",
+        "command set has no Command Field",
+    }, reasons
+    closed = wait_events(node, "association.aborted", lambda e: len(e) >= len(cases), 5)
+    assert len(closed) == len(cases)  # every association's row ended, none left "open"
+    log = node.log()
+    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+    assert honest_store(node, source="127.0.0.1") == 0x0000  # still serving
+    assert threads(pid_of(node)) < 30
 
 
 # -- logs -------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ context a well-behaved SCU would not, only the test's client is patched.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -155,6 +156,73 @@ def test_a_data_set_over_the_cap_is_aborted_while_it_arrives(node_factory) -> No
     assert refused["kind"] == "too-large" and "while arriving" in str(refused["reason"])
     assert refused["command_sop_instance_uid"] == big.SOPInstanceUID
     assert [i["sop_instance_uid"] for i in node.json("instances")] == [small.SOPInstanceUID]
+
+
+def send_large_at_once(node: NodeProcess, senders: int, pixel_mib: int) -> list[object]:
+    """``senders`` associations at once, each sending one MR data set with ``pixel_mib``
+    MiB of Pixel Data (one zero buffer shared by all, never joined in memory)."""
+    side = int((pixel_mib * MiB // 2) ** 0.5)
+    zeros = memoryview(bytes(side * side * 2))
+    outcomes: list[object] = [None] * senders
+
+    def send(i: int) -> None:
+        ds = mr_dataset(generate_uid(), generate_uid(), 0)
+        del ds.PixelData
+        ds.Rows = ds.Columns = side
+        head = encode(ds) + struct.pack("<HH2sHL", 0x7FE0, 0x0010, b"OW", 0, len(zeros))
+        assoc = RawAssociation.open(
+            node.port, b"FUZZER", node.ae_title.encode(), [(MRImageStorage, ExplicitVRLittleEndian)]
+        )
+        assert isinstance(assoc, RawAssociation), assoc
+        command = command_set(store_rq_elements(MRImageStorage, ds.SOPInstanceUID, 1))
+        outcomes[i] = assoc.request(1, command, [head, zeros], 1)
+        assoc.release()
+
+    workers = [threading.Thread(target=send, args=(i,)) for i in range(senders)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    return outcomes
+
+
+def spool_files(node: NodeProcess, within_s: float = 5.0) -> list[Path]:
+    """Data sets still being received under the storage root's tmp/ (after ``within_s``)."""
+    deadline = time.monotonic() + within_s
+    while (left := list((node.root / "storage" / "tmp").iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def test_concurrent_large_instances_are_received_to_disk_with_rss_bounded(
+    node: NodeProcess,
+) -> None:
+    """Four 128 MiB instances at once: stored whole, and serve holds none of them in memory."""
+    assert node.proc is not None
+    assert send_large_at_once(node, 4, 128) == [0x0000] * 4
+    peak = peak_rss_mb(node.proc.pid)
+    assert peak < 500, f"serve's peak RSS reached {peak:.0f} MiB"
+    instances = node.json("instances")
+    assert len(instances) == 4
+    for row in instances:
+        path = node.root / "storage" / row["path"]
+        assert path.stat().st_size == row["size_bytes"] > 128 * MiB
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == row["sha256"]
+    assert spool_files(node) == []
+
+
+def test_concurrent_senders_over_the_cap_cannot_add_up(node_factory) -> None:
+    """Four data sets over a 128 MiB cap at once: each aborted arriving, memory bounded."""
+    node = node_factory({"storage": {"max_dataset_mb": 128}})
+    node.start()
+    assert node.proc is not None
+    assert send_large_at_once(node, 4, 160) == [ABORT] * 4
+    peak = peak_rss_mb(node.proc.pid)
+    assert peak < 500, f"serve's peak RSS reached {peak:.0f} MiB"
+    reasons = [str(r["reason"]) for r in refusals(node)]
+    assert len(reasons) == 4 and all("while arriving" in r for r in reasons), reasons
+    assert node.json("instances") == []
+    assert spool_files(node) == []  # the partial data sets are removed, not left to a restart
 
 
 def test_foreign_objects_do_not_enter_an_mr_series(node: NodeProcess) -> None:
