@@ -22,9 +22,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from node.audit.keys import AuditKeyError
-from node.audit.trail import (
-    AuditBreakError,
-)
+from node.audit.trail import AuditBreakError
 from node.cli.common import (
     ConfigOpt,
     JsonObjectOpt,

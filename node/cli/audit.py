@@ -34,9 +34,7 @@ from node.cli.common import (
     parse_since,
     settings_from,
 )
-from node.db.models import (
-    AuditEvent,
-)
+from node.db.models import AuditEvent
 
 audit_app = typer.Typer(
     help="The audit trail: list events, verify the keyed chain and its anchor, rotate the key."

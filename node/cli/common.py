@@ -26,15 +26,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from node.audit.context import AuditContext
-from node.config import (
-    ConfigError,
-    Settings,
-    load_settings,
-)
-from node.db.models import (
-    Delivery,
-    Job,
-)
+from node.config import ConfigError, Settings, load_settings
+from node.db.models import Delivery, Job
 from node.db.session import Database, make_engine
 from pipelines.share import config_dir
 

@@ -8,24 +8,9 @@ from typing import Annotated
 import typer
 from sqlalchemy import func, select
 
-from node.audit.trail import (
-    os_actor,
-)
-from node.cli.common import (
-    ConfigOpt,
-    JsonOpt,
-    emit,
-    err,
-    iso,
-    newest,
-    open_db,
-    out,
-    settings_from,
-)
-from node.db.models import (
-    Delivery,
-    DeliveryState,
-)
+from node.audit.trail import os_actor
+from node.cli.common import ConfigOpt, JsonOpt, emit, err, iso, newest, open_db, out, settings_from
+from node.db.models import Delivery, DeliveryState
 
 deliveries_app = typer.Typer(
     help="The delivery outbox: what was sent where, what is waiting, what is dead."

@@ -16,10 +16,7 @@ from rich.markup import escape
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from node.audit.trail import (
-    os_actor,
-    record,
-)
+from node.audit.trail import os_actor, record
 from node.cli.common import (
     PIPELINES_DIR,
     ConfigOpt,
@@ -35,13 +32,7 @@ from node.cli.common import (
     settings_from,
     yes_no,
 )
-from node.db.models import (
-    AuditEvent,
-    Delivery,
-    Job,
-    JobState,
-    Study,
-)
+from node.db.models import AuditEvent, Delivery, Job, JobState, Study
 
 jobs_app = typer.Typer(help="Pipeline jobs: list, show one, retry, cancel.")
 

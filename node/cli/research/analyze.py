@@ -10,12 +10,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from node.cli.common import (
-    PIPELINES_DIR,
-    JsonObjectOpt,
-    err,
-    out,
-)
+from node.cli.common import PIPELINES_DIR, JsonObjectOpt, err, out
 from node.cli.research.segment import (
     DEFAULT_SEG_MODEL,
     RULES_FILE,

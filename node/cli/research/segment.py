@@ -13,11 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from node.cli.common import (
-    JsonObjectOpt,
-    err,
-    out,
-)
+from node.cli.common import JsonObjectOpt, err, out
 from pipelines.share import config_dir, models_dir
 
 if TYPE_CHECKING:
