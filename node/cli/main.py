@@ -1,5 +1,12 @@
 """The ``sarcnode`` command: run the node and answer the admin's questions.
 
+This module builds the app and registers every command, in the order
+``--help`` lists them. The commands live by audience: :mod:`node.cli.admin`
+(serve, status, what the node received, peers, config), :mod:`node.cli.audit`,
+:mod:`node.cli.deliveries`, :mod:`node.cli.jobs` (jobs, pipelines, clinical
+factors) and :mod:`node.cli.research` (synthetic data, segmentation models,
+signatures, analyze); what they share is in :mod:`node.cli.common`.
+
 ``--json`` follows one rule, and each command's help says which it prints:
 a command that lists rows (``studies``, ``jobs``, ``audit`` ...) prints one
 JSON array, even of one row or none; a command about one thing (``status``,
