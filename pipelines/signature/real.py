@@ -202,36 +202,11 @@ def build_card(
     extraction: dict[str, Any],
 ) -> dict[str, Any]:
     """The shipped card: scoring blocks the node reads, the CV figures, the training ranges."""
-    from pipelines.signature.pfs import TIME_POINTS_DAYS, _cox_block
-    from pipelines.signature.survival import cox
-
     clinical, outcome = outcome_of(cohort, endpoint)
     x = features.loc[clinical.index]
     radscore = pd.Series(final.score(x), index=x.index)
     spec = ENDPOINTS[endpoint]
-    card: dict[str, Any] = {
-        "id": card_id,
-        "version": "1.0.0",
-        "kind": "radiomics signature",
-        "endpoint": endpoint,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "intended_use": f"Research on {TITLES[endpoint]} of soft-tissue sarcoma, from T1 MRI. "
-        f"Fitted on {len(x)} real patients of the TCIA Soft-tissue-Sarcoma collection: "
-        + NOT_CLINICAL
-        + ".",
-        "clinical_use": NOT_CLINICAL,
-        "extraction": extraction,
-        "sequences": ["T1"],
-        "regions": ["ring", "tumour"],
-        "cohort": {
-            "source": "real",
-            "collection": "TCIA Soft-tissue-Sarcoma (sts-clinical + sts-t1-cropped)",
-            "n": len(x),
-            "positives_or_events": int(outcome.event.sum()),
-            "patients": list(x.index),
-            "held_out": cohort.held_out,
-            "without_images": cohort.without_images,
-        },
+    card = _head(card_id, endpoint, cohort, x, outcome, extraction) | {
         "features": [
             {"name": n, "mean": float(m), "sd": float(s), "coefficient": float(c)}
             for n, m, s, c in zip(
@@ -258,31 +233,75 @@ def build_card(
         }
         training["positives"] = int(outcome.event.sum())
     else:
-        frame = pd.DataFrame(
-            {"radscore": radscore, "time": outcome.time, "event": outcome.event},
-            index=x.index,
-        )
-        model = cox(frame, "time", "event", ["radscore"])
-        cutoff = float(radscore.median())
-        groups = frame.assign(risk_group=np.where(radscore > cutoff, "high", "low"))
-        block = _cox_block(model, TIME_POINTS_DAYS)
-        card |= {
-            "time_unit": "days from the MR scan",
-            "radscore": {
-                "formula": "sum(coefficient * (value - mean) / sd)",
-                "cutoff": cutoff,
-                "cutoff_rule": "median of training rad-scores; above = high risk",
-            },
-            "radscore_cox": block,
-            "nomogram": {**block, "ranges": {"radscore": card["applicability"]["radscore"]}},
-            "time_points_days": TIME_POINTS_DAYS,
-        }
-        training |= {
-            "events": int(outcome.event.sum()),
-            "km_by_risk_group": km_curves(groups, "time", "event"),
-        }
+        blocks, curves = _survival_blocks(radscore, outcome, card["applicability"]["radscore"])
+        card |= blocks
+        training |= {"events": int(outcome.event.sum()), "km_by_risk_group": curves}
     if not final.names:
         card["warning"] = "the LASSO kept no feature on the full cohort: the score is constant"
     card["training"] = training
     card["validation"] = {"nested_cv": cv}
     return card
+
+
+def _head(
+    card_id: str,
+    endpoint: str,
+    cohort: StsCohort,
+    x: pd.DataFrame,
+    outcome: Outcome,
+    extraction: dict[str, Any],
+) -> dict[str, Any]:
+    """Id, version, endpoint, intended use, extraction, sequences and regions, the cohort."""
+    return {
+        "id": card_id,
+        "version": "1.0.0",
+        "kind": "radiomics signature",
+        "endpoint": endpoint,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "intended_use": f"Research on {TITLES[endpoint]} of soft-tissue sarcoma, from T1 MRI. "
+        f"Fitted on {len(x)} real patients of the TCIA Soft-tissue-Sarcoma collection: "
+        + NOT_CLINICAL
+        + ".",
+        "clinical_use": NOT_CLINICAL,
+        "extraction": extraction,
+        "sequences": ["T1"],
+        "regions": ["ring", "tumour"],
+        "cohort": {
+            "source": "real",
+            "collection": "TCIA Soft-tissue-Sarcoma (sts-clinical + sts-t1-cropped)",
+            "n": len(x),
+            "positives_or_events": int(outcome.event.sum()),
+            "patients": list(x.index),
+            "held_out": cohort.held_out,
+            "without_images": cohort.without_images,
+        },
+    }
+
+
+def _survival_blocks(
+    radscore: pd.Series, outcome: Outcome, radscore_range: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(a survival card's rad-score, Cox and nomogram blocks; its training KM curves)."""
+    from pipelines.signature.pfs import TIME_POINTS_DAYS, _cox_block
+    from pipelines.signature.survival import cox
+
+    frame = pd.DataFrame(
+        {"radscore": radscore, "time": outcome.time, "event": outcome.event},
+        index=radscore.index,
+    )
+    model = cox(frame, "time", "event", ["radscore"])
+    cutoff = float(radscore.median())
+    groups = frame.assign(risk_group=np.where(radscore > cutoff, "high", "low"))
+    block = _cox_block(model, TIME_POINTS_DAYS)
+    blocks = {
+        "time_unit": "days from the MR scan",
+        "radscore": {
+            "formula": "sum(coefficient * (value - mean) / sd)",
+            "cutoff": cutoff,
+            "cutoff_rule": "median of training rad-scores; above = high risk",
+        },
+        "radscore_cox": block,
+        "nomogram": {**block, "ranges": {"radscore": radscore_range}},
+        "time_points_days": TIME_POINTS_DAYS,
+    }
+    return blocks, km_curves(groups, "time", "event")
