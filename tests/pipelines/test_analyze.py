@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import SimpleITK as sitk
 
 from pipelines.analyze import summary
@@ -15,6 +16,7 @@ from tests.pipelines.test_encode import dciodvfy_errors
 from tests.pipelines.test_segment_cli import sarcnode
 
 
+@pytest.mark.slow  # analyze twice on STS_001: ~5 min on 2 busy cores
 def test_analyze_sts001_segments_extracts_and_scores_reproducibly(tmp_path: Path) -> None:
     study = shared_data("sts-raw", "STS_001")
     first = sarcnode(

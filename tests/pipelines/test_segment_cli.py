@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from pipelines.io.dicom import load_series, scan
@@ -16,6 +17,8 @@ from pipelines.io.rtstruct import rtstruct_mask
 from pipelines.segment.metrics import dice
 from pipelines.synth.study import write_study
 from tests.conftest import REPO, SARCNODE, shared_data
+
+pytestmark = pytest.mark.slow  # the network on CPU in every test: ~45 s to ~4 min each
 
 
 def sarcnode(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -52,6 +52,7 @@ def test_folds_partition_patients_and_inner_split_stays_inside() -> None:
         assign_folds(patients[:3], 5, seed=0)
 
 
+@pytest.mark.slow  # trains fold models: ~75 s
 def test_cross_validation_is_out_of_fold_resumable_and_never_uses_sts001(tmp_path: Path) -> None:
     """Two folds of a tiny recipe on four real patients, each scored by a model blind to it."""
     data = small_cohort(tmp_path)

@@ -95,6 +95,7 @@ def _job(
     return db, ctx, config
 
 
+@pytest.mark.slow  # the network on CPU: ~30-60 s
 def test_a_flagged_mask_is_delivered_with_its_flag_and_jobs_show_says_why(
     tmp_path: Path, t2fs: Path
 ) -> None:
@@ -133,6 +134,7 @@ def test_a_flagged_mask_is_delivered_with_its_flag_and_jobs_show_says_why(
     )
 
 
+@pytest.mark.slow  # the network on CPU: ~30-60 s
 def test_an_unflagged_mask_shows_its_score_and_no_review(tmp_path: Path, t2fs: Path) -> None:
     model = _model(
         tmp_path / "model", ensemble={"tta": ["none", "x"]}, quality={"review_below": 0.0}

@@ -26,6 +26,8 @@ from tests.conftest import run_cli
 from tests.pipelines.test_encode import dciodvfy_errors, pdf_text, sr_items
 from tests.pipelines.test_scoring_domain import SPHERICITY, t1_card
 
+pytestmark = pytest.mark.slow  # the demo network and three cards on CPU: ~2-5 min each
+
 REPO = Path(__file__).resolve().parents[2]
 SEG_MODEL = REPO / "models" / "sarcnode-seg-demo"
 DEMO = REPO / "models" / "sarcnode-pfs-demo"
