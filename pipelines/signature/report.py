@@ -103,7 +103,39 @@ def survival_report(card: dict[str, Any], scores: pd.DataFrame, out: Path) -> di
         c, lo, hi = bootstrap_c(t, e, scores[name].to_numpy(), n=1000)
         metrics[f"c_index_{name}"] = {"value": round(c, 4), "ci95": [round(lo, 4), round(hi, 4)]}
     figures: dict[str, str] = {}
+    _td_auc(scores, t, e, out, metrics, figures)
+    _brier(scores, t, e, out, metrics, figures)
+    radscore = card["radscore"]
+    metrics["risk_cutoff"] = {
+        "value": radscore.get("cutoff"),
+        "rule": radscore.get("cutoff_rule", "training median"),
+    }
+    _km(scores, t, e, out, metrics, figures)
+    if "pfs_600" in scores:
+        _calibration(scores, t, e, out, metrics, figures)
+    nomogram = card["nomogram"]
+    names = nomogram["covariates"]
+    hr = np.array([nomogram["hazard_ratios"][c] for c in names])
+    fig, ax = plt.subplots(figsize=(5, 0.6 * len(names) + 1.2))
+    ax.scatter(hr, range(len(names)))
+    ax.axvline(1, c="grey", ls="--")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xscale("log")
+    ax.set(xlabel="hazard ratio (training fit)", title="Nomogram covariates")
+    figures["forest"] = _save(fig, out / "forest.png")
+    figures["nomogram"] = _save(nomogram_figure(card, None), out / "nomogram.png")
+    return {"metrics": metrics, "figures": figures}
 
+
+def _td_auc(
+    scores: pd.DataFrame,
+    t: np.ndarray,
+    e: np.ndarray,
+    out: Path,
+    metrics: dict[str, Any],
+    figures: dict[str, str],
+) -> None:
+    """Time-dependent AUC of the rad-score: a curve over the event times, and at 300/600/900 d."""
     y = Surv.from_arrays(e.astype(bool), t)
     grid = np.linspace(np.percentile(t[e == 1], 10), np.percentile(t[e == 1], 90), 12)
     auc, mean_auc = cumulative_dynamic_auc(y, y, scores["radscore"].to_numpy(), grid)
@@ -120,27 +152,41 @@ def survival_report(card: dict[str, Any], scores: pd.DataFrame, out: Path) -> di
         at, _ = cumulative_dynamic_auc(y, y, scores["radscore"].to_numpy(), horizon)
         metrics["td_auc"] = {str(d): round(float(a), 4) for d, a in zip(horizon, at, strict=True)}
 
-    brier = _brier_curve(scores, t, e)
-    if brier is not None:
-        times, values, ibs = brier
-        metrics["brier"] = {
-            str(int(d)): round(float(b), 4) for d, b in zip(times, values, strict=True)
-        }
-        if ibs is not None:
-            metrics["integrated_brier"] = round(ibs, 4)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot(times, values, marker="o", label="card's predictions")
-        ax.axhline(0.25, c="grey", ls="--", label="uninformative (0.25)")
-        title = "Brier score" + (f", integrated {ibs:.3f}" if ibs is not None else "")
-        ax.set(xlabel="days", ylabel="Brier score (IPCW)", ylim=(0, 0.4), title=title)
-        ax.legend()
-        figures["brier"] = _save(fig, out / "brier.png")
 
-    radscore = card["radscore"]
-    metrics["risk_cutoff"] = {
-        "value": radscore.get("cutoff"),
-        "rule": radscore.get("cutoff_rule", "training median"),
-    }
+def _brier(
+    scores: pd.DataFrame,
+    t: np.ndarray,
+    e: np.ndarray,
+    out: Path,
+    metrics: dict[str, Any],
+    figures: dict[str, str],
+) -> None:
+    """Brier score of the card's predictions at its time points, and its integral."""
+    brier = _brier_curve(scores, t, e)
+    if brier is None:
+        return
+    times, values, ibs = brier
+    metrics["brier"] = {str(int(d)): round(float(b), 4) for d, b in zip(times, values, strict=True)}
+    if ibs is not None:
+        metrics["integrated_brier"] = round(ibs, 4)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(times, values, marker="o", label="card's predictions")
+    ax.axhline(0.25, c="grey", ls="--", label="uninformative (0.25)")
+    title = "Brier score" + (f", integrated {ibs:.3f}" if ibs is not None else "")
+    ax.set(xlabel="days", ylabel="Brier score (IPCW)", ylim=(0, 0.4), title=title)
+    ax.legend()
+    figures["brier"] = _save(fig, out / "brier.png")
+
+
+def _km(
+    scores: pd.DataFrame,
+    t: np.ndarray,
+    e: np.ndarray,
+    out: Path,
+    metrics: dict[str, Any],
+    figures: dict[str, str],
+) -> None:
+    """Kaplan-Meier curves of the two risk groups, with the log-rank p."""
     high = (scores["risk_group"] == "high").to_numpy()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for label, mask in (("low risk", ~high), ("high risk", high)):
@@ -155,46 +201,42 @@ def survival_report(card: dict[str, Any], scores: pd.DataFrame, out: Path) -> di
     ax.set(xlabel="days", ylabel="progression-free survival")
     figures["km"] = _save(fig, out / "km.png")
 
-    if "pfs_600" in scores:
-        predicted = scores["pfs_600"].to_numpy(float)
-        groups = pd.qcut(predicted, 5, labels=False, duplicates="drop")
-        rows = []
-        for g in np.unique(groups):
-            m = groups == g
-            km = KaplanMeierFitter().fit(t[m], e[m])
-            rows.append((predicted[m].mean(), float(km.survival_function_at_times(600).iloc[0])))
-        cal = np.array(rows)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        ax.plot([0, 1], [0, 1], c="grey", ls="--")
-        ax.plot(cal[:, 0], cal[:, 1], marker="o")
-        ax.set(
-            xlabel="predicted PFS at 600 d",
-            ylabel="observed (Kaplan-Meier)",
-            title="Calibration, 600 days",
-        )
-        figures["calibration"] = _save(fig, out / "calibration.png")
-        metrics["calibration_600"] = [[round(a, 4), round(b, 4)] for a, b in rows]
-        known = (t > 600) | (e == 1)
-        event_by = ((t <= 600) & (e == 1)).astype(int)[known]
-        figures["decision_curve"] = decision_curve(
-            event_by,
-            1 - predicted[known],
-            "threshold probability (progression by 600 d)",
-            out / "decision_curve.png",
-        )
 
-    nomogram = card["nomogram"]
-    names = nomogram["covariates"]
-    hr = np.array([nomogram["hazard_ratios"][c] for c in names])
-    fig, ax = plt.subplots(figsize=(5, 0.6 * len(names) + 1.2))
-    ax.scatter(hr, range(len(names)))
-    ax.axvline(1, c="grey", ls="--")
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xscale("log")
-    ax.set(xlabel="hazard ratio (training fit)", title="Nomogram covariates")
-    figures["forest"] = _save(fig, out / "forest.png")
-    figures["nomogram"] = _save(nomogram_figure(card, None), out / "nomogram.png")
-    return {"metrics": metrics, "figures": figures}
+def _calibration(
+    scores: pd.DataFrame,
+    t: np.ndarray,
+    e: np.ndarray,
+    out: Path,
+    metrics: dict[str, Any],
+    figures: dict[str, str],
+) -> None:
+    """Calibration at 600 days by quintile of predicted PFS, and the decision curve."""
+    predicted = scores["pfs_600"].to_numpy(float)
+    groups = pd.qcut(predicted, 5, labels=False, duplicates="drop")
+    rows = []
+    for g in np.unique(groups):
+        m = groups == g
+        km = KaplanMeierFitter().fit(t[m], e[m])
+        rows.append((predicted[m].mean(), float(km.survival_function_at_times(600).iloc[0])))
+    cal = np.array(rows)
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.plot([0, 1], [0, 1], c="grey", ls="--")
+    ax.plot(cal[:, 0], cal[:, 1], marker="o")
+    ax.set(
+        xlabel="predicted PFS at 600 d",
+        ylabel="observed (Kaplan-Meier)",
+        title="Calibration, 600 days",
+    )
+    figures["calibration"] = _save(fig, out / "calibration.png")
+    metrics["calibration_600"] = [[round(a, 4), round(b, 4)] for a, b in rows]
+    known = (t > 600) | (e == 1)
+    event_by = ((t <= 600) & (e == 1)).astype(int)[known]
+    figures["decision_curve"] = decision_curve(
+        event_by,
+        1 - predicted[known],
+        "threshold probability (progression by 600 d)",
+        out / "decision_curve.png",
+    )
 
 
 def nomogram_figure(card: dict[str, Any], patient: dict[str, float] | None) -> Any:
