@@ -48,13 +48,16 @@ peers:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	else echo "peers: not root, cannot install:$$missing (tests needing them will skip, or fail under CI=true)"; fi
 
-# npm packages for the viewer test, and OHIF fetched once (npm pack) into var/cache.
-viewer: $(VIEWER)/node_modules/.package-lock.json $(OHIF_DIST)
+# The OHIF build `sarcnode viewer` serves (npm pack @ohif/app, integrity pinned in
+# node/viewer.py), fetched once into var/cache by the node's own code; and the npm
+# packages the viewer test drives Chromium with.
+viewer: $(OHIF_DIST) $(VIEWER)/node_modules/.package-lock.json
 $(VIEWER)/node_modules/.package-lock.json: $(VIEWER)/package.json $(VIEWER)/package-lock.json
 	@if command -v npm >/dev/null; then cd $(VIEWER) && npm ci --no-audit --no-fund --silent; \
 	else echo "viewer: npm not found (the viewer test will skip, or fail under CI=true)"; fi
 $(OHIF_DIST): | $(STAMP)
-	@if command -v npm >/dev/null; then $(PY) -c 'from tests.viewer.ohif import ensure_ohif; ensure_ohif()'; fi
+	@if command -v npm >/dev/null; then $(VENV)/bin/sarcnode viewer --fetch; \
+	else echo "viewer: npm not found, OHIF not fetched (Debian: apt-get install npm, then make viewer)"; fi
 
 test: venv peers viewer
 	$(PY) -m pytest -q
@@ -67,7 +70,8 @@ lint: venv
 	$(PY) -m ruff format --check node pipelines models tests bench
 	$(PY) -m mypy
 
-demo: venv
+# The demo ends with the `sarcnode viewer` command and address: OHIF is fetched first.
+demo: venv $(OHIF_DIST)
 	$(PY) -m node.demo
 
 bench: venv peers

@@ -3,14 +3,16 @@
 Starts ``sarcnode serve`` with the embedded defaults (SQLite and folders under
 ``var/demo``, the shipped pipeline ``config/pipelines/sarcoma-mr.yaml``; the
 scanner's AE title on the calling-AE allow-list, which is empty by default), a
-folder destination and, when the Debian package is installed, a throw-away
-Orthanc as the PACS; plays a scanner with dcmtk's ``storescu`` (pynetdicom's
-SCU when dcmtk is not installed) sending a synthetic sarcoma study (T1 +
-FS-T2) and, when ``../shared/data`` is present, the real STS_001 T1 + FS-T2
-study; waits for the jobs and the deliveries, and prints the job table,
-per-stage times, the rad-score and risk group, where the SEG/SR/PDF are and
-how to look at them. Exit 0 only if every job is done and every object
-delivered.
+folder destination and a throw-away Orthanc as the PACS (installed from
+Debian's packages when run as root; else the demo says how); plays a scanner
+with dcmtk's ``storescu`` (pynetdicom's SCU when dcmtk is not installed)
+sending a synthetic sarcoma study (T1 + FS-T2) and, when ``../shared/data`` is
+present, the real STS_001 T1 + FS-T2 study, and stores the MR in the PACS too;
+waits for the jobs and the deliveries, and prints the job table, per-stage
+times, the rad-score and risk group, where the SEG/SR/PDF are, a picture of
+each key slice with the tumour outline (``var/demo/<patient>/key-slice.png``)
+and the ``sarcnode viewer`` command and address that show the results in OHIF.
+Exit 0 only if every job is done and every object delivered.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def node_env(storage: Path, port: int, destinations: list[dict[str, Any]]) -> di
     }
 
 
-def _send(folder: Path, port: int) -> int:
-    """Send every DICOM file under ``folder``; return how many were sent."""
+def _send(folder: Path, port: int, called: str = "SARCNODE") -> int:
+    """Send every DICOM file under ``folder`` to AE ``called``; return how many were sent."""
     files = sorted(p for p in folder.rglob("*.dcm"))
     if Path(STORESCU).exists():
         subprocess.run(
@@ -74,7 +76,7 @@ def _send(folder: Path, port: int) -> int:
                 "-aet",
                 DEMO_SCANNER,
                 "-aec",
-                "SARCNODE",
+                called,
                 "127.0.0.1",
                 str(port),
                 *map(str, files),
@@ -88,9 +90,9 @@ def _send(folder: Path, port: int) -> int:
 
         ae = AE(ae_title=DEMO_SCANNER)
         ae.add_requested_context(MRImageStorage)
-        assoc = ae.associate("127.0.0.1", port, ae_title="SARCNODE")
+        assoc = ae.associate("127.0.0.1", port, ae_title=called)
         if not assoc.is_established:
-            raise SystemExit("demo: the node refused the association")
+            raise SystemExit(f"demo: {called} refused the association")
         for f in files:
             status = assoc.send_c_store(f)
             if getattr(status, "Status", None) != 0:
@@ -112,8 +114,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def _orthanc(folder: Path) -> tuple[subprocess.Popen[bytes], int, int] | None:
     """Start a throw-away Orthanc (Debian package) as the demo's PACS, or None if absent."""
-    binary = Path("/usr/sbin/Orthanc")
-    plugin = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    binary, plugin = ORTHANC_BIN, ORTHANC_DICOMWEB
     if not binary.exists():
         return None
     http, dicom = _free_port(8042), _free_port(4242)
@@ -122,7 +123,7 @@ def _orthanc(folder: Path) -> tuple[subprocess.Popen[bytes], int, int] | None:
         "Name": "sarcnode-demo-pacs",
         "HttpPort": http,
         "DicomPort": dicom,
-        "DicomAet": "DEMOPACS",
+        "DicomAet": DEMO_PACS_AET,
         "StorageDirectory": str(folder / "storage"),
         "IndexDirectory": str(folder / "index"),
         "RemoteAccessAllowed": False,
@@ -147,6 +148,218 @@ def _orthanc(folder: Path) -> tuple[subprocess.Popen[bytes], int, int] | None:
     return None
 
 
+# -- the PACS and the viewer (issue 14) -------------------------------------------
+
+ORTHANC_BIN = Path("/usr/sbin/Orthanc")
+ORTHANC_DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+#: Debian's packages for the demo PACS: Orthanc and its DICOMweb plugin (what OHIF reads).
+ORTHANC_PACKAGES = ("orthanc", "orthanc-dicomweb")
+DEMO_PACS_AET = "DEMOPACS"
+
+
+def ensure_orthanc() -> str | None:
+    """None when Orthanc with DICOMweb is there; else how to install it, in one line.
+
+    Installs it when it can (root on Debian: apt-get).
+    """
+    if ORTHANC_BIN.exists() and ORTHANC_DICOMWEB.exists():
+        return None
+    packages = " ".join(ORTHANC_PACKAGES)
+    apt = shutil.which("apt-get")
+    if apt is None:
+        return (
+            "Orthanc with its DICOMweb plugin is not installed and this is not a Debian "
+            f"system: install them (Debian/Ubuntu: apt-get install {packages}; else "
+            "https://orthanc.uclouvain.be/book/users/cookbook.html) and run `make demo` again"
+        )
+    if os.geteuid() != 0:
+        return (
+            f"Orthanc is not installed (not root, so the demo cannot): "
+            f"sudo apt-get install -y {packages}, then `make demo` again"
+        )
+    print(f"== installing the demo PACS: apt-get install -y {packages}", flush=True)
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        [apt, "update", "-qq"],
+        [apt, "install", "-y", "-qq", "--no-install-recommends", *ORTHANC_PACKAGES],
+    ):
+        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            return (
+                f"installing Orthanc failed ({' '.join(command[:2])} exited {proc.returncode}: "
+                f"{proc.stderr.strip()[-300:]}); install it by hand: apt-get install -y "
+                f"{packages}, then `make demo` again"
+            )
+    if ORTHANC_BIN.exists() and ORTHANC_DICOMWEB.exists():
+        return None
+    return f"apt-get installed {packages} but {ORTHANC_BIN} or {ORTHANC_DICOMWEB} is missing"
+
+
+def store_in_pacs(folders: list[Path], dicom_port: int) -> int:
+    """The scanner stores the study's MR in the PACS too; return how many instances.
+
+    The node sends only its results, and a SEG or SR without its images opens
+    on a black viewport.
+    """
+    return sum(_send(folder, dicom_port, called=DEMO_PACS_AET) for folder in folders)
+
+
+def viewer_lines(pacs_http: int, studies: list[str]) -> list[str]:
+    """How to look at the results: restart the demo PACS, run ``sarcnode viewer``, open."""
+    from node.viewer import MissingDistError, find_dist
+
+    def shown(path: Path) -> str:
+        return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+    pacs_url = f"http://127.0.0.1:{pacs_http}"
+    command = f"{shown(Path(SARCNODE))} viewer --pacs {pacs_url}" + "".join(
+        f" --study {uid}" for uid in studies
+    )
+    lines = [
+        "== to look at the results in OHIF, start the demo PACS again and the viewer in front "
+        "of it:",
+        f"     {ORTHANC_BIN} {shown(DEMO / 'orthanc' / 'config')}/ "
+        f">> {shown(DEMO / 'orthanc' / 'orthanc.log')} 2>&1 &",
+        f"     {command}",
+        "   then open (the MR with the SEG overlay, the SR's numbers on the key slice, the PDF "
+        "report as its own series):",
+        *(f"     http://127.0.0.1:3000/viewer?StudyInstanceUIDs={uid}" for uid in studies),
+        f"   (Orthanc Explorer: {pacs_url}/app/explorer.html)",
+    ]
+    try:
+        find_dist()
+    except MissingDistError as exc:
+        lines.insert(1, f"   first fetch OHIF: {exc}")
+    return lines
+
+
+def key_slice_png(sr_path: Path, storage_root: Path, scores: list[Any], out: Path) -> Path:
+    """The key slice the SR names, with the tumour outline it draws and the results in words.
+
+    What OHIF shows, for a user with no viewer at hand.
+    """
+    import textwrap
+
+    import matplotlib
+    import numpy as np
+    import pydicom
+
+    from pipelines.scoring.text import headline, prediction_text
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sr = pydicom.dcmread(sr_path)
+    # The first measurement group is the tumour's, on the key slice (TID 1410).
+    group = next(
+        (i for i in _sr_items(sr) if _meaning(i) == "Measurement Group"),
+        pydicom.Dataset(),
+    )
+    items = list(_sr_items(group.get("ContentSequence", [])))
+    region = next((i for i in items if i.get("ValueType") == "SCOORD"), None)
+    if region is None:
+        raise ValueError(f"{sr_path}: no outline in the tumour's measurement group")
+    image = next(i for i in region.ContentSequence if i.get("ValueType") == "IMAGE")
+    sop = str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    found = sorted((storage_root / "dicom" / str(sr.StudyInstanceUID)).glob(f"*/{sop}.dcm"))
+    if not found:
+        raise FileNotFoundError(f"key slice {sop} is not in {storage_root}")
+    mr = pydicom.dcmread(found[0])
+    pixels = mr.pixel_array.astype(float)
+    low, high = np.percentile(pixels, [1, 99.5])
+    measured = {
+        _meaning(i): i.MeasuredValueSequence[0] for i in items if i.get("ValueType") == "NUM"
+    }
+    lines = [
+        f"{name} {float(measured[name].NumericValue):.1f} "
+        f"{measured[name].MeasurementUnitsCodeSequence[0].CodeValue}"
+        for name in ("Volume", "Long axis", "Area")
+        if name in measured
+    ]
+    for result in scores:
+        if "skipped" in result:
+            continue
+        lines.append(f"{headline(result)}: rad-score {float(result['radscore']):.2f}")
+        predicted = prediction_text(result)
+        if predicted:
+            lines.append(f"   {predicted}")
+    lines.append("Demo models: NOT FOR CLINICAL USE")
+    # About 100 characters of 8.5 pt text fit the picture's width.
+    lines = [
+        part for line in lines for part in textwrap.wrap(line, 100, subsequent_indent="      ")
+    ]
+    rows, cols = pixels.shape
+    spacing = [float(v) for v in getattr(mr, "PixelSpacing", [1.0, 1.0])]
+    # Inches: a title band, the image at its pixel aspect, the lines below it.
+    width, title_h, line_h = 7.0, 0.35, 0.17
+    image_h = width * rows * spacing[0] / (cols * spacing[1])
+    text_h = line_h * len(lines) + 0.2
+    height = title_h + image_h + text_h
+    fig = plt.figure(figsize=(width, height), dpi=110)
+    ax = fig.add_axes((0.0, text_h / height, 1.0, image_h / height))
+    ax.imshow(pixels, cmap="gray", vmin=low, vmax=high, aspect=spacing[0] / spacing[1])
+    # SCOORD (column, row) pixel coordinates: 0 is the first pixel's edge, not its centre.
+    outline = np.asarray(region.GraphicData, dtype=float).reshape(-1, 2)
+    closed = np.vstack([outline, outline[:1]])
+    ax.plot(closed[:, 0] - 0.5, closed[:, 1] - 0.5, color="#ff3030", linewidth=1.4)
+    ax.set_axis_off()
+    title = (
+        f"{mr.get('PatientID', '')}: image {mr.get('InstanceNumber', '?')} of series "
+        f"{mr.get('SeriesNumber', '?')} {mr.get('SeriesDescription', '')}, tumour outlined"
+    )
+    fig.text(0.02, 1 - 0.22 / height, title, va="center", ha="left", fontsize=9)
+    fig.text(0.02, (text_h - 0.1) / height, "\n".join(lines), va="top", ha="left", fontsize=8.5)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _sr_items(items: Any) -> Any:
+    """Every SR content item under ``items`` (a data set or a sequence), depth first."""
+    for item in items.get("ContentSequence", []) if hasattr(items, "get") else items:
+        yield item
+        yield from _sr_items(item)
+
+
+def _meaning(item: Any) -> str:
+    names = item.get("ConceptNameCodeSequence") or [{}]
+    return str(names[0].get("CodeMeaning", ""))
+
+
+def key_slice_pngs(env: dict[str, str], jobs: list[Any], storage_root: Path) -> list[str]:
+    """``var/demo/<patient>/key-slice.png`` for each done job; the lines saying where."""
+    import pydicom
+
+    lines = []
+    for job in jobs:
+        if job["state"] != "done":
+            continue
+        shown = json.loads(_cli(env, "jobs", "show", str(job["id"]), "--json").stdout)
+        stages = {s["stage"]: s for s in shown["stages"]}
+        files = ((stages.get("encode") or {}).get("outputs") or {}).get("files", {})
+        if "sr" not in files:
+            continue
+        sr = Path(files["sr"])
+        # The demo's patients are synthetic or public (TCIA): their IDs name the folders.
+        patient = str(pydicom.dcmread(sr, stop_before_pixels=True).get("PatientID", ""))
+        folder = "".join(c if c.isalnum() or c in "-_." else "_" for c in patient)
+        try:
+            png = key_slice_png(
+                sr,
+                storage_root,
+                shown.get("scores") or [],
+                DEMO / (folder or "study") / "key-slice.png",
+            )
+        except (OSError, ValueError) as exc:
+            lines.append(f"   job {job['id']}: no key-slice picture ({exc})")
+            continue
+        lines.append(f"   {png}")
+    if lines:
+        lines.insert(0, "== no viewer at hand? the key slice with the tumour outline and results:")
+    return lines
+
+
 def _json(env: dict[str, str], *args: str) -> Any:
     return json.loads(_cli(env, *args, "--json").stdout or "[]")
 
@@ -163,13 +376,14 @@ def main() -> int:
     destinations: list[dict[str, Any]] = [
         {"name": "results", "kind": "folder", "path": str(DEMO / "results")}
     ]
-    pacs = _orthanc(DEMO / "orthanc")
+    no_pacs = ensure_orthanc()
+    pacs = _orthanc(DEMO / "orthanc") if no_pacs is None else None
     if pacs is not None:
         destinations.append(
             {
                 "name": "orthanc",
                 "kind": "dicom",
-                "ae_title": "DEMOPACS",
+                "ae_title": DEMO_PACS_AET,
                 "host": "127.0.0.1",
                 "port": pacs[2],
             }
@@ -181,7 +395,8 @@ def main() -> int:
     if pacs is not None:
         print(f"== PACS: Orthanc (AE DEMOPACS) on 127.0.0.1:{pacs[2]}, web 127.0.0.1:{pacs[1]}")
     else:
-        print("== Orthanc is not installed: results go to the folder destination only")
+        print(f"== no PACS: {no_pacs or 'Orthanc did not start'}")
+        print("   results go to the folder destination only")
     log = (DEMO / "serve.log").open("wb")
     serve = subprocess.Popen([SARCNODE, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
     heartbeat = DEMO / "storage" / "run" / "serve.json"
@@ -210,6 +425,9 @@ def main() -> int:
             )
             sent, studies = sent + n, 2
         last_sent = time.monotonic()
+        if pacs is not None:
+            stored = store_in_pacs([Path(env["SARCNODE_STORAGE__ROOT"]) / "dicom"], pacs[2])
+            print(f"== the MR ({stored} instances) stored in the PACS too, as the scanner would")
         deadline = time.monotonic() + 600
         while True:
             jobs = _json(env, "jobs")
@@ -252,15 +470,11 @@ def main() -> int:
             f"== {results_at - last_sent:.0f} s from the last instance sent to all results "
             f"delivered; demo total {time.monotonic() - started:.0f} s"
         )
+        for line in key_slice_pngs(env, jobs, Path(env["SARCNODE_STORAGE__ROOT"])):
+            print(line)
         if pacs is not None:
-            print(
-                "== to look at the results, start the demo PACS again and OHIF in front of it:\n"
-                f"     /usr/sbin/Orthanc {DEMO / 'orthanc' / 'config'}/ &\n"
-                f"     .venv/bin/python -m tests.viewer.ohif http://127.0.0.1:{pacs[1]}\n"
-                "   then open the printed OHIF address: each study shows the MR, the SEG "
-                "overlay, the SR (outline and numbers on the key slice) and the PDF report;\n"
-                f"   or Orthanc Explorer at http://127.0.0.1:{pacs[1]}/app/explorer.html"
-            )
+            uids = list(dict.fromkeys(j["study_instance_uid"] for j in jobs))
+            print("\n".join(viewer_lines(pacs[1], uids)))
         ok = (
             len([j for j in jobs if j["state"] == "done"]) == studies
             and deliveries

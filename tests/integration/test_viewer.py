@@ -1,17 +1,25 @@
-"""Our SEG and SR in a real OHIF (3.12.10, headless Chromium) over a real Orthanc."""
+"""Our SEG and SR in a real OHIF (3.12.10, headless Chromium) over a real Orthanc,
+served by the product's viewer (``sarcnode viewer``, node/viewer.py)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 
+from node.viewer import ViewerServer
+from pipelines.scoring.text import headline
+from pipelines.synth.study import write_study
+from tests.conftest import NodeProcess
+from tests.integration.test_e2e import pipeline_node, send, wait_for
 from tests.orthanc import Orthanc, orthanc  # noqa: F401 (fixture)
+from tests.peers import DCMTK_STORESCU, require
 from tests.pipelines.test_encode import _results, study  # noqa: F401 (fixture)
-from tests.viewer import run_viewer
-from tests.viewer.ohif import ViewerServer, ohif_viewer  # noqa: F401 (fixture)
+from tests.viewer import ohif_viewer, run_viewer, viewer_command  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "var" / "test-output" / "viewer"
@@ -77,3 +85,80 @@ def sr_volume(sr: pydicom.Dataset) -> float:
     group = report.content.get_planar_roi_measurement_groups()[0]
     (volume,) = [m for m in group.get_measurements() if m.name.meaning == "Volume"]
     return float(volume.value)
+
+
+def test_after_a_job_through_serve_ohif_shows_the_mr_with_the_seg_and_the_srs_results(
+    node_factory: Any,
+    orthanc: Orthanc,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A scanner sends a study to the node and to the PACS; the node's job delivers its
+    SEG, SR and PDF to that PACS; ``sarcnode viewer`` in front of it shows them on the MR."""
+    node: NodeProcess = node_factory(pipeline_node(tmp_path, orthanc))
+    node.start()
+    folder = tmp_path / "study"
+    write_study(folder, 21)
+    study_uid = str(pydicom.dcmread(next((folder / "dicom" / "T2FS").iterdir())).StudyInstanceUID)
+    # T1 first: when FS-T2 (the trigger) is stable, the optional T1 is there too (one job).
+    for sequence in ("T1", "T2FS"):
+        send(node, folder / "dicom" / sequence)
+    # The scanner stores the MR in the PACS as well (the node sends only its results).
+    store = subprocess.run(
+        [
+            require(DCMTK_STORESCU, "dcmtk storescu"),
+            *("+sd", "+r", "-aet", "SCANNER1", "-aec", orthanc.aet),
+            *("127.0.0.1", str(orthanc.dicom_port), str(folder / "dicom")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert store.returncode == 0, store.stderr
+    (job,) = wait_for(
+        node,
+        "the job",
+        lambda: [j for j in node.json("jobs") if j["state"] in ("done", "failed", "dead")],
+    )
+    shown = json.loads(node.cli("jobs", "show", str(job["id"]), "--json").stdout)
+    assert job["state"] == "done" and shown["inputs"].keys() == {"T2FS", "T1"}, shown
+    wait_for(
+        node,
+        "deliveries",
+        lambda: (rows := node.json("deliveries")) and all(r["state"] == "done" for r in rows),
+    )
+    files = next(s for s in shown["stages"] if s["stage"] == "encode")["outputs"]["files"]
+    seg = pydicom.dcmread(files["seg_T2FS"], stop_before_pixels=True)
+    sr = pydicom.dcmread(files["sr"])
+    (result,) = shown["scores"]
+    in_pacs = {s["series_uid"]: s["modality"] for s in orthanc.series_of_study(study_uid)}
+    assert sorted(in_pacs.values()) == ["DOC", "MR", "MR", "SEG", "SEG", "SR"], in_pacs
+
+    out = SCREENSHOTS / "after-serve"
+    with viewer_command(orthanc.http_url, [study_uid]) as viewer:
+        assert viewer.study_urls == [f"{viewer.url}/viewer?StudyInstanceUIDs={study_uid}"]
+        seen = run_viewer(
+            viewer.url, study_uid, str(seg.SeriesInstanceUID), str(sr.SeriesInstanceUID), out
+        )
+    assert (out / "seg.png").is_file() and (out / "sr.png").is_file()
+    # The MR with the SEG overlay: the segment listed, its colour drawn over the MR.
+    assert seen["seg_error"] is None, seen
+    segments = [s for g in seen["segmentations"] for s in g["segments"]]
+    assert any(s["label"] == "Tumour" for s in segments), seen["segmentations"]
+    assert seen["overlay_pixels"] > 500, seen["seg_viewport"]
+    # The SR on its MR slice (not a black viewport), and the text OHIF prints there: the
+    # volume, then the card's headline with its rad-score, risk group and the warning.
+    assert seen["sr_error"] is None and seen["sr_viewport_nonblack"], seen
+    text = seen["sr_viewport_text"]
+    assert text[0].startswith("Volume: ") and text[0].endswith(" mL"), text
+    assert result["applicability"]["status"] == "inside", result  # else no risk group to show
+    assert text[1] == f"{headline(result)}: {result['radscore']:.2f} {{rad-score}}", text
+    assert f"{result['risk_group']} risk" in text[1] and "NOT FOR CLINICAL USE" in text[1]
+    # The card's own group (OHIF's labels for it): rad-score and predicted probabilities.
+    card = next(
+        m
+        for m in seen["sr_measurements"]
+        if m["tracking_identifier"].endswith(f"{result['signature']} {result['version']}")
+    )
+    labels = [item["label"] for item in card["labels"]]
+    assert labels[0] == "Radiomics score (rad-score)", labels
+    assert any(label.startswith("Predicted PFS probability") for label in labels), labels

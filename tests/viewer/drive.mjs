@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Drive the OHIF viewer (served by tests/viewer/ohif.py) in headless Chromium and
+// Drive the OHIF viewer (served by `sarcnode viewer`, node/viewer.py) in headless Chromium and
 // report what it shows for one study: the SEG overlay and the SR measurements.
 //
 // Usage: node drive.mjs '<json>'   (or the same JSON in $VIEWER_ARGS)
