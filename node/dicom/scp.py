@@ -218,17 +218,17 @@ class StorageSCP:
     # -- association events -------------------------------------------------
 
     def _on_conn_open(self, event: Event) -> None:
-        """A connection the guard admitted: set-up deadline, TCP_NODELAY, TLS handshake.
+        """A connection the guard admitted: inbound guard, set-up deadline, TCP_NODELAY, TLS.
 
         The association's ACSE timeout (its wait for the A-ASSOCIATE-RQ, and
         pynetdicom's ARTIM timer) is cut to what is left of
         ``dicom.setup_timeout_s``; :meth:`_on_requested` restores it.
         """
         assoc = event.assoc
+        self._inbound.attach(assoc)  # before any P-DATA can arrive
         sock = assoc.dul.socket.socket if assoc.dul.socket else None
         if sock is None:
             return
-        self._inbound.attach(assoc)  # before any P-DATA can arrive
         conn = connection_of(assoc)
         if conn is not None:
             conn.assoc = assoc
