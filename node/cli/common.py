@@ -208,13 +208,3 @@ def mask_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
-
-
-def yes_no(value: str | None) -> int | None:
-    if value is None:
-        return None
-    if value.lower() in ("yes", "y", "1", "true"):
-        return 1
-    if value.lower() in ("no", "n", "0", "false"):
-        return 0
-    raise typer.BadParameter(f"expected yes or no, not {value!r}")

@@ -30,7 +30,6 @@ from node.cli.common import (
     open_db,
     out,
     settings_from,
-    yes_no,
 )
 from node.db.models import AuditEvent, Delivery, Job, JobState, Study
 
@@ -494,15 +493,15 @@ def clinical_set(
     ``--before-arrival`` says the study is still to come.
     """
     from node.jobs import clinical_path, rescore
+    from pipelines.scoring.clinical import ClinicalFactors
 
-    given = {
-        "edema": yes_no(edema),
-        "metastasis": yes_no(metastasis),
-        "age": age,
-        "grade3": None if grade is None else int(grade == 3),
-        "sex_male": None if sex is None else int(sex.upper() == "M"),
-    }
-    facts = {k: v for k, v in given.items() if v is not None}
+    try:
+        given = ClinicalFactors.from_options(
+            edema=edema, metastasis=metastasis, grade=grade, age=age, sex=sex
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    facts = given.to_json()
     if not facts:
         err.print("[red]give at least one factor (--edema, --metastasis, --grade ...)[/red]")
         raise typer.Exit(2)
@@ -522,10 +521,10 @@ def clinical_set(
             "give --before-arrival to record factors for a study still to come[/red]"
         )
         raise typer.Exit(2)
-    known: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    known.update(facts)
+    stored = ClinicalFactors.from_json(json.loads(path.read_text())) if path.is_file() else None
+    known = stored.updated(given) if stored else given
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(known, indent=2))
+    path.write_text(json.dumps(known.to_json(), indent=2))
     try:
         with db.session() as s:
             record(
@@ -538,11 +537,7 @@ def clinical_set(
         job_id = rescore(db, study_uid, actor=os_actor())
     finally:
         db.dispose()
-    listed = ", ".join(
-        f"{k} {v}" if k == "age" else f"{k} {'yes' if v else 'no'}"
-        for k, v in sorted(known.items())
-    )
-    out.print(f"clinical factors of {study_uid}: {listed}", soft_wrap=True)
+    out.print(f"clinical factors of {study_uid}: {known.words()}", soft_wrap=True)
     if job_id is None:
         out.print("no finished job for this study yet: the factors apply to its next job")
     else:

@@ -239,7 +239,7 @@ def _signature_group(
 ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
     """One card's measurements and evaluations of the tumour (see the module docstring)."""
     signature = hd.sr.AlgorithmIdentification(
-        name=str(score["signature"]), version=str(score.get("version") or "1")
+        name=str(score["signature"]), version=str(score["version"])
     )
     measurements = [_measurement(RADSCORE, score["radscore"], RADSCORE_UNIT, signature)]
     verdict = score.get("applicability") or {"status": "unknown", "outside": []}
@@ -331,7 +331,7 @@ def _tumour_measurements(
             score["radscore"],
             RADSCORE_UNIT,
             hd.sr.AlgorithmIdentification(
-                name=str(score["signature"]), version=str(score.get("version") or "1")
+                name=str(score["signature"]), version=str(score["version"])
             ),
         )
         for score in scored

@@ -47,6 +47,19 @@ class Sex(enum.Enum):
         raise ValueError(f"sex {value!r}: expected M or F (male or female)")
 
 
+def male(value: object) -> float:
+    """A cohort table's sex as the ``sex_male`` column: 1.0, 0.0, NaN when not recorded.
+
+    Raises
+    ------
+    ValueError
+        For a value that is neither sex (:meth:`Sex.parse`).
+    """
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN
+        return float("nan")
+    return float(Sex.parse(str(value)) is Sex.MALE)
+
+
 def yes_no(name: str, value: str | bool | int | None) -> bool | None:
     """A yes/no factor from a word, a bool or 0/1; None stays None.
 

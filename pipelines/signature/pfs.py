@@ -40,6 +40,7 @@ from sksurv.metrics import cumulative_dynamic_auc, integrated_brier_score
 from sksurv.util import Surv
 
 from pipelines.radiomics.combat import ComBat
+from pipelines.scoring.clinical import male
 from pipelines.signature.dedupe import duplicates
 from pipelines.signature.survival import (
     LASSO_TOL,
@@ -87,7 +88,7 @@ def derive_clinical(clinical: pd.DataFrame) -> pd.DataFrame:
     """Add the 0/1 columns cards use: ``sex_male`` from ``sex``, ``grade3`` from ``grade``."""
     out = clinical.copy()
     if "sex" in out.columns and "sex_male" not in out.columns:
-        out["sex_male"] = (out["sex"].astype(str).str.upper() == "M").astype(int)
+        out["sex_male"] = out["sex"].map(male)  # M/F or male/female, as everywhere
     if "grade" in out.columns and "grade3" not in out.columns:
         out["grade3"] = (out["grade"] == 3).astype(int)
     return out

@@ -36,6 +36,7 @@ import SimpleITK as sitk
 from pipelines.io.dicom import load_image
 from pipelines.radiomics.robustness import perturbations
 from pipelines.radiomics.study import prepare_study, study_features, wide
+from pipelines.scoring.clinical import male
 
 HELD_OUT: tuple[str, ...] = ("STS_001",)
 REGIONS: tuple[str, ...] = ("tumour", "ring")
@@ -69,7 +70,7 @@ def derive_endpoints(table: pd.DataFrame) -> pd.DataFrame:
     out = table.copy()
     out["id"] = out["patient_id"].astype(str)
     out = out.set_index("id")
-    out["sex_male"] = (out["sex"].astype(str).str.lower() == "male").astype(int)
+    out["sex_male"] = out["sex"].map(male)
     grade = out["grade"].astype("string")
     out["high_grade"] = np.where(grade.isna(), np.nan, (grade == "High").astype(float))
     out["lung_metastasis"] = out["lung_metastasis"].astype(float)
