@@ -12,8 +12,10 @@ import pydicom
 import pytest
 import yaml
 
+from pipelines.scoring.clinical import ClinicalFactors
 from pipelines.synth.study import write_study
 from tests.conftest import NodeProcess
+from tests.integration.equivalence import assert_analyze_matches_job
 from tests.orthanc import Orthanc, orthanc  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -71,6 +73,7 @@ def send(node: NodeProcess, folder: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.timeout(600)  # two jobs, a re-score and analyze on the same study
 def test_a_study_sent_by_storescu_comes_back_to_orthanc_as_seg_sr_and_pdf(
     node_factory: Any,
     orthanc: Orthanc,  # noqa: F811
@@ -180,3 +183,16 @@ def test_a_study_sent_by_storescu_comes_back_to_orthanc_as_seg_sr_and_pdf(
     sr_files = list((Path(shown["folder"]) / "encode").glob("sr.dcm"))
     new_sr = pydicom.dcmread(sr_files[0])
     assert "PredecessorDocumentsSequence" in new_sr
+
+    # analyze on the same study with the same factors: the same scores, features and SR
+    # content items as the job through serve (one chain, pipelines.chain, on both paths).
+    assert_analyze_matches_job(
+        study / "dicom",
+        Path(shown["folder"]),
+        tmp_path / "analyze",
+        model=REPO / "models" / "sarcnode-seg-demo",
+        signatures=[REPO / "models" / "sarcnode-pfs-demo"],
+        clinical=ClinicalFactors.from_options(
+            edema="yes", metastasis="no", grade=3, age=60, sex="M"
+        ),
+    )
