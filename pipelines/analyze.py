@@ -1,7 +1,8 @@
 """One study from files to scores: segment, extract, score — what ``sarcnode analyze`` runs.
 
-The node's jobs run the same steps as separate, resumable stages; this is
-the single-process path for a researcher or an admin checking a study.
+The steps are :mod:`pipelines.chain`'s, which the node's jobs run as
+separate, resumable stages (``node/stages.py``); this is the
+single-process path for a researcher or an admin checking a study.
 Every card given scores the study when the study has its sequences; the
 others are reported as skipped, with the reason. Outputs in OUT:
 ``<role>_tumour.nii.gz`` per sequence, ``features-<key>.csv`` (tidy) per
