@@ -8,12 +8,21 @@ from three sub-planes), a smooth bias field, Rician noise, vendor tags, and a
 small patient motion between the two series (registration has work to do).
 Everything, UIDs included, is deterministic per seed. Every object says
 "SYNTHETIC" and "not for clinical use".
+
+A follow-up (``follow_up_days`` > 0) is a later study of the same synthetic
+patient: same PatientID, anatomy and scanner, new Study, Series, Frame of
+Reference and SOP Instance UIDs, a StudyDate that many days later, and the
+tumour's nominal volume scaled by ``1 + volume_change_pct / 100`` (every
+radius by its cube root, so the lobulated shape keeps its form). The truth
+masks are written beside it as for a baseline, and ``truth.json`` records the
+volume measured on them, the ground truth a comparison is checked against.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import date, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +44,28 @@ VENDORS = [
     ("Philips", "Ingenia", 3.0, {"T1": "T1W_TSE_TRA", "T2FS": "T2W_SPAIR_TRA"}),
 ]
 NOT_CLINICAL = "SYNTHETIC - not for clinical use"
+#: The baseline study's date; a follow-up is ``follow_up_days`` after it.
+BASELINE_DATE = date(2026, 1, 1)
+
+
+@dataclass(frozen=True)
+class Visit:
+    """Which study of the synthetic patient is written: 0 days is the baseline."""
+
+    days: int = 0
+
+    def __post_init__(self) -> None:
+        if self.days < 0:
+            raise ValueError(f"follow-up days must be >= 0, got {self.days}")
+
+    def uid(self, seed: int, *parts: object) -> UID:
+        """A deterministic UID of this visit (the baseline keeps its historical UIDs)."""
+        return _uid(seed, *parts) if self.days == 0 else _uid(seed, "follow-up", self.days, *parts)
+
+    @property
+    def study_date(self) -> str:
+        """StudyDate (DA) of this visit."""
+        return (BASELINE_DATE + timedelta(days=self.days)).strftime("%Y%m%d")
 
 
 @dataclass(frozen=True)
@@ -134,6 +165,7 @@ def _write_dicom(
     seed: int,
     case_id: str,
     vendor: tuple[str, str, float, dict[str, str]],
+    visit: Visit,
 ) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     manufacturer, model, field, names = vendor
@@ -143,18 +175,18 @@ def _write_dicom(
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = _uid(seed, spec.role, k)
+        ds.file_meta.MediaStorageSOPInstanceUID = visit.uid(seed, spec.role, k)
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.SOPClassUID = MRImageStorage
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID = _uid(seed, "study")
-        ds.SeriesInstanceUID = _uid(seed, spec.role)
-        ds.FrameOfReferenceUID = _uid(seed, "frame")
+        ds.StudyInstanceUID = visit.uid(seed, "study")
+        ds.SeriesInstanceUID = visit.uid(seed, spec.role)
+        ds.FrameOfReferenceUID = visit.uid(seed, "frame")
         ds.PatientName = f"SYNTHETIC^{case_id}"
         ds.PatientID = case_id
         ds.PatientSex = "O"
-        ds.StudyDate, ds.StudyTime = "20260101", "120000"
-        ds.AccessionNumber = f"SYN{seed % 10**8:08d}"
+        ds.StudyDate, ds.StudyTime = visit.study_date, "120000"
+        ds.AccessionNumber = f"SYN{(seed + 7919 * visit.days) % 10**8:08d}"
         ds.StudyDescription = f"MR extremity {NOT_CLINICAL}"
         ds.ImageComments = NOT_CLINICAL
         ds.Modality = "MR"
@@ -186,24 +218,59 @@ def _write_mask(path: Path, array: np.ndarray, spec: SeriesSpec) -> None:
     sitk.WriteImage(image, str(path), useCompression=True)
 
 
-def write_study(out: Path, seed: int, traits: anat.Traits | None = None) -> dict[str, object]:
+def _mask_volume_ml(array: np.ndarray, spec: SeriesSpec) -> float:
+    """Volume of a boolean mask on ``spec``'s grid, in ml."""
+    return float(array.sum()) * spec.pixel_mm**2 * spec.slice_mm / 1000.0
+
+
+def grown(traits: anat.Traits, volume_change_pct: float) -> anat.Traits:
+    """``traits`` with the tumour's nominal volume scaled by ``1 + volume_change_pct / 100``.
+
+    Raises
+    ------
+    ValueError
+        When the change leaves no tumour (``volume_change_pct <= -100``).
+    """
+    if volume_change_pct <= -100:
+        raise ValueError(f"volume change must be > -100 %, got {volume_change_pct}")
+    factor = float(np.cbrt(1 + volume_change_pct / 100))
+    return replace(traits, radius_mm=traits.radius_mm * factor)
+
+
+def write_study(
+    out: Path,
+    seed: int,
+    traits: anat.Traits | None = None,
+    *,
+    follow_up_days: int = 0,
+    volume_change_pct: float = 0.0,
+) -> dict[str, object]:
     """Write one synthetic study under ``out``; return its truth (also ``truth.json``).
 
     Layout: ``dicom/T1/*.dcm``, ``dicom/T2FS/*.dcm``, and per role
     ``masks/<role>_tumour.nii.gz``, ``_edema.nii.gz``, ``_habitats.nii.gz``
-    (1 viable, 2 necrosis, 3 haemorrhage) on that series' own grid.
+    (1 viable, 2 necrosis, 3 haemorrhage) on that series' own grid. With
+    ``follow_up_days`` > 0 the study is that patient's later study with the
+    tumour volume changed by ``volume_change_pct`` (see the module docstring).
     """
+    visit = Visit(follow_up_days)
     rng = np.random.default_rng(seed)
     drawn = anat.draw_traits(rng)  # always drawn, so later draws do not depend on ``traits``
     traits = traits or drawn
+    if volume_change_pct:
+        traits = grown(traits, volume_change_pct)
+    # The anatomy's draws do not depend on the tumour's size: the same limb at each visit.
     limb = anat.Limb(traits, np.random.default_rng([seed, 1]))
     vendor = VENDORS[int(rng.integers(len(VENDORS)))]
     case_id = f"SYN{seed:06d}"
     specs = _specs(rng, limb)
+    measured: dict[str, float] = {}
     for spec in specs:
-        signal, labels = render(limb, spec, np.random.default_rng([seed, 2, len(spec.role)]))
-        _write_dicom(out / "dicom" / spec.role, signal, spec, seed, case_id, vendor)
+        noise = [seed, 2, len(spec.role)] + ([visit.days] if visit.days else [])
+        signal, labels = render(limb, spec, np.random.default_rng(noise))
+        _write_dicom(out / "dicom" / spec.role, signal, spec, seed, case_id, vendor, visit)
         tumour = np.isin(labels, anat.TUMOUR_LABELS)
+        measured[spec.role] = round(_mask_volume_ml(tumour, spec), 3)
         habitats = np.select(
             [labels == anat.VIABLE, labels == anat.NECROSIS, labels == anat.HAEMORRHAGE],
             [1, 2, 3],
@@ -215,6 +282,11 @@ def write_study(out: Path, seed: int, traits: anat.Traits | None = None) -> dict
     truth: dict[str, object] = {
         "case_id": case_id,
         "seed": seed,
+        "study_instance_uid": str(visit.uid(seed, "study")),
+        "study_date": visit.study_date,
+        "follow_up_days": visit.days,
+        "volume_change_pct": volume_change_pct,
+        "tumour_volume_ml": measured,
         "traits": asdict(traits),
         "manufacturer": vendor[0],
         "series": [asdict(s) for s in specs],

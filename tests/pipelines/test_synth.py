@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 
@@ -152,3 +153,33 @@ def test_parallel_cohort_rendering_writes_the_same_files(tmp_path: Path) -> None
     assert (tmp_path / "one" / "clinical.csv").read_text() == (
         tmp_path / "two" / "clinical.csv"
     ).read_text()
+
+
+def test_follow_up_is_a_later_study_of_the_same_patient_with_the_tumour_grown(
+    study: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "fu"
+    args = ["--seed", "11", "--follow-up", "90", "--volume-change", "40"]
+    proc = subprocess.run(
+        [SARCNODE, "synth", "study", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    base = pydicom.dcmread(next((study / "dicom" / "T2FS").iterdir()))
+    later = pydicom.dcmread(next((out / "dicom" / "T2FS").iterdir()))
+    assert later.PatientID == base.PatientID
+    assert later.StudyInstanceUID != base.StudyInstanceUID
+    assert later.SeriesInstanceUID != base.SeriesInstanceUID
+    assert later.FrameOfReferenceUID != base.FrameOfReferenceUID
+    assert (later.StudyDate, base.StudyDate) == ("20260401", "20260101")
+
+    def tumour_ml(folder: Path) -> float:
+        mask = sitk.ReadImage(str(folder / "masks" / "T2FS_tumour.nii.gz"))
+        voxel_ml = float(np.prod(mask.GetSpacing())) / 1000
+        return float(sitk.GetArrayViewFromImage(mask).sum()) * voxel_ml
+
+    change = tumour_ml(out) / tumour_ml(study) - 1
+    assert 0.25 < change < 0.5  # nominal +40 %; the bone and the voxel grid clip a little

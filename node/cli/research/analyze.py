@@ -29,11 +29,17 @@ synth_app = typer.Typer(
 def synth_study(
     folder: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder.")],
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same study).")] = 0,
+    follow_up: Annotated[
+        int, typer.Option(min=0, help="A later study of the same patient, this many days on.")
+    ] = 0,
+    volume_change: Annotated[
+        float, typer.Option(min=-99.0, help="Tumour volume change of the follow-up, in %.")
+    ] = 0.0,
 ) -> None:
     """Write one synthetic study: dicom/T1, dicom/T2FS, masks/*.nii.gz, truth.json."""
     from pipelines.synth.study import write_study
 
-    truth = write_study(folder, seed)
+    truth = write_study(folder, seed, follow_up_days=follow_up, volume_change_pct=volume_change)
     out.print(f"{truth['case_id']}: {folder / 'dicom'} (T1, T2FS); masks in {folder / 'masks'}")
 
 
