@@ -1,0 +1,72 @@
+"""The comparison of a study with its prior: days, volume, RECIST-like category, deltas."""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from pipelines.compare import Comparison, TimePoint, compare, recist_like
+
+
+def point(day: date, volume: float, diameter: float, *scores: dict[str, object]) -> TimePoint:
+    return TimePoint(f"2.25.{day.toordinal()}", day, volume, diameter, tuple(scores))
+
+
+@pytest.mark.parametrize(
+    ("now", "before", "category"),
+    [
+        (70.0, 100.0, "PR"),  # -30 %: the PR threshold is inclusive
+        (71.0, 100.0, "SD"),
+        (120.0, 100.0, "PD"),  # +20 % and +20 mm
+        (24.0, 20.0, "SD"),  # +20 % but only +4 mm: RECIST wants 5 mm as well
+        (25.0, 20.0, "PD"),
+        (119.0, 100.0, "SD"),
+    ],
+)
+def test_recist_like_category_follows_the_single_lesion_thresholds(
+    now: float, before: float, category: str
+) -> None:
+    assert recist_like(now, before) == category
+
+
+def test_a_grown_tumour_is_reported_with_days_volume_and_pd() -> None:
+    card = {"signature": "pfs", "radscore": 0.5, "survival_probability": {"730": 0.6}}
+    prior = point(date(2026, 1, 1), 50.0, 40.0, card | {"features": {"a": 2.0, "b": 0.0}})
+    now = point(
+        date(2026, 5, 1),
+        70.0,
+        52.0,
+        card | {"radscore": 0.8, "survival_probability": {"730": 0.45}, "features": {"a": 3.0}},
+    )
+    result = compare(now, prior)
+    assert result.days == 120
+    assert result.volume_pct == pytest.approx(40.0)
+    assert result.diameter_mm == pytest.approx(12.0)
+    assert result.category == "PD"
+    assert (
+        result.headline() == "vs prior 2026-01-01 (+120 d): volume +40 % (PD, RECIST-like approx.)"
+    )
+    (change,) = result.scores
+    assert change.radscore_delta == pytest.approx(0.3)
+    assert (change.prior_probability, change.probability) == (0.6, 0.45)
+    assert change.features_pct == {"a": pytest.approx(50.0)}  # b only in the prior: left out
+    assert Comparison.from_json(result.to_json()) == result
+
+
+def test_a_shrunk_tumour_is_a_decrease_and_a_skipped_card_has_no_delta() -> None:
+    prior = point(date(2026, 1, 1), 60.0, 50.0, {"signature": "x", "radscore": 1.0})
+    now = point(date(2026, 3, 1), 36.0, 34.0, {"signature": "x", "skipped": "no T1"})
+    result = compare(now, prior)
+    assert result.volume_pct == pytest.approx(-40.0)
+    assert result.category == "PR"
+    assert result.scores == ()
+    assert "-40 %" in result.headline()
+
+
+def test_a_prior_that_is_not_earlier_is_refused_by_its_uid() -> None:
+    day = date(2026, 1, 1)
+    with pytest.raises(ValueError, match="not earlier"):
+        compare(point(day, 1.0, 1.0), point(day, 1.0, 1.0))
+    with pytest.raises(ValueError, match="needs a tumour"):
+        point(day, 0.0, 10.0)
