@@ -20,7 +20,7 @@ DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl ch
 VIEWER := tests/viewer
 OHIF_DIST := var/cache/ohif-3.12.10/dist/index.html
 
-.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model seg-candidates pfs-model pfs-applicability signatures-real lock clean
+.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model seg-candidates seg-t2fs pfs-model pfs-applicability signatures-real lock clean
 
 all: venv
 
@@ -116,6 +116,14 @@ seg-candidates: venv
 	  --recipe 25d-heavy --steps 1500 --fold 0
 	$(VENV)/bin/sarcnode cv-seg $(SEG_REAL) --out var/cv/3d-light+whole \
 	  --rescore $(SEG_CV) --inference whole
+	$(MAKE) seg-t2fs
+
+# FS-T2 candidates (issue 11; no retraining, ~10 min): per-sequence thresholds and
+# the 1.0.0 fine model (commit 36a7fbd) beside the ensemble, chosen on synthetic
+# FS-T2 studies by a rule fixed in bench/seg_t2fs.py; STS_001 scored as the check.
+seg-t2fs: venv
+	mkdir -p var/seg-v1 && git show 36a7fbd:models/sarcnode-seg-demo/fine.pt > var/seg-v1/fine.pt
+	$(PY) bench/seg_t2fs.py --v1 var/seg-v1 --out $(SEG_MODEL)/cv/t2fs_candidates.json
 
 # How models/sarcnode-pfs-demo was fitted (CPU, 2 cores: about 40 minutes):
 # 200 synthetic studies (seed 11), features from the truth masks (tumour and

@@ -209,6 +209,25 @@ def load_weights(net: torch.nn.Module, path: Path) -> torch.nn.Module:
     return net
 
 
+def to_mask(
+    fine_prob: np.ndarray,
+    fine_img: sitk.Image,
+    image: sitk.Image,
+    *,
+    keep_fraction: float,
+    threshold: float = 0.5,
+) -> tuple[sitk.Image, sitk.Image]:
+    """Fine-grid probabilities back on ``image``'s grid (linear), cut and post-processed.
+
+    Returns (probability, mask) on ``image``'s grid.
+    """
+    prob = sitk.GetImageFromArray(fine_prob.astype(np.float32))
+    prob.CopyInformation(fine_img)
+    prob = sitk.Resample(prob, image, sitk.Transform(), sitk.sitkLinear, 0.0)
+    mask = postprocess(sitk.Cast(prob >= threshold, sitk.sitkUInt8), keep_fraction=keep_fraction)
+    return prob, mask
+
+
 def members(card: dict[str, Any]) -> list[str]:
     """Weight entries of the fine ensemble: the card's ``ensemble.members``, else ``fine``."""
     listed = (card.get("ensemble") or {}).get("members")
@@ -251,6 +270,36 @@ class Segmenter:
             nets, array, self.card["architecture"]["fine"], self.device, self.views
         )
 
+    def locate(
+        self, image: sitk.Image, seconds: dict[str, float] | None = None
+    ) -> tuple[sitk.Image, tuple[tuple[int, int, int], tuple[int, int, int]], bool]:
+        """The fine stage's input: the box around the tumour the coarse pass finds, resampled.
+
+        Returns the box resampled to the fine spacing (not yet normalised), the
+        box (start, size) on ``image``'s grid and whether the locator found a
+        tumour (else the box is the whole image). ``seconds`` gets the
+        ``preprocess`` time and the coarse pass's part of ``inference``.
+        """
+        seconds = {} if seconds is None else seconds
+        t0 = time.perf_counter()
+        arch_c, arch_f = self.card["architecture"]["coarse"], self.card["architecture"]["fine"]
+        coarse_img = to_spacing(image, arch_c["spacing_mm"])
+        coarse_arr = normalise(sitk.GetArrayFromImage(coarse_img))
+        seconds["preprocess"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        coarse_prob = predict(self.nets["coarse"], coarse_arr, arch_c, self.device)
+        coarse_mask = sitk.GetImageFromArray((coarse_prob >= 0.5).astype(np.uint8))
+        coarse_mask.CopyInformation(coarse_img)
+        if np.any(coarse_prob >= 0.5):
+            coarse_mask = postprocess(coarse_mask, keep_fraction=0.2)
+        box = box_around(coarse_mask, image, float(arch_f["margin_mm"]))
+        located = box is not None
+        if box is None:  # nothing found at 5 mm: let the fine model look everywhere
+            box = ((0, 0, 0), image.GetSize())
+        fine_img = to_spacing(crop(image, box), arch_f["spacing_mm"])
+        seconds["inference"] = time.perf_counter() - t1
+        return fine_img, box, located
+
     def segment(self, image: sitk.Image) -> Result:
         """Tumour mask (uint8 0/1) on ``image``'s grid, with per-step seconds and quality.
 
@@ -261,34 +310,16 @@ class Segmenter:
         t0 = time.perf_counter()
         image = sitk.Cast(image, sitk.sitkFloat32)
         check_input(image, self.card.get("input_checks") or {})
-        arch_c, arch_f = self.card["architecture"]["coarse"], self.card["architecture"]["fine"]
-        coarse_img = to_spacing(image, arch_c["spacing_mm"])
-        coarse_arr = normalise(sitk.GetArrayFromImage(coarse_img))
-        seconds["preprocess"] = time.perf_counter() - t0
-
+        checked = time.perf_counter() - t0
+        fine_img, box, located = self.locate(image, seconds)
+        seconds["preprocess"] += checked
         t1 = time.perf_counter()
-        coarse_prob = predict(self.nets["coarse"], coarse_arr, arch_c, self.device)
-        coarse_mask = sitk.GetImageFromArray((coarse_prob >= 0.5).astype(np.uint8))
-        coarse_mask.CopyInformation(coarse_img)
-        if np.any(coarse_prob >= 0.5):
-            coarse_mask = postprocess(coarse_mask, keep_fraction=0.2)
-        box = box_around(coarse_mask, image, float(arch_f["margin_mm"]))
-        located = box is not None
-        whole = ((0, 0, 0), image.GetSize())
-        if box is None:  # nothing found at 5 mm: let the fine model look everywhere
-            box = whole
-        region = crop(image, box)
-        fine_img = to_spacing(region, arch_f["spacing_mm"])
         fine_prob, agreed = self.fine_probability(normalise(sitk.GetArrayFromImage(fine_img)))
-        seconds["inference"] = time.perf_counter() - t1
+        seconds["inference"] += time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        prob = sitk.GetImageFromArray(fine_prob.astype(np.float32))
-        prob.CopyInformation(fine_img)
-        prob = sitk.Resample(prob, image, sitk.Transform(), sitk.sitkLinear, 0.0)
-        mask = postprocess(
-            sitk.Cast(prob >= 0.5, sitk.sitkUInt8),
-            keep_fraction=float(self.post.get("keep_fraction", 0.1)),
+        prob, mask = to_mask(
+            fine_prob, fine_img, image, keep_fraction=float(self.post.get("keep_fraction", 0.1))
         )
         seconds["postprocess"] = time.perf_counter() - t2
         quality = Quality.judge(agreed, self.card.get("quality") or {}, located=located)

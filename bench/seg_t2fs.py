@@ -1,0 +1,253 @@
+"""FS-T2 candidates for the shipped segmenter, chosen on synthetic studies, checked on STS_001.
+
+Issue 11: the 2.0 ensemble (five 3d-light CV fold models) gives STS_001's raw
+FS-T2 a Dice of 0.832 where 1.0 gave 0.906. This script measures, without
+retraining, the candidates that change only the FS-T2 path:
+
+- ``ship``: the shipped ensemble (mirror views on the first member), cut at 0.5;
+- ``ship@t``: the same probabilities cut at another threshold ``t`` (a
+  per-sequence threshold);
+- ``ship+v1``: the 1.0.0 fine model as a sixth, equal member;
+- ``ship|v1``: the mean of the shipped ensemble and the 1.0.0 model, half each
+  (``ship|v1tta``: the 1.0.0 model under the four mirror views);
+- ``v1``: the 1.0.0 fine model alone (``v1_tta`` with mirror views).
+
+Each is scored on the FS-T2 series of synthetic studies whose seeds no
+training cohort used (the seg-model cohort is ``synth cohort --seed 7``:
+study seeds 700000-700031): a *selection* set (seeds 1000-1015) and a
+*confirmation* set (2000-2007). The paired Dice gain over ``ship`` carries a
+patient-bootstrap 95 % CI. The rule, fixed before STS_001 was looked at: a
+candidate replaces the shipped FS-T2 path only if its gain on the selection
+set has a CI above 0 and it is not worse on the confirmation set. STS_001
+(FS-T2, T1 and FS-T2 carried to T1) is scored for every candidate as the
+check, never to choose. The T1 path is unchanged by every candidate, so the
+real-T1 out-of-fold Dice of the card holds for all of them.
+
+Run: ``.venv/bin/python bench/seg_t2fs.py --v1 var/seg-v1 [--out FILE.json]``
+where ``var/seg-v1`` holds the 1.0.0 model (``make seg-candidates`` extracts
+it from git: commit 36a7fbd). About 10 minutes on 2 CPU cores. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.io.roles import load_role_rules  # noqa: E402
+from pipelines.preprocess import carry_mask, register_rigid  # noqa: E402
+from pipelines.segment import network  # noqa: E402
+from pipelines.segment.data import discover  # noqa: E402
+from pipelines.segment.evaluate import dicom_cases  # noqa: E402
+from pipelines.segment.infer import (  # noqa: E402
+    Segmenter,
+    load_weights,
+    members,
+    predict_views,
+    to_mask,
+)
+from pipelines.segment.metrics import dice  # noqa: E402
+from pipelines.segment.prep import normalise  # noqa: E402
+from pipelines.synth.study import write_study  # noqa: E402
+
+SELECTION = list(range(1000, 1016))
+CONFIRMATION = list(range(2000, 2008))
+VIEWS = ["none", "x", "y", "xy"]
+#: (combination, threshold) pairs measured; the first is the shipped model.
+CANDIDATES = [
+    ("ship", 0.5),
+    ("ship", 0.3),
+    ("ship", 0.4),
+    ("ship+v1", 0.5),
+    ("ship+v1", 0.3),
+    ("ship|v1", 0.5),
+    ("ship|v1tta", 0.5),
+    ("ship|v1tta", 0.45),
+    ("v1", 0.5),
+    ("v1_tta", 0.5),
+    ("v1_tta", 0.6),
+]
+
+
+@dataclass
+class Probed:
+    """One image's fine-grid probabilities: every shipped member's views and the 1.0 model's."""
+
+    image: sitk.Image
+    truth: sitk.Image
+    fine_img: sitk.Image
+    ship: list[np.ndarray]  # per member: (views, z, y, x)
+    v1: np.ndarray  # (views, z, y, x)
+
+
+def probe(seg: Segmenter, v1: torch.nn.Module, image: sitk.Image, truth: sitk.Image) -> Probed:
+    """Locate as the node does, then run every member and the 1.0 model under every view."""
+    image = sitk.Cast(image, sitk.sitkFloat32)
+    fine_img, _, _ = seg.locate(image)
+    arr = normalise(sitk.GetArrayFromImage(fine_img))
+    arch = seg.card["architecture"]["fine"]
+    ship = [
+        np.stack(predict_views(seg.nets[m], arr, arch, seg.device, VIEWS))
+        for m in members(seg.card)
+    ]
+    v1_probs = np.stack(predict_views(v1, arr, arch, seg.device, VIEWS))
+    return Probed(image, sitk.Cast(truth > 0, sitk.sitkUInt8), fine_img, ship, v1_probs)
+
+
+def combine(p: Probed, name: str) -> np.ndarray:
+    """Fine-grid probability of candidate ``name`` (see the module docstring)."""
+    shipped = (p.ship[0].mean(0) + sum(m[0] for m in p.ship[1:])) / len(p.ship)
+    table = {
+        "ship": lambda: shipped,
+        "ship+v1": lambda: (shipped * len(p.ship) + p.v1[0]) / (len(p.ship) + 1),
+        "ship|v1": lambda: (shipped + p.v1[0]) / 2,
+        "ship|v1tta": lambda: (shipped + p.v1.mean(0)) / 2,
+        "v1": lambda: p.v1[0],
+        "v1_tta": lambda: p.v1.mean(0),
+    }
+    out: np.ndarray = table[name]()
+    return out
+
+
+def masks(p: Probed, keep_fraction: float) -> dict[str, sitk.Image]:
+    """Each candidate's mask on the image grid, keyed ``name@threshold``."""
+    return {
+        f"{name}@{t}": to_mask(
+            combine(p, name), p.fine_img, p.image, keep_fraction=keep_fraction, threshold=t
+        )[1]
+        for name, t in CANDIDATES
+    }
+
+
+def paired(scores: dict[str, list[float]], seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Mean Dice of each candidate and its paired gain over the first, with bootstrap CI."""
+    base = np.array(next(iter(scores.values())))
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(base), (2000, len(base)))
+    out = {}
+    for key, values in scores.items():
+        diff = np.array(values) - base
+        boot = diff[draws].mean(axis=1)
+        out[key] = {
+            "dice_mean": round(float(np.mean(values)), 4),
+            "gain": round(float(diff.mean()), 4),
+            "gain_ci95": [round(float(np.percentile(boot, q)), 4) for q in (2.5, 97.5)],
+            "better_in": f"{int((diff > 0).sum())}/{len(diff)}",
+        }
+    return out
+
+
+def synthetic_set(
+    seg: Segmenter, v1: torch.nn.Module, seeds: list[int], tmp: Path
+) -> dict[str, dict[str, Any]]:
+    """Paired figures of every candidate on the FS-T2 series of the studies ``seeds``."""
+    keep = float(seg.post.get("keep_fraction", 0.1))
+    scores: dict[str, list[float]] = {}
+    for seed in seeds:
+        folder = tmp / f"s{seed}"
+        write_study(folder, seed)
+        (ref,) = [c for c in discover([folder]) if c.sequence == "T2FS"]
+        p = probe(seg, v1, *ref.load())
+        for key, mask in masks(p, keep).items():
+            scores.setdefault(key, []).append(dice(mask, p.truth))
+        print(f"seed {seed}: shipped {scores['ship@0.5'][-1]:.3f}", flush=True)
+    return paired(scores)
+
+
+def sts001(seg: Segmenter, v1: torch.nn.Module, study: Path) -> dict[str, dict[str, float]]:
+    """STS_001's FS-T2, T1 and carried-T1 Dice for every candidate (the check, not a choice)."""
+    cases = {
+        c.sequence: c
+        for c in dicom_cases(
+            study, load_role_rules(REPO / "config/sequence_roles.yaml"), "GTV_Mass"
+        )
+    }
+    keep = float(seg.post.get("keep_fraction", 0.1))
+    t2, t1 = cases["T2FS"], cases["T1"]
+    p2 = probe(seg, v1, t2.image, t2.truth)
+    p1 = probe(seg, v1, t1.image, t1.truth)
+    registration = register_rigid(t1.image, t2.image)
+    t1_masks = masks(p1, keep)
+    out = {}
+    for key, mask in masks(p2, keep).items():
+        carried = carry_mask(mask, t1.image, registration.transform)
+        voxel_ml = float(np.prod(mask.GetSpacing())) / 1000
+        out[key] = {
+            "T2FS": round(dice(mask, p2.truth), 4),
+            "T2FS_ml": round(float(sitk.GetArrayViewFromImage(mask).sum()) * voxel_ml, 1),
+            "T1": round(dice(t1_masks[key], p1.truth), 4),
+            "T1_carried": round(dice(carried, p1.truth), 4),
+        }
+    return out
+
+
+def choose(selection: dict[str, Any], confirmation: dict[str, Any]) -> str:
+    """The pre-declared rule: best selection gain with CI above 0, not worse on confirmation."""
+    ranked = sorted(selection, key=lambda k: -selection[k]["gain"])
+    for key in ranked:
+        if selection[key]["gain_ci95"][0] > 0 and confirmation[key]["gain"] >= 0:
+            return key
+    return next(iter(selection))
+
+
+def main() -> int:
+    """Measure every candidate, apply the rule, print a table and write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "sarcnode-seg-demo")
+    parser.add_argument("--v1", type=Path, required=True, help="folder with the 1.0.0 fine.pt")
+    parser.add_argument("--study", type=Path, default=REPO.parent / "shared/data/sts-raw/STS_001")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    seg = Segmenter(args.model, "cpu")
+    arch = seg.card["architecture"]["fine"]
+    v1 = load_weights(network.build(arch), args.v1 / "fine.pt").eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        selection = synthetic_set(seg, v1, SELECTION, Path(tmp))
+        confirmation = synthetic_set(seg, v1, CONFIRMATION, Path(tmp))
+    chosen = choose(selection, confirmation)
+    check = sts001(seg, v1, args.study) if args.study.is_dir() else {}
+    result = {
+        "selection_seeds": [SELECTION[0], SELECTION[-1]],
+        "confirmation_seeds": [CONFIRMATION[0], CONFIRMATION[-1]],
+        "rule": "replace the shipped FS-T2 path only if the paired Dice gain on the selection "
+        "set has a 95% bootstrap CI above 0 and the candidate is not worse on the "
+        "confirmation set; STS_001 is the check, never used to choose",
+        "chosen": chosen,
+        "candidates": {
+            key: {
+                "synthetic_selection": selection[key],
+                "synthetic_confirmation": confirmation[key],
+                "sts001": check.get(key),
+            }
+            for key in selection
+        },
+    }
+    print(
+        f"{'candidate':<16} {'sel Dice':>8} {'gain [CI]':>24} {'conf Dice':>9} "
+        f"{'STS_001 T2FS/T1/carried':>24}"
+    )
+    for key, row in result["candidates"].items():
+        s, c, x = row["synthetic_selection"], row["synthetic_confirmation"], row["sts001"] or {}
+        ci = f"{s['gain']:+.3f} [{s['gain_ci95'][0]:+.3f},{s['gain_ci95'][1]:+.3f}]"
+        sts = "/".join(f"{x[k]:.3f}" for k in ("T2FS", "T1", "T1_carried")) if x else "-"
+        print(f"{key:<16} {s['dice_mean']:>8.3f} {ci:>24} {c['dice_mean']:>9.3f} {sts:>24}")
+    print(f"chosen by the rule: {chosen}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
