@@ -25,12 +25,15 @@ import yaml
 
 from pipelines.io.roles import RoleRules, Rule, RuleError, load_role_rules, parse_rule
 
-STAGES = ("segment", "radiomics", "score", "encode", "deliver")
+#: Every stage, in the order a job runs them; ``compare`` (the prior study) is opt-in.
+STAGES = ("segment", "radiomics", "score", "compare", "encode", "deliver")
+DEFAULT_STAGES = ("segment", "radiomics", "score", "encode", "deliver")
 # Per-stage limits (seconds) unless a pipeline's ``timeouts_s`` says otherwise.
 STAGE_TIMEOUTS_S: dict[str, float] = {
     "segment": 1800.0,
     "radiomics": 3600.0,
     "score": 120.0,
+    "compare": 2400.0,  # query, move and (when not analysed yet) segment and score the prior
     "encode": 600.0,
     "deliver": 300.0,
 }
@@ -39,6 +42,35 @@ PRIORITIES = ("urgent", "normal", "offpeak")
 
 class PipelineError(ValueError):
     """A pipeline file is malformed; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class PriorRule:
+    """Which prior study the ``compare`` stage uses (``priors:`` in a pipeline file).
+
+    The latest study of the same PatientID, of the pipeline's modality,
+    dated before the current one and at most ``max_age_days`` earlier,
+    whose series include the pipeline's required roles; asked of the
+    ``sources`` named (empty: every source in the node's ``priors`` config).
+    """
+
+    max_age_days: int = 730
+    sources: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_age_days < 1:
+            raise PipelineError(f"priors.max_age_days must be >= 1, got {self.max_age_days}")
+
+
+def _prior_rule(data: Any, where: str) -> PriorRule:
+    if data is None:
+        return PriorRule()
+    if not isinstance(data, Mapping) or set(data) - {"max_age_days", "sources"}:
+        raise PipelineError(f"{where}: 'priors' takes max_age_days and sources")
+    try:
+        return PriorRule(int(data.get("max_age_days", 730)), _list(data, "sources", where))
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"{where}: priors: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -60,6 +92,7 @@ class Pipeline:
     destinations: tuple[str, ...]
     description: str = ""
     timeouts_s: dict[str, float] = field(default_factory=lambda: dict(STAGE_TIMEOUTS_S))
+    priors: PriorRule = field(default_factory=PriorRule)
 
 
 @dataclass(frozen=True)
@@ -118,10 +151,12 @@ def load_pipeline(path: Path) -> Pipeline:
             raise PipelineError(
                 f"{where}: role {role!r} has no rule (known: {sorted(known_roles)})"
             )
-    stages = _list(data, "stages", where) or STAGES
+    stages = _list(data, "stages", where) or DEFAULT_STAGES
     bad = [s for s in stages if s not in STAGES]
     if bad:
         raise PipelineError(f"{where}: unknown stage(s) {', '.join(bad)} (known: {STAGES})")
+    if list(stages) != sorted(stages, key=STAGES.index):
+        raise PipelineError(f"{where}: stages must keep the order {', '.join(STAGES)}")
     timeouts = _timeouts(data.get("timeouts_s"), where)
     priority = str(data.get("priority", "normal"))
     if priority not in PRIORITIES:
@@ -146,6 +181,7 @@ def load_pipeline(path: Path) -> Pipeline:
         destinations=_list(data, "destinations", where),
         description=str(data.get("description", "")),
         timeouts_s=timeouts,
+        priors=_prior_rule(data.get("priors"), where),
     )
 
 
@@ -162,6 +198,7 @@ PIPELINE_KEYS = frozenset(
         "signatures",
         "destinations",
         "timeouts_s",
+        "priors",
     }
 )
 

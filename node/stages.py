@@ -33,6 +33,8 @@ from pipelines.scoring.clinical import ClinicalFactors
 if TYPE_CHECKING:
     from node.audit.context import AuditConfig
     from node.db.session import Database
+    from node.priors import PriorPlan
+    from pipelines.compare import Comparison
     from pipelines.segment.infer import Segmenter
 
 
@@ -55,6 +57,7 @@ class JobContext:
     device: str = "auto"
     clinical: Mapping[str, Any] = field(default_factory=dict)  # stored factors (covariates)
     audit: AuditConfig | None = None  # the node's audit key (no anchor: see for_worker)
+    priors: PriorPlan | None = None  # where the compare stage looks for a prior (None: nowhere)
 
     def factors(self) -> ClinicalFactors:
         """The study's clinical factors, as ``sarcnode clinical set`` stored them."""
@@ -185,6 +188,32 @@ def score(ctx: JobContext) -> dict[str, Any]:
     return scores.outputs()
 
 
+def compare(ctx: JobContext) -> dict[str, Any]:
+    """The patient's prior study from the PACS, analysed or reused, compared with this one.
+
+    Never fails the job: no prior, a PACS that refuses and a prior that cannot
+    be segmented each end the stage with the reason (:mod:`node.priors`).
+    Outputs: ``status`` (compared, no prior, no comparison), ``reason``, the
+    earlier studies ``found`` and, when compared, the ``headline`` and figures;
+    ``compare/comparison.json`` holds :class:`pipelines.compare.Comparison`.
+    """
+    from node.priors import compare_stage
+
+    db = open_database(ctx)
+    try:
+        return compare_stage(ctx, db)
+    finally:
+        db.dispose()
+
+
+def _comparison(ctx: JobContext) -> Comparison | None:
+    """The compare stage's comparison, when it made one."""
+    from pipelines.compare import Comparison
+
+    path = ctx.folder / "compare" / "comparison.json"
+    return Comparison.from_json(json.loads(path.read_text())) if path.is_file() else None
+
+
 def encode(ctx: JobContext) -> dict[str, Any]:
     """SEG per series, TID 1500 SR and the PDF report, UIDs derived from the job key.
 
@@ -208,6 +237,7 @@ def encode(ctx: JobContext) -> dict[str, Any]:
         clinical=ctx.factors(),
         job_key=ctx.job_key,
         uid_root=ctx.uid_root,
+        comparison=_comparison(ctx),
     ).to_json()
 
 
@@ -228,6 +258,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[JobContext], dict[str, Any]]] = {
     "segment": segment,
     "radiomics": radiomics,
     "score": score,
+    "compare": compare,
     "encode": encode,
     "deliver": deliver,
 }

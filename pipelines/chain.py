@@ -32,6 +32,7 @@ from pipelines.scoring.clinical import ClinicalFactors
 from pipelines.segment.card import SegModelCard
 
 if TYPE_CHECKING:
+    from pipelines.compare import Comparison
     from pipelines.segment.infer import Segmenter
 
 #: The clinical-factor key ComBat harmonisation reads the scanner batch from.
@@ -399,8 +400,13 @@ def encode(
     clinical: ClinicalFactors | None,
     job_key: str,
     uid_root: str | None = None,
+    comparison: Comparison | None = None,
 ) -> Encoded:
-    """A SEG per segmented series, the TID 1500 SR and the PDF report, UIDs from ``job_key``."""
+    """A SEG per segmented series, the TID 1500 SR and the PDF report, UIDs from ``job_key``.
+
+    ``comparison`` (the study against its prior, :mod:`pipelines.compare`)
+    adds the change to the SR and the PDF.
+    """
     from pipelines.encode.results import write_results
 
     written = write_results(
@@ -416,5 +422,6 @@ def encode(
         clinical=clinical,
         uid_root=uid_root,
         quality=masks.quality,
+        comparison=comparison,
     )
     return Encoded(written)

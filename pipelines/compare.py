@@ -69,6 +69,8 @@ class TimePoint:
     volume_ml: float
     longest_axial_diameter_mm: float
     scores: tuple[Mapping[str, Any], ...] = ()
+    #: (series UID, SOP Class UID, SOP Instance UID) of the images measured, for references.
+    evidence: tuple[tuple[str, str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.volume_ml <= 0 or self.longest_axial_diameter_mm <= 0:
@@ -89,6 +91,7 @@ class TimePoint:
             "volume_ml": self.volume_ml,
             "longest_axial_diameter_mm": self.longest_axial_diameter_mm,
             "scores": [dict(s) for s in self.scores],
+            "evidence": [list(e) for e in self.evidence],
         }
 
     @classmethod
@@ -100,6 +103,7 @@ class TimePoint:
             float(data["volume_ml"]),
             float(data["longest_axial_diameter_mm"]),
             tuple(data.get("scores", [])),
+            tuple((str(a), str(b), str(c)) for a, b, c in data.get("evidence", [])),
         )
 
 

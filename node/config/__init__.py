@@ -36,6 +36,7 @@ from node.config.dicom import (
     DicomSettings,
     TLSSettings,
 )
+from node.config.priors import PriorSettings, PriorSource
 from pipelines.share import config_dir
 
 __all__ = [
@@ -56,6 +57,8 @@ __all__ = [
     "JobSettings",
     "LoggingSettings",
     "MonitoringSettings",
+    "PriorSettings",
+    "PriorSource",
     "SchedulerSettings",
     "Settings",
     "StorageSettings",
@@ -308,6 +311,7 @@ class Settings(BaseSettings):
     uids: UidSettings = Field(default_factory=UidSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
+    priors: PriorSettings = Field(default_factory=PriorSettings)
 
     @field_validator("destinations")
     @classmethod

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from sqlalchemy import select
@@ -30,6 +30,9 @@ from node.db.session import Database
 from node.jobs import state
 from node.pipelines import Decision, Pipeline, SeriesInfo, decide
 from node.stages import JobContext
+
+if TYPE_CHECKING:
+    from node.priors import PriorPlan
 from pipelines.errors import MissingSeriesError
 from pipelines.io.dicom import series_attributes
 
@@ -275,6 +278,23 @@ def context(db: Database, settings: Settings, job: Job, pipeline: Pipeline) -> J
         uid_root=settings.uids.root,
         device=settings.jobs.device,
         clinical=clinical,
+        priors=prior_plan(settings, pipeline) if "compare" in pipeline.stages else None,
+    )
+
+
+def prior_plan(settings: Settings, pipeline: Pipeline) -> PriorPlan:
+    """What the compare stage needs of the settings (:mod:`node.priors`)."""
+    from node.priors import PriorPlan
+
+    return PriorPlan(
+        sources=tuple(settings.priors.sources),
+        calling_ae=settings.dicom.ae_title,
+        move_destination=settings.dicom.ae_title,
+        pipeline_path=pipeline.path,
+        storage_root=settings.storage.root,
+        series_stable_s=settings.scheduler.series_stable_seconds,
+        move_timeout_s=settings.priors.move_timeout_s,
+        down_backoff_s=settings.priors.down_backoff_s,
     )
 
 

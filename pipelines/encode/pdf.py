@@ -44,6 +44,7 @@ import SimpleITK as sitk
 from matplotlib.backends.backend_pdf import PdfPages
 from pydicom.dataset import Dataset
 
+from pipelines.compare import Comparison
 from pipelines.encode.document import TITLE
 from pipelines.encode.layout import (
     GREY,
@@ -67,6 +68,7 @@ from pipelines.encode.nomogram import (
 )
 from pipelines.encode.seg import SOFTWARE_VERSION, WARNING
 from pipelines.encode.sr import key_slice, outline
+from pipelines.encode.trend import comparison_block
 from pipelines.scoring import is_survival
 from pipelines.scoring.cards import cohort_text
 from pipelines.scoring.text import (
@@ -239,6 +241,7 @@ def report_pdf(
     segmentation_model: str = "",
     not_for_clinical_use: bool = True,
     quality: Mapping[str, Any] | None = None,
+    comparison: Comparison | None = None,
 ) -> bytes:
     """The PDF's bytes. ``mask`` is (frames, rows, cols) on ``image``'s grid.
 
@@ -250,6 +253,7 @@ def report_pdf(
     ``clinical`` the clinical factors given. ``quality`` is the
     segmentation's quality estimate
     (:meth:`pipelines.segment.quality.Quality.as_dict`); None leaves it out.
+    ``comparison`` adds the change since the prior study (table and trend).
     """
     cards = cards or {}
     buffer = io.BytesIO()
@@ -274,6 +278,8 @@ def report_pdf(
         _key_slice(page, image, mask, k, key, role)
         _measurements(page, facts, segmentation_model, quality, models)
         page.y -= 0.1
+        if comparison is not None:
+            comparison_block(page, comparison)
         page.paragraph("Radiomics signatures", size=11.5, weight="bold", after=0.06)
         if not scores:
             page.paragraph("No signature card scored this study.")

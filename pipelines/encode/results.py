@@ -24,6 +24,7 @@ import pydicom
 import SimpleITK as sitk
 from pydicom.dataset import Dataset
 
+from pipelines.compare import Comparison
 from pipelines.encode.document import encode_pdf
 from pipelines.encode.pdf import report_pdf
 from pipelines.encode.seg import (
@@ -33,7 +34,7 @@ from pipelines.encode.seg import (
     series_description,
     source_datasets,
 )
-from pipelines.encode.sr import encode_sr, scores_key, tumour_measurements
+from pipelines.encode.sr import encode_sr, prior_key, scores_key, tumour_measurements
 from pipelines.io.dicom import SeriesRef
 from pipelines.scoring.clinical import ClinicalFactors
 from pipelines.segment.card import SegModelCard
@@ -57,6 +58,7 @@ def write_results(
     clinical: ClinicalFactors | None = None,
     uid_root: str | None = None,
     quality: Mapping[str, Any] | None = None,
+    comparison: Comparison | None = None,
 ) -> dict[str, Path]:
     """Write the objects under ``out``; return kind -> path (``seg_<role>``, ``sr``, ``pdf``).
 
@@ -70,6 +72,7 @@ def write_results(
     ``quality`` is the segmentation's quality estimate
     (:meth:`pipelines.segment.quality.Quality.as_dict`): the SR and the PDF
     show its score and whether a person should review the mask.
+    ``comparison`` (the study against its prior) adds the change to both.
     """
     out.mkdir(parents=True, exist_ok=True)
     algorithm = Algorithm(segmentation_card.id, segmentation_card.version)
@@ -96,6 +99,7 @@ def write_results(
         uid_root=uid_root,
         previous=previous,
         quality=quality,
+        comparison=comparison,
     )
     sr.save_as(out / "sr.dcm", enforce_file_format=True)
     written["sr"] = out / "sr.dcm"
@@ -113,6 +117,7 @@ def write_results(
         uid_root=uid_root,
         not_clinical=not_clinical,
         quality=quality,
+        comparison=comparison,
     )
     return written
 
@@ -132,6 +137,7 @@ def _write_pdf(
     uid_root: str | None,
     not_clinical: bool,
     quality: Mapping[str, Any] | None,
+    comparison: Comparison | None = None,
 ) -> Path:
     """The PDF report as ``report.pdf`` and as an Encapsulated PDF (``report_pdf.dcm``)."""
     models = "; ".join(
@@ -151,13 +157,14 @@ def _write_pdf(
         segmentation_model=f"{algorithm.name} {algorithm.version}",
         not_for_clinical_use=not_clinical,
         quality=quality,
+        comparison=comparison,
     )
     (out / "report.pdf").write_bytes(document)
     pdf = encode_pdf(
         sources,
         document,
         job_key=job_key,
-        version_key=algorithm.version + scores_key(scores),
+        version_key=algorithm.version + scores_key(scores) + prior_key(comparison),
         series_number=PDF_SERIES_NUMBER,
         uid_root=uid_root,
         not_for_clinical_use=not_clinical,

@@ -55,6 +55,7 @@ from pydicom.sr.codedict import codes
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import pdist
 
+from pipelines.compare import Comparison
 from pipelines.encode.seg import (
     DEVICE_SERIAL,
     MANUFACTURER,
@@ -200,6 +201,53 @@ def _measurement(
     return hd.sr.Measurement(name=name, value=float(value), unit=unit, algorithm_id=algorithm)
 
 
+def prior_key(comparison: Comparison | None) -> str:
+    """What of a comparison changes the objects' UIDs: the prior study compared with."""
+    return f"/prior:{comparison.prior.study_instance_uid}" if comparison else ""
+
+
+COMPARISON_NOTE = local("priorcomparison", "Comparison with the prior study")
+
+
+def _volume_change(
+    comparison: Comparison, algorithm: hd.sr.AlgorithmIdentification
+) -> hd.sr.Measurement:
+    """The volume change as the NUM OHIF draws second: ``Volume vs prior <date> (+N d), PD``."""
+    c = comparison
+    when = c.prior.study_date.isoformat()
+    meaning = f"Volume vs prior {when} ({c.days:+d} d), {c.category} (RECIST-like)"
+    code = f"volchg-{c.prior.study_date:%Y%m%d}-{c.days}-{c.category}".lower()
+    return _measurement(local(code, meaning), c.volume_pct, PERCENT, algorithm)
+
+
+def _comparison_note(comparison: Comparison) -> hd.sr.TextContentItem:
+    """The comparison's lines (TEXT in the root Qualitative Evaluations)."""
+    return hd.sr.TextContentItem(
+        name=COMPARISON_NOTE,
+        value="\n".join(comparison.lines()),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _prior_evidence(comparison: Comparison) -> Dataset:
+    """A Pertinent Other Evidence item naming the prior study and its series' instances."""
+    item = Dataset()
+    item.StudyInstanceUID = comparison.prior.study_instance_uid
+    by_series: dict[str, list[Dataset]] = {}
+    for series_uid, sop_class, sop_instance in comparison.prior.evidence:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_instance
+        by_series.setdefault(series_uid, []).append(ref)
+    series = []
+    for series_uid, refs in by_series.items():
+        s = Dataset()
+        s.SeriesInstanceUID = series_uid
+        s.ReferencedSOPSequence = refs
+        series.append(s)
+    item.ReferencedSeriesSequence = series
+    return item
+
+
 def scores_key(scores: Sequence[Mapping[str, Any]]) -> str:
     """What of the scores changes the objects' UIDs: each scored card, version and model."""
     return "".join(
@@ -313,10 +361,12 @@ def _tumour_measurements(
     quality: Mapping[str, Any] | None,
     scored: Sequence[Mapping[str, Any]],
     seg_algorithm: hd.sr.AlgorithmIdentification,
+    comparison: Comparison | None = None,
 ) -> list[hd.sr.Measurement]:
     """The tumour group's NUMs, in the order OHIF shows them (it draws the first five).
 
-    Volume, a flagged agreement, each card's headline rad-score, then the
+    Volume, the volume change since the prior study (when compared), a
+    flagged agreement, each card's headline rad-score, then the
     diameter, key-slice area, signal mean and SD, and an unflagged agreement.
     """
     volume = _measurement(codes.SCT.Volume, facts["volume_ml"], ML, seg_algorithm)
@@ -336,8 +386,10 @@ def _tumour_measurements(
         )
         for score in scored
     ]
+    change = [_volume_change(comparison, seg_algorithm)] if comparison else []
     return [
         volume,
+        *change,
         *(agreement if flagged else []),
         *headlines,
         _measurement(codes.SCT.LongAxis, facts["longest_axial_diameter_mm"], MM, seg_algorithm),
@@ -391,6 +443,7 @@ def _groups(
     seg_algorithm: hd.sr.AlgorithmIdentification,
     tracking_uid: Callable[..., str],
     not_for_clinical_use: bool,
+    comparison: Comparison | None = None,
 ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     """The tumour's group on the key slice, then one group per scored card on its own slice."""
     k = key_slice(mask)
@@ -401,7 +454,7 @@ def _groups(
             finding_type=codes.SCT.Neoplasm,
             algorithm_id=seg_algorithm,
             measurements=_tumour_measurements(
-                tumour_measurements(image, mask), quality, scored, seg_algorithm
+                tumour_measurements(image, mask), quality, scored, seg_algorithm, comparison
             ),
             qualitative_evaluations=_tumour_evaluations(quality, not_for_clinical_use) or None,
         )
@@ -430,6 +483,7 @@ def encode_sr(
     uid_root: str | None = None,
     previous: Dataset | None = None,
     quality: Mapping[str, Any] | None = None,
+    comparison: Comparison | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """The report for the tumour on ``sources`` (the series ``tumour`` and ``image`` live on).
 
@@ -440,7 +494,9 @@ def encode_sr(
     its score (when the model has one) and its review flag join the
     tumour's group. A report made with other inputs (a radiomics-only score
     now re-scored with the nomogram) gets new UIDs and names ``previous`` as
-    its predecessor document.
+    its predecessor document. ``comparison`` (the study against its prior)
+    puts the volume change in the tumour's group, its lines in a note, and
+    the prior study's instances in the Pertinent Other Evidence Sequence.
     """
     mask = mask_array(tumour, sources)
     source_series = str(sources[0].SeriesInstanceUID)
@@ -448,7 +504,7 @@ def encode_sr(
         name=segmentation_model.name, version=segmentation_model.version
     )
     scored = [score for score in scores if "skipped" not in score]
-    version_key = segmentation_model.version + scores_key(scores)
+    version_key = segmentation_model.version + scores_key(scores) + prior_key(comparison)
 
     tracking_uid = partial(
         derived_uid,
@@ -468,6 +524,7 @@ def encode_sr(
         seg_algorithm=seg_algorithm,
         tracking_uid=tracking_uid,
         not_for_clinical_use=not_for_clinical_use,
+        comparison=comparison,
     )
     device = _device(segmentation_model, uid_root)
     report = hd.sr.MeasurementReport(
@@ -475,8 +532,11 @@ def encode_sr(
         procedure_reported=codes.LN.MRIUnspecifiedBodyRegion,
         imaging_measurements=groups,
     )
-    if scores:
-        report[0].ContentSequence.append(_notes(scores))
+    if scores or comparison:
+        notes = _notes(scores)
+        if comparison is not None:
+            notes.ContentSequence.insert(0, _comparison_note(comparison))
+        report[0].ContentSequence.append(notes)
     kind_of = "SR " + source_series
     instance_uid = derived_uid("instance", kind_of, version_key, job_key, root=uid_root)
     sr = hd.sr.Comprehensive3DSR(
@@ -495,5 +555,7 @@ def encode_sr(
     sr.SeriesDescription = series_description(
         "Tumour and radiomics results (SR)", not_for_clinical_use
     )
+    if comparison is not None and comparison.prior.evidence:
+        sr.PertinentOtherEvidenceSequence = [_prior_evidence(comparison)]
     declare_local_scheme(sr)
     return sr

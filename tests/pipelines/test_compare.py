@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 
+import pydicom
 import pytest
+import SimpleITK as sitk
 
 from pipelines.compare import Comparison, TimePoint, compare, recist_like
+from pipelines.encode.results import write_results
+from pipelines.io.dicom import load_series, scan
+from pipelines.segment.card import SegModelCard
+from pipelines.synth.study import write_study
+from tests.pipelines.test_encode import REPO, dciodvfy_errors, pdf_text, sr_items
 
 
 def point(day: date, volume: float, diameter: float, *scores: dict[str, object]) -> TimePoint:
@@ -70,3 +78,64 @@ def test_a_prior_that_is_not_earlier_is_refused_by_its_uid() -> None:
         compare(point(day, 1.0, 1.0), point(day, 1.0, 1.0))
     with pytest.raises(ValueError, match="needs a tumour"):
         point(day, 0.0, 10.0)
+
+
+# -- the comparison in the SR and the PDF ----------------------------------------------------
+
+
+def test_the_sr_and_the_pdf_report_the_change_and_reference_the_prior(tmp_path: Path) -> None:
+    write_study(tmp_path / "study", 5)
+    ref = scan(tmp_path / "study" / "dicom" / "T2FS").series[0]
+    image = load_series(ref)
+    mask = sitk.ReadImage(str(tmp_path / "study" / "masks" / "T2FS_tumour.nii.gz"))
+    mask.CopyInformation(image)
+    prior = TimePoint(
+        "2.25.1234",
+        date(2026, 1, 1),
+        50.0,
+        40.0,
+        evidence=(("2.25.1235", "1.2.840.10008.5.1.4.1.1.4", "2.25.1236"),),
+    )
+    current = point(date(2026, 5, 1), 70.0, 52.0)
+    comparison = compare(current, prior)
+    seg_card = SegModelCard.from_folder(REPO / "models" / "sarcnode-seg-demo")
+
+    def results(out: Path, with_prior: Comparison | None) -> dict[str, Path]:
+        return write_results(
+            out,
+            series={"T2FS": ref},
+            images={"T2FS": image},
+            masks={"T2FS": mask},
+            primary="T2FS",
+            segmentation_card=seg_card,
+            job_key="job-1",
+            comparison=with_prior,
+        )
+
+    files = results(tmp_path / "out", comparison)
+    assert dciodvfy_errors(files["sr"]) == []
+    sr = pydicom.dcmread(files["sr"])
+    nums = [i for i in sr_items(sr.ContentSequence) if i.get("ValueType") == "NUM"]
+    # Second in the tumour's group, so OHIF draws it under the volume.
+    change = nums[1]
+    assert change.ConceptNameCodeSequence[0].CodeMeaning == (
+        "Volume vs prior 2026-01-01 (+120 d), PD (RECIST-like)"
+    )
+    assert float(change.MeasuredValueSequence[0].NumericValue) == pytest.approx(40.0)
+    texts = [i.TextValue for i in sr_items(sr.ContentSequence) if i.get("ValueType") == "TEXT"]
+    assert any(comparison.headline() in t for t in texts)
+    (evidence,) = sr.PertinentOtherEvidenceSequence
+    assert evidence.StudyInstanceUID == "2.25.1234"
+    assert evidence.ReferencedSeriesSequence[0].ReferencedSOPSequence[
+        0
+    ].ReferencedSOPInstanceUID == ("2.25.1236")
+    pdf = pydicom.dcmread(files["pdf"])
+    text = pdf_text(bytes(pdf.EncapsulatedDocument)[: int(pdf.EncapsulatedDocumentLength)])
+    assert "Change since the prior study" in text
+    assert "vs prior 2026-01-01 (+120 d): volume +40 %" in text
+    for cell in ("2026-01-01", "2026-05-01", "50.0", "70.0", "40.0", "52.0"):  # the table
+        assert cell in text
+    # Without the prior the objects are other objects (their UIDs say what they hold).
+    plain = pydicom.dcmread(results(tmp_path / "plain", None)["sr"])
+    assert plain.SOPInstanceUID != sr.SOPInstanceUID
+    assert "PertinentOtherEvidenceSequence" not in plain
