@@ -297,3 +297,45 @@ def test_rescore_queues_the_finished_job_from_its_score_stage(db: Database, tmp_
     assert markers == ["radiomics", "segment"]
     assert [a for a, _ in _events(db)] == ["job.rescore"]
     assert rescore(db, "1.2.3.4", actor="admin") is None  # queued: nothing finished to re-score
+
+
+def _job_state_literals(path: Path) -> list[int]:
+    """Lines of ``path`` that assign a job-state string to a ``.state`` or ``state=``."""
+    import ast
+
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        pairs: list[tuple[ast.AST, ast.expr]] = []
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Tuple) and isinstance(node.value, ast.Tuple):
+                    pairs += list(zip(target.elts, node.value.elts, strict=False))
+                else:
+                    pairs.append((target, node.value))
+        elif isinstance(node, ast.Call):
+            pairs += [(kw, kw.value) for kw in node.keywords if kw.arg == "state"]
+        for target, value in pairs:
+            named = isinstance(target, ast.keyword) or (
+                isinstance(target, ast.Attribute) and target.attr == "state"
+            )
+            if named and isinstance(value, ast.Constant) and value.value in JOB_STATES:
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_job_states_are_assigned_in_the_state_module_only(tmp_path: Path) -> None:
+    """The outbox's rows have states of their own (``node/delivery``); no one else sets one."""
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        'job.state = "queued"\nJob(id=1, state="done")\nrow.state, row.error = "dead", None\n'
+        'series.state = "stable"\nQUEUED = "queued"\n'
+    )
+    assert _job_state_literals(sample) == [1, 2, 3]  # what the scan catches, and not
+    root = Path(__file__).resolve().parents[2] / "node"
+    found = {
+        str(p.relative_to(root)): lines
+        for p in sorted(root.rglob("*.py"))
+        if p.relative_to(root).parts[0] != "delivery" and p != root / "jobs" / "state.py"
+        if (lines := _job_state_literals(p))
+    }
+    assert found == {}
