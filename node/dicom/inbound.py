@@ -23,8 +23,9 @@ there, and :class:`InboundGuard` stands in front of it for each association:
   never sits in memory. Its bytes are counted as they arrive and the
   association aborted past ``storage.max_dataset_mb`` (audited as the
   instance refused, 0xA700). The data sets of other messages (a storage
-  commitment report, a stray C-ECHO with a data set) stay in memory and may
-  not pass :data:`MAX_IN_MEMORY_DATA_SET`.
+  commitment report, a stray C-ECHO with a data set, a C-STORE on a context
+  that is not a storage class's, which never reaches the handler) stay in
+  memory and may not pass :data:`MAX_IN_MEMORY_DATA_SET`.
 
 So an association holds at most one PDU (``dicom.max_pdu_size``) of a
 C-STORE and :data:`MAX_IN_MEMORY_DATA_SET` of anything else, however many
@@ -172,11 +173,14 @@ class InboundGuard:
         self,
         *,
         max_dataset_bytes: int,
+        storage_classes: frozenset[str],
         open_spool: SpoolFactory,
         on_refused: RefusalHook,
         on_aborted: AbortHook,
     ) -> None:
         self.max_dataset_bytes = max_dataset_bytes
+        #: Abstract syntaxes whose C-STORE requests reach the handler (and are spooled).
+        self.storage_classes = storage_classes
         self.open_spool = open_spool
         self.on_refused = on_refused
         self.on_aborted = on_aborted
@@ -275,7 +279,8 @@ class InboundGuard:
                 )
         elif message.data_bytes > MAX_IN_MEMORY_DATA_SET:
             raise _Violation(
-                f"data set of a message other than C-STORE over {MAX_IN_MEMORY_DATA_SET} bytes"
+                f"data set over {MAX_IN_MEMORY_DATA_SET} bytes in a message other than a C-STORE "
+                "on a storage context"
             )
         if last:
             if message.spool is not None:
@@ -294,8 +299,12 @@ class InboundGuard:
         message.sop_instance_uid = command.sop_instance_uid
         if command.field != C_STORE_RQ:
             return
-        accepted = {cx.context_id: cx for cx in assoc.accepted_contexts}
-        syntax = str(accepted[context_id].transfer_syntax[0]) if context_id in accepted else ""
+        context = next((c for c in assoc.accepted_contexts if c.context_id == context_id), None)
+        if context is None or str(context.abstract_syntax) not in self.storage_classes:
+            # Never handed to the C-STORE handler (pynetdicom refuses or aborts it):
+            # held in memory like any other message's data set, and capped the same.
+            return
+        syntax = str(context.transfer_syntax[0])
         spool = self.open_spool(command.sop_class_uid, command.sop_instance_uid, syntax)
         message.spool = spool
         dimse = assoc.dimse

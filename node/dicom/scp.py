@@ -117,6 +117,7 @@ class StorageSCP:
         self._store_guard = StoreGuard(self._on_store_guard_refusal)
         self._inbound = InboundGuard(
             max_dataset_bytes=ingestor.policy.limits.max_dataset_bytes,
+            storage_classes=frozenset(sop_class_uid(c) for c in settings.storage_sop_classes),
             open_spool=ingestor.open_spool,
             on_refused=self._on_store_guard_refusal,
             on_aborted=self._on_inbound_abort,

@@ -41,6 +41,7 @@ from tests.fuzz.dimse import (
     CMD_MESSAGE_ID,
     CMD_PRIORITY,
     NO_DATA_SET,
+    VERIFICATION,
     RawAssociation,
     command_set,
     store_rq_elements,
@@ -223,6 +224,29 @@ def test_concurrent_senders_over_the_cap_cannot_add_up(node_factory) -> None:
     assert len(reasons) == 4 and all("while arriving" in r for r in reasons), reasons
     assert node.json("instances") == []
     assert spool_files(node) == []  # the partial data sets are removed, not left to a restart
+
+
+def test_a_large_c_store_on_a_context_no_handler_serves_is_aborted_at_4_mib(
+    node: NodeProcess,
+) -> None:
+    """Never spooled (it would never be stored) and never held in memory past 4 MiB."""
+    assoc = RawAssociation.open(
+        node.port,
+        b"FUZZER",
+        node.ae_title.encode(),
+        [(VERIFICATION, "1.2.840.10008.1.2"), (MRImageStorage, ExplicitVRLittleEndian)],
+    )
+    assert isinstance(assoc, RawAssociation), assoc
+    cid = assoc.context_id(VERIFICATION, "1.2.840.10008.1.2")
+    assert cid is not None
+    command = command_set(store_rq_elements(MRImageStorage, generate_uid(), 1))
+    assert assoc.request(cid, command, bytes(64 * MiB), 1) == ABORT
+    aborted = node.json("audit", "--action", "connection.aborted")
+    assert [e["detail"]["reason"] for e in aborted] == [
+        "data set over 4194304 bytes in a message other than a C-STORE on a storage context"
+    ]
+    assert spool_files(node) == []
+    assert node.json("instances") == []
 
 
 def test_foreign_objects_do_not_enter_an_mr_series(node: NodeProcess) -> None:
