@@ -87,7 +87,8 @@ bench: venv peers
 #    (+ the synthetic studies in training), each fold resumable: a finished
 #    fold is kept (`make seg-model` again continues; `--fold N` runs one);
 # 3. the winner's five fold models shipped as the ensemble, with the CV
-#    figures, the candidates compared and the quality threshold on the card.
+#    figures, the candidates compared and the quality threshold on the card;
+# 4. the FS-T2 candidates measured and the rule applied (seg-t2fs, below).
 SEG_MODEL := models/sarcnode-seg-demo
 SEG_DATA := ../shared/data/sts-t1-cropped var/train/synth --exclude STS_001
 SEG_REAL := ../shared/data/sts-t1-cropped
@@ -106,6 +107,7 @@ seg-model: venv
 	$(VENV)/bin/sarcnode seg-ensemble $(SEG_CV) --locator var/train/locator --data $(SEG_REAL) \
 	  --check-study ../shared/data/sts-raw/STS_001 --out $(SEG_MODEL)
 	mkdir -p $(SEG_MODEL)/cv && cp $(SEG_CV)/report.html $(SEG_CV)/worst_*.png $(SEG_CV)/cv.json $(SEG_MODEL)/cv/
+	$(MAKE) seg-t2fs
 
 # The other candidates in the card (CPU budget: 3d-heavy and 25d-heavy stopped
 # after fold 0; --rescore re-scores the chosen CV with whole-image inference).
@@ -116,14 +118,15 @@ seg-candidates: venv
 	  --recipe 25d-heavy --steps 1500 --fold 0
 	$(VENV)/bin/sarcnode cv-seg $(SEG_REAL) --out var/cv/3d-light+whole \
 	  --rescore $(SEG_CV) --inference whole
-	$(MAKE) seg-t2fs
 
-# FS-T2 candidates (issue 11; no retraining, ~10 min): per-sequence thresholds and
-# the 1.0.0 fine model (commit 36a7fbd) beside the ensemble, chosen on synthetic
-# FS-T2 studies by a rule fixed in bench/seg_t2fs.py; STS_001 scored as the check.
+# The card's FS-T2 candidates (issue 11; no retraining, ~10 min, last step of
+# seg-model): per-sequence thresholds and the 1.0.0 fine model (commit 36a7fbd)
+# beside the ensemble, chosen on synthetic FS-T2 studies by the rule fixed in
+# bench/seg_t2fs.py (none passed: the shipped FS-T2 path is kept); STS_001 scored
+# as the check; figures into cv/t2fs_candidates.json and validation.fs_t2_candidates.
 seg-t2fs: venv
 	mkdir -p var/seg-v1 && git show 36a7fbd:models/sarcnode-seg-demo/fine.pt > var/seg-v1/fine.pt
-	$(PY) bench/seg_t2fs.py --v1 var/seg-v1 --out $(SEG_MODEL)/cv/t2fs_candidates.json
+	$(PY) bench/seg_t2fs.py --v1 var/seg-v1 --out $(SEG_MODEL)/cv/t2fs_candidates.json --card
 
 # How models/sarcnode-pfs-demo was fitted (CPU, 2 cores: about 40 minutes):
 # 200 synthetic studies (seed 11), features from the truth masks (tumour and

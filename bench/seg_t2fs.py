@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from pipelines.io.roles import load_role_rules  # noqa: E402
 from pipelines.preprocess import carry_mask, register_rigid  # noqa: E402
 from pipelines.segment import network  # noqa: E402
+from pipelines.segment.card import load_card, write_card  # noqa: E402
 from pipelines.segment.data import discover  # noqa: E402
 from pipelines.segment.evaluate import dicom_cases  # noqa: E402
 from pipelines.segment.infer import (  # noqa: E402
@@ -186,7 +187,7 @@ def sts001(seg: Segmenter, v1: torch.nn.Module, study: Path) -> dict[str, dict[s
         out[key] = {
             "T2FS": round(dice(mask, p2.truth), 4),
             "T2FS_ml": round(float(sitk.GetArrayViewFromImage(mask).sum()) * voxel_ml, 1),
-            "T1": round(dice(t1_masks[key], p1.truth), 4),
+            "T1_same_rule": round(dice(t1_masks[key], p1.truth), 4),
             "T1_carried": round(dice(carried, p1.truth), 4),
         }
     return out
@@ -201,6 +202,36 @@ def choose(selection: dict[str, Any], confirmation: dict[str, Any]) -> str:
     return next(iter(selection))
 
 
+def card_block(result: dict[str, Any], out: Path | None) -> dict[str, Any]:
+    """The card's ``validation.fs_t2_candidates``: seeds, rule, choice and each candidate's row."""
+    rows = []
+    for key, row in result["candidates"].items():
+        sel, conf, sts = row["synthetic_selection"], row["synthetic_confirmation"], row["sts001"]
+        rows.append(
+            {
+                "candidate": key,
+                "synthetic_selection_dice": sel["dice_mean"],
+                "gain_over_shipped": sel["gain"],
+                "gain_ci95": sel["gain_ci95"],
+                "synthetic_confirmation_dice": conf["dice_mean"],
+                "confirmation_gain": conf["gain"],
+                "sts001": sts,
+            }
+        )
+    return {
+        "what": "FS-T2 paths that need no retraining (bench/seg_t2fs.py, make seg-t2fs); "
+        "the T1 path and so the real-T1 out-of-fold Dice are the same for all. Dice on the "
+        "FS-T2 series; sts001.T1_same_rule is the same rule run on STS_001's T1 series, shown "
+        "for reference only (a candidate changes the FS-T2 path, T1 keeps the shipped one)",
+        "selection_seeds": result["selection_seeds"],
+        "confirmation_seeds": result["confirmation_seeds"],
+        "rule": result["rule"],
+        "chosen": result["chosen"],
+        "figures": out.name if out else None,
+        "candidates": rows,
+    }
+
+
 def main() -> int:
     """Measure every candidate, apply the rule, print a table and write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -208,6 +239,9 @@ def main() -> int:
     parser.add_argument("--v1", type=Path, required=True, help="folder with the 1.0.0 fine.pt")
     parser.add_argument("--study", type=Path, default=REPO.parent / "shared/data/sts-raw/STS_001")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--card", action="store_true", help="write the figures into the model's card.yaml"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     seg = Segmenter(args.model, "cpu")
@@ -241,11 +275,15 @@ def main() -> int:
     for key, row in result["candidates"].items():
         s, c, x = row["synthetic_selection"], row["synthetic_confirmation"], row["sts001"] or {}
         ci = f"{s['gain']:+.3f} [{s['gain_ci95'][0]:+.3f},{s['gain_ci95'][1]:+.3f}]"
-        sts = "/".join(f"{x[k]:.3f}" for k in ("T2FS", "T1", "T1_carried")) if x else "-"
+        sts = "/".join(f"{x[k]:.3f}" for k in ("T2FS", "T1_same_rule", "T1_carried")) if x else "-"
         print(f"{key:<16} {s['dice_mean']:>8.3f} {ci:>24} {c['dice_mean']:>9.3f} {sts:>24}")
     print(f"chosen by the rule: {chosen}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.card:
+        card = load_card(args.model)
+        card["validation"]["fs_t2_candidates"] = card_block(result, args.out)
+        write_card(args.model, card)
     return 0
 
 
