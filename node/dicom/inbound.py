@@ -23,9 +23,10 @@ there, and :class:`InboundGuard` stands in front of it for each association:
   never sits in memory. Its bytes are counted as they arrive and the
   association aborted past ``storage.max_dataset_mb`` (audited as the
   instance refused, 0xA700). The data sets of other messages (a storage
-  commitment report, a stray C-ECHO with a data set, a C-STORE on a context
-  that is not a storage class's, which never reaches the handler) stay in
-  memory and may not pass :data:`MAX_IN_MEMORY_DATA_SET`.
+  commitment report, a stray C-ECHO with a data set, and a C-STORE that never
+  reaches the handler: on a context that is not a storage class's, or without
+  a Message ID or Affected SOP Class/Instance UID) stay in memory and may not
+  pass :data:`MAX_IN_MEMORY_DATA_SET`.
 
 So an association holds at most one PDU (``dicom.max_pdu_size``) of a
 C-STORE and :data:`MAX_IN_MEMORY_DATA_SET` of anything else, however many
@@ -112,6 +113,7 @@ class Command:
     data_set_type: int
     sop_class_uid: str
     sop_instance_uid: str
+    message_id: int | None
 
 
 def _check_structure(raw: bytes) -> None:
@@ -148,6 +150,7 @@ def decode_command(raw: bytes) -> Command:
             _ = elem.value
         field_value = command.get("CommandField")
         data_set_type = command.get("CommandDataSetType")
+        message_id = command.get("MessageID")
     except Exception as exc:
         raise _Violation(f"command set cannot be decoded ({type(exc).__name__})") from None
     if not isinstance(field_value, int):
@@ -162,7 +165,11 @@ def decode_command(raw: bytes) -> Command:
         return str(value).strip("\0 ") if isinstance(value, str) else ""
 
     return Command(
-        field_value, data_set_type, text("AffectedSOPClassUID"), text("AffectedSOPInstanceUID")
+        field_value,
+        data_set_type,
+        text("AffectedSOPClassUID"),
+        text("AffectedSOPInstanceUID"),
+        message_id if isinstance(message_id, int) else None,
     )
 
 
@@ -279,8 +286,8 @@ class InboundGuard:
                 )
         elif message.data_bytes > MAX_IN_MEMORY_DATA_SET:
             raise _Violation(
-                f"data set over {MAX_IN_MEMORY_DATA_SET} bytes in a message other than a C-STORE "
-                "on a storage context"
+                f"data set over {MAX_IN_MEMORY_DATA_SET} bytes in a message that is not "
+                "a C-STORE the node can store"
             )
         if last:
             if message.spool is not None:
@@ -300,9 +307,15 @@ class InboundGuard:
         if command.field != C_STORE_RQ:
             return
         context = next((c for c in assoc.accepted_contexts if c.context_id == context_id), None)
-        if context is None or str(context.abstract_syntax) not in self.storage_classes:
-            # Never handed to the C-STORE handler (pynetdicom refuses or aborts it):
-            # held in memory like any other message's data set, and capped the same.
+        if not (
+            command.message_id is not None
+            and command.sop_class_uid
+            and command.sop_instance_uid
+            and context is not None
+            and str(context.abstract_syntax) in self.storage_classes
+        ):
+            # Never handed to the C-STORE handler (pynetdicom drops, refuses or aborts
+            # it): held in memory like any other message's data set, and capped the same.
             return
         syntax = str(context.transfer_syntax[0])
         spool = self.open_spool(command.sop_class_uid, command.sop_instance_uid, syntax)

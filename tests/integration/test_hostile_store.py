@@ -37,6 +37,7 @@ from tests.conftest import NodeProcess
 from tests.dicomgen import mr_dataset
 from tests.fuzz.dimse import (
     ABORT,
+    CMD_AFFECTED_SOP_INSTANCE,
     CMD_DATA_SET_TYPE,
     CMD_MESSAGE_ID,
     CMD_PRIORITY,
@@ -226,24 +227,27 @@ def test_concurrent_senders_over_the_cap_cannot_add_up(node_factory) -> None:
     assert spool_files(node) == []  # the partial data sets are removed, not left to a restart
 
 
-def test_a_large_c_store_on_a_context_no_handler_serves_is_aborted_at_4_mib(
-    node: NodeProcess,
+@pytest.mark.parametrize(
+    ("context", "dropped"),
+    [
+        ((VERIFICATION, "1.2.840.10008.1.2"), None),  # no storage service on this context
+        ((MRImageStorage, ExplicitVRLittleEndian), CMD_AFFECTED_SOP_INSTANCE),  # dropped
+    ],
+    ids=["verification-context", "no-sop-instance-uid"],
+)
+def test_a_large_c_store_no_handler_will_see_is_aborted_at_4_mib(
+    node: NodeProcess, context: tuple[str, str], dropped: int | None
 ) -> None:
     """Never spooled (it would never be stored) and never held in memory past 4 MiB."""
-    assoc = RawAssociation.open(
-        node.port,
-        b"FUZZER",
-        node.ae_title.encode(),
-        [(VERIFICATION, "1.2.840.10008.1.2"), (MRImageStorage, ExplicitVRLittleEndian)],
-    )
+    assoc = RawAssociation.open(node.port, b"FUZZER", node.ae_title.encode(), [context])
     assert isinstance(assoc, RawAssociation), assoc
-    cid = assoc.context_id(VERIFICATION, "1.2.840.10008.1.2")
-    assert cid is not None
-    command = command_set(store_rq_elements(MRImageStorage, generate_uid(), 1))
-    assert assoc.request(cid, command, bytes(64 * MiB), 1) == ABORT
+    elements = store_rq_elements(MRImageStorage, generate_uid(), 1)
+    if dropped is not None:
+        elements[dropped] = None
+    assert assoc.request(1, command_set(elements), bytes(64 * MiB), 1) == ABORT
     aborted = node.json("audit", "--action", "connection.aborted")
     assert [e["detail"]["reason"] for e in aborted] == [
-        "data set over 4194304 bytes in a message other than a C-STORE on a storage context"
+        "data set over 4194304 bytes in a message that is not a C-STORE the node can store"
     ]
     assert spool_files(node) == []
     assert node.json("instances") == []
