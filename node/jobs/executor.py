@@ -70,7 +70,7 @@ class Runner:
         )
 
     def _submit(self, ctx: JobContext, stages: list[str]) -> Any:
-        return self.pool.submit(execute, ctx, stages, self.settings.jobs.max_attempts)
+        return self.pool.submit(execute, ctx, stages, policy=self.policy)
 
     @staticmethod
     def _finished(handle: Any) -> tuple[bool, BaseException | None]:
@@ -239,12 +239,13 @@ class RayRunner(Runner):
                 ray.init(address=executor.address, include_dashboard=False)
             else:
                 ray.init(num_cpus=executor.num_cpus, include_dashboard=False)
-        self._task = ray.remote(execute)
+        # Any: ray's overloads type a function by its count of parameters, defaults aside.
+        self._task: Any = ray.remote(execute)
 
     def _submit(self, ctx: JobContext, stages: list[str]) -> Any:
         gpus = 1 if ctx.device == "cuda" else 0
         return self._task.options(num_gpus=gpus, max_retries=0).remote(
-            ctx, stages, self.settings.jobs.max_attempts
+            ctx, stages, self.policy.max_attempts, self.policy
         )
 
     @staticmethod

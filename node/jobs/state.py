@@ -37,6 +37,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from node.audit.trail import record
+from node.config import JobSettings
 from node.db.models import Job, JobStage, utcnow
 
 log = logging.getLogger("node.jobs")
@@ -146,7 +147,7 @@ class RetryPolicy:
     jitter: float = 0.2
 
     @classmethod
-    def from_settings(cls, jobs: Any) -> RetryPolicy:
+    def from_settings(cls, jobs: JobSettings) -> RetryPolicy:
         """The policy of the ``jobs`` settings section."""
         return cls(jobs.max_attempts, jobs.retry_base_s, jobs.retry_max_s, jobs.retry_jitter)
 

@@ -138,13 +138,20 @@ def write_json(path: Path, data: Mapping[str, Any]) -> None:
     temp.replace(path)
 
 
-def execute(ctx: JobContext, stages: Sequence[str], max_attempts: int) -> str:
+def execute(
+    ctx: JobContext,
+    stages: Sequence[str],
+    max_attempts: int = 3,
+    policy: state.RetryPolicy | None = None,
+) -> str:
     """Run the job's stages from the first unfinished one; return the job's state after it.
 
-    ``max_attempts`` is the retry policy's: an internal error on the last
-    allowed attempt makes the job ``dead``, before it ``queued`` again.
+    ``policy`` is the node's retry policy (the runner passes it; without one,
+    the default policy with ``max_attempts``): an internal error on the last
+    allowed attempt makes the job ``dead``, before it ``queued`` again, due
+    after the policy's back-off.
     """
-    policy = state.RetryPolicy(max_attempts=max_attempts)
+    policy = policy or state.RetryPolicy(max_attempts=max_attempts)
     fault = fault_hook()
     bad_input = bad_input_errors()
     db = open_database(ctx)

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from node.config import DeliverySettings, Settings
 from node.db.models import AuditEvent, Delivery, Job, JobStage, utcnow
 from node.db.session import Database
-from node.jobs import Scheduler, execute
+from node.jobs import RetryPolicy, Scheduler, execute
 from node.jobs.worker import gpu_lock
 from node.pipelines import Decision, Pipeline
 from node.stages import JobContext
@@ -83,7 +83,8 @@ def test_a_bug_in_a_stage_is_retried_then_dead_with_its_traceback(
     db, ctx = job
     caplog.set_level(logging.INFO, logger="node.jobs")
     with inject(Fault("segment", raises="KeyError")):
-        states = [execute(ctx, STAGES, max_attempts=3) for _ in range(3)]
+        policy = RetryPolicy(max_attempts=3, base_s=5, cap_s=60, jitter=0)  # as the runner's
+        states = [execute(ctx, STAGES, policy=policy) for _ in range(3)]
     assert states == ["queued", "queued", "dead"]
     with db.session() as s:
         row = s.get(Job, ctx.job_id)
@@ -97,6 +98,7 @@ def test_a_bug_in_a_stage_is_retried_then_dead_with_its_traceback(
     retried = _audit(db, "job.stage.failed")
     (dead,) = _audit(db, "job.dead")
     assert [d["state"] for d in retried] == ["queued", "queued"] and dead["state"] == "dead"
+    assert [d["retry_in_s"] for d in retried] == [5, 10]  # the policy passed, not a default
     for detail in [*retried, dead]:
         text = str(detail["traceback"])
         assert text.startswith("Traceback (most recent call last):")
