@@ -7,7 +7,9 @@ folder destination and a throw-away Orthanc as the PACS (installed from
 Debian's packages when run as root; else the demo says how); plays a scanner
 with dcmtk's ``storescu`` (pynetdicom's SCU when dcmtk is not installed)
 sending a synthetic sarcoma study (T1 + FS-T2) and, when ``../shared/data`` is
-present, the real STS_001 T1 + FS-T2 study, and stores the MR in the PACS too;
+present, the real STS_001 T1 + FS-T2 study (``--out`` and ``--real-study`` or
+$SARCNODE_DEMO_DIR and $SARCNODE_DEMO_REAL_STUDY say otherwise), and stores the MR
+in the PACS too;
 waits for the jobs and the deliveries, and prints the job table, per-stage
 times, the rad-score and risk group, where the SEG/SR/PDF are, a picture of
 each key slice with the tumour outline (``var/demo/<patient>/key-slice.png``)
@@ -17,6 +19,7 @@ Exit 0 only if every job is done and every object delivered.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -28,13 +31,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "var" / "demo"
-STS_001 = REPO.parent / "shared" / "data" / "sts-raw" / "STS_001"
-SARCNODE = str(Path(sys.executable).parent / "sarcnode")
+#: Where the demo writes (storage, SQLite, the PACS, pictures); ``--out`` or this variable.
+DEMO_DIR_ENV = "SARCNODE_DEMO_DIR"
+#: A real raw study (MR_T1/, MR_T2FS/) to send as well; ``--real-study`` or this variable.
+REAL_STUDY_ENV = "SARCNODE_DEMO_REAL_STUDY"
 STORESCU = "/usr/bin/storescu"
 #: The calling AE title the demo's "scanner" sends with (on the node's allow-list).
 DEMO_SCANNER = "DEMOSCANNER"
+
+
+def _sarcnode() -> str:
+    """The console script beside this interpreter (the venv's, or the install's)."""
+    return str(Path(sys.executable).parent / "sarcnode")
+
+
+def demo_paths(argv: list[str]) -> tuple[Path, Path | None]:
+    """The demo's output folder and the real study to send, from the arguments or environment.
+
+    Defaults: ``var/demo`` under the working directory, and the public STS_001
+    study where a checkout keeps it (``../shared/data/sts-raw/STS_001``); no real
+    study when that folder is absent.
+    """
+    parser = argparse.ArgumentParser(prog="python -m node.demo", description=__doc__)
+    parser.add_argument("--out", type=Path, default=os.environ.get(DEMO_DIR_ENV))
+    parser.add_argument("--real-study", type=Path, default=os.environ.get(REAL_STUDY_ENV))
+    args = parser.parse_args(argv)
+    out = (args.out or Path.cwd() / "var" / "demo").resolve()
+    real = args.real_study
+    if real is None:
+        shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "sts-raw" / "STS_001"
+        real = shared if shared.is_dir() else None
+    return out, real
 
 
 def _free_port(preferred: int) -> int:
@@ -103,7 +130,7 @@ def _send(folder: Path, port: int, called: str = "SARCNODE") -> int:
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [SARCNODE, *args],
+        [_sarcnode(), *args],
         env=env | {"COLUMNS": "160"},
         text=True,
         capture_output=True,
@@ -204,7 +231,7 @@ def store_in_pacs(folders: list[Path], dicom_port: int) -> int:
     return sum(_send(folder, dicom_port, called=DEMO_PACS_AET) for folder in folders)
 
 
-def viewer_lines(pacs_http: int, studies: list[str]) -> list[str]:
+def viewer_lines(pacs_http: int, studies: list[str], demo: Path) -> list[str]:
     """How to look at the results: restart the demo PACS, run ``sarcnode viewer``, open."""
     from node.viewer import MissingDistError, find_dist
 
@@ -212,14 +239,14 @@ def viewer_lines(pacs_http: int, studies: list[str]) -> list[str]:
         return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
     pacs_url = f"http://127.0.0.1:{pacs_http}"
-    command = f"{shown(Path(SARCNODE))} viewer --pacs {pacs_url}" + "".join(
+    command = f"{shown(Path(_sarcnode()))} viewer --pacs {pacs_url}" + "".join(
         f" --study {uid}" for uid in studies
     )
     lines = [
         "== to look at the results in OHIF, start the demo PACS again and the viewer in front "
         "of it:",
-        f"     {ORTHANC_BIN} {shown(DEMO / 'orthanc' / 'config')}/ "
-        f">> {shown(DEMO / 'orthanc' / 'orthanc.log')} 2>&1 &",
+        f"     {ORTHANC_BIN} {shown(demo / 'orthanc' / 'config')}/ "
+        f">> {shown(demo / 'orthanc' / 'orthanc.log')} 2>&1 &",
         f"     {command}",
         "   then open (the MR with the SEG overlay, the SR's numbers on the key slice, the PDF "
         "report as its own series):",
@@ -327,7 +354,9 @@ def _meaning(item: Any) -> str:
     return str(names[0].get("CodeMeaning", ""))
 
 
-def key_slice_pngs(env: dict[str, str], jobs: list[Any], storage_root: Path) -> list[str]:
+def key_slice_pngs(
+    env: dict[str, str], jobs: list[Any], storage_root: Path, demo: Path
+) -> list[str]:
     """``var/demo/<patient>/key-slice.png`` for each done job; the lines saying where."""
     import pydicom
 
@@ -349,7 +378,7 @@ def key_slice_pngs(env: dict[str, str], jobs: list[Any], storage_root: Path) -> 
                 sr,
                 storage_root,
                 shown.get("scores") or [],
-                DEMO / (folder or "study") / "key-slice.png",
+                demo / (folder or "study") / "key-slice.png",
             )
         except (OSError, ValueError) as exc:
             lines.append(f"   job {job['id']}: no key-slice picture ({exc})")
@@ -364,20 +393,122 @@ def _json(env: dict[str, str], *args: str) -> Any:
     return json.loads(_cli(env, *args, "--json").stdout or "[]")
 
 
-def main() -> int:
-    """Run the demo; return the process exit code."""
-    from pipelines.scoring.text import score_lines
+def _start_node(env: dict[str, str], demo: Path) -> subprocess.Popen[bytes] | None:
+    """Start ``sarcnode serve`` and wait for its heartbeat; None (log printed) if it fails."""
+    log = (demo / "serve.log").open("wb")
+    serve = subprocess.Popen([_sarcnode(), "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    heartbeat = demo / "storage" / "run" / "serve.json"
+    deadline = time.monotonic() + 60
+    while not heartbeat.exists():
+        if serve.poll() is not None or time.monotonic() > deadline:
+            print((demo / "serve.log").read_text(), file=sys.stderr)
+            print("demo: the node did not start", file=sys.stderr)
+            serve.kill()
+            serve.wait(30)
+            return None
+        time.sleep(0.2)
+    return serve
+
+
+def _send_studies(port: int, demo: Path, real: Path | None) -> int:
+    """Play the scanner: the synthetic study, and the real study if any; return the study count."""
     from pipelines.synth.study import write_study
 
+    truth = write_study(demo / "scanner" / "synthetic", seed=1)
+    sent = _send(demo / "scanner" / "synthetic" / "dicom", port)
+    print(f"== scanner sent {sent} instances of synthetic study {truth['case_id']} (T1 + FS-T2)")
+    if real is None:
+        return 1
+    n = sum(_send(folder, port) for folder in sorted(real.glob("MR_*/image")))
+    print(
+        f"== scanner sent {n} instances of the real study {real.name} "
+        "(TCIA Soft-tissue-Sarcoma, CC BY 3.0)"
+    )
+    return 2
+
+
+def _wait_for_results(
+    env: dict[str, str], serve: subprocess.Popen[bytes], studies: int
+) -> list[dict[str, Any]] | None:
+    """Wait until every study's job has finished and no delivery is pending; None on time-out."""
+    deadline = time.monotonic() + 600
+    while True:
+        jobs: list[dict[str, Any]] = _json(env, "jobs")
+        if len([j for j in jobs if j["state"] in ("done", "failed", "dead")]) >= studies:
+            break
+        if time.monotonic() > deadline or serve.poll() is not None:
+            print(_cli(env, "jobs").stdout, file=sys.stderr)
+            print("demo: the jobs did not finish", file=sys.stderr)
+            return None
+        time.sleep(1)
+    while any(d["state"] in ("pending", "committing") for d in _json(env, "deliveries")):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    return jobs
+
+
+def _print_jobs(env: dict[str, str], jobs: list[dict[str, Any]]) -> None:
+    """Each job's stage times, card results and output files."""
+    from pipelines.scoring.text import score_lines
+
+    print(_cli(env, "jobs").stdout, end="")
+    for job in jobs:
+        shown = json.loads(_cli(env, "jobs", "show", str(job["id"]), "--json").stdout)
+        stages = {s["stage"]: s for s in shown["stages"]}
+        times = ", ".join(
+            f"{k} {v['seconds']:.1f} s" for k, v in stages.items() if v["seconds"] is not None
+        )
+        print(f"== job {job['id']} ({job['state']}): {times}")
+        for result in shown.get("scores") or []:
+            for line in score_lines(result):
+                print(f"   {line}")
+        files = ((stages.get("encode") or {}).get("outputs") or {}).get("files", {})
+        for kind, path in sorted(files.items()):
+            print(f"   {kind:9} {path}")
+
+
+def _report(
+    env: dict[str, str],
+    jobs: list[dict[str, Any]],
+    pacs: tuple[subprocess.Popen[bytes], int, int] | None,
+    studies: int,
+    demo: Path,
+) -> bool:
+    """Print jobs, deliveries, the audit check, key-slice pictures and the viewer address.
+
+    Returns whether every job is done and every delivery reached its destination.
+    """
+    _print_jobs(env, jobs)
+    deliveries = _json(env, "deliveries")
+    done = [d for d in deliveries if d["state"] == "done"]
+    print(
+        f"== {len(done)} of {len(deliveries)} deliveries done "
+        f"({', '.join(sorted({d['destination'] for d in deliveries}))}); "
+        f"copies under {demo / 'results'}"
+    )
+    print(_cli(env, "audit", "verify").stdout, end="")
+    for line in key_slice_pngs(env, jobs, Path(env["SARCNODE_STORAGE__ROOT"]), demo):
+        print(line)
+    if pacs is not None:
+        uids = list(dict.fromkeys(j["study_instance_uid"] for j in jobs))
+        print("\n".join(viewer_lines(pacs[1], uids, demo)))
+    all_done = len([j for j in jobs if j["state"] == "done"]) == studies
+    return bool(all_done and deliveries and len(done) == len(deliveries))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; return the process exit code."""
+    demo, real = demo_paths(sys.argv[1:] if argv is None else argv)
     started = time.monotonic()
-    shutil.rmtree(DEMO, ignore_errors=True)
-    DEMO.mkdir(parents=True)
+    shutil.rmtree(demo, ignore_errors=True)
+    demo.mkdir(parents=True)
     port = _free_port(11112)
     destinations: list[dict[str, Any]] = [
-        {"name": "results", "kind": "folder", "path": str(DEMO / "results")}
+        {"name": "results", "kind": "folder", "path": str(demo / "results")}
     ]
     no_pacs = ensure_orthanc()
-    pacs = _orthanc(DEMO / "orthanc") if no_pacs is None else None
+    pacs = _orthanc(demo / "orthanc") if no_pacs is None else None
     if pacs is not None:
         destinations.append(
             {
@@ -389,98 +520,34 @@ def main() -> int:
             }
         )
     env = {k: v for k, v in os.environ.items() if not k.startswith("SARCNODE_")}
-    env |= node_env(DEMO / "storage", port, destinations)
-    print(f"== sarcnode demo: embedded defaults, storage and SQLite under {DEMO}")
+    env |= node_env(demo / "storage", port, destinations)
+    print(f"== sarcnode demo: embedded defaults, storage and SQLite under {demo}")
     print("== synthetic and public data, demo models: NOT FOR CLINICAL USE")
     if pacs is not None:
-        print(f"== PACS: Orthanc (AE DEMOPACS) on 127.0.0.1:{pacs[2]}, web 127.0.0.1:{pacs[1]}")
+        print(f"== PACS: Orthanc (AE demoPACS) on 127.0.0.1:{pacs[2]}, web 127.0.0.1:{pacs[1]}")
     else:
         print(f"== no PACS: {no_pacs or 'Orthanc did not start'}")
         print("   results go to the folder destination only")
-    log = (DEMO / "serve.log").open("wb")
-    serve = subprocess.Popen([SARCNODE, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
-    heartbeat = DEMO / "storage" / "run" / "serve.json"
-    deadline = time.monotonic() + 60
-    while not heartbeat.exists():
-        if serve.poll() is not None or time.monotonic() > deadline:
-            print((DEMO / "serve.log").read_text(), file=sys.stderr)
-            print("demo: the node did not start", file=sys.stderr)
-            return 1
-        time.sleep(0.2)
+    serve = _start_node(env, demo)
+    if serve is None:
+        if pacs is not None:
+            pacs[0].terminate()
+        return 1
     try:
         print(f"== node SARCNODE listening on 127.0.0.1:{port}; pipeline config/pipelines")
-        truth = write_study(DEMO / "scanner" / "synthetic", seed=1)
-        sent = _send(DEMO / "scanner" / "synthetic" / "dicom", port)
-        studies = 1
-        print(
-            f"== scanner sent {sent} instances of synthetic study {truth['case_id']} (T1 + FS-T2)"
-        )
-        if STS_001.exists():
-            n = _send(STS_001 / "MR_T1" / "image", port) + _send(
-                STS_001 / "MR_T2FS" / "image", port
-            )
-            print(
-                f"== scanner sent {n} instances of the real STS_001 T1 + FS-T2 study "
-                "(TCIA Soft-tissue-Sarcoma, CC BY 3.0)"
-            )
-            sent, studies = sent + n, 2
+        studies = _send_studies(port, demo, real)
         last_sent = time.monotonic()
         if pacs is not None:
             stored = store_in_pacs([Path(env["SARCNODE_STORAGE__ROOT"]) / "dicom"], pacs[2])
             print(f"== the MR ({stored} instances) stored in the PACS too, as the scanner would")
-        deadline = time.monotonic() + 600
-        while True:
-            jobs = _json(env, "jobs")
-            finished = [j for j in jobs if j["state"] in ("done", "failed", "dead")]
-            if len(finished) >= studies:
-                break
-            if time.monotonic() > deadline or serve.poll() is not None:
-                print(_cli(env, "jobs").stdout, file=sys.stderr)
-                print("demo: the jobs did not finish", file=sys.stderr)
-                return 1
-            time.sleep(1)
-        while any(d["state"] in ("pending", "committing") for d in _json(env, "deliveries")):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(1)
-        results_at = time.monotonic()
-        print(_cli(env, "jobs").stdout, end="")
-        for job in jobs:
-            shown = json.loads(_cli(env, "jobs", "show", str(job["id"]), "--json").stdout)
-            stages = {s["stage"]: s for s in shown["stages"]}
-            times = ", ".join(
-                f"{k} {v['seconds']:.1f} s" for k, v in stages.items() if v["seconds"] is not None
-            )
-            print(f"== job {job['id']} ({job['state']}): {times}")
-            for result in shown.get("scores") or []:
-                for line in score_lines(result):
-                    print(f"   {line}")
-            files = ((stages.get("encode") or {}).get("outputs") or {}).get("files", {})
-            for kind, path in sorted(files.items()):
-                print(f"   {kind:9} {path}")
-        deliveries = _json(env, "deliveries")
-        done = [d for d in deliveries if d["state"] == "done"]
+        jobs = _wait_for_results(env, serve, studies)
+        if jobs is None:
+            return 1
         print(
-            f"== {len(done)} of {len(deliveries)} deliveries done "
-            f"({', '.join(sorted({d['destination'] for d in deliveries}))}); "
-            f"copies under {DEMO / 'results'}"
+            f"== {time.monotonic() - last_sent:.0f} s from the last instance sent to all "
+            f"results delivered; demo total {time.monotonic() - started:.0f} s"
         )
-        print(_cli(env, "audit", "verify").stdout, end="")
-        print(
-            f"== {results_at - last_sent:.0f} s from the last instance sent to all results "
-            f"delivered; demo total {time.monotonic() - started:.0f} s"
-        )
-        for line in key_slice_pngs(env, jobs, Path(env["SARCNODE_STORAGE__ROOT"])):
-            print(line)
-        if pacs is not None:
-            uids = list(dict.fromkeys(j["study_instance_uid"] for j in jobs))
-            print("\n".join(viewer_lines(pacs[1], uids)))
-        ok = (
-            len([j for j in jobs if j["state"] == "done"]) == studies
-            and deliveries
-            and len(done) == len(deliveries)
-        )
-        return 0 if ok else 1
+        return 0 if _report(env, jobs, pacs, studies, demo) else 1
     finally:
         serve.send_signal(signal.SIGTERM)
         serve.wait(30)

@@ -37,52 +37,65 @@ def _say(line: str, *, stream: TextIO | None = None) -> None:
     out.flush()
 
 
+PacsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--pacs",
+        envvar="SARCNODE_VIEWER_PACS",
+        help="The PACS's DICOMweb root, http(s)://user:password@host:port/path "
+        "(credentials, port and path optional); without a path, Orthanc's /dicom-web "
+        "(and /wado). Credentials are sent as basic auth and never printed; give them in "
+        "$SARCNODE_VIEWER_PACS to keep them out of ps.",
+        show_default=False,
+    ),
+]
+
+PortOption = Annotated[
+    int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")
+]
+
+HostOption = Annotated[
+    str,
+    typer.Option(
+        "--host",
+        help="Address to listen on. The viewer has no login of its own: anyone who reaches "
+        "it reads the PACS with its credentials, so keep it on loopback.",
+    ),
+]
+
+StudyOption = Annotated[
+    list[str] | None,
+    typer.Option("--study", metavar="STUDY_UID", help="Print the address that opens it."),
+]
+
+OhifOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--ohif",
+        envvar=OHIF_DIR_ENV,
+        help=f"Folder of the OHIF {OHIF_VERSION} build (default: var/cache/ohif-"
+        f"{OHIF_VERSION} in a checkout, else ~/.cache/sarcnode).",
+        show_default=False,
+    ),
+]
+
+FetchOption = Annotated[
+    bool,
+    typer.Option(
+        "--fetch",
+        help="Fetch the pinned OHIF build first if it is absent (npm pack, network); "
+        "without --pacs, fetch and exit.",
+    ),
+]
+
+
 def viewer_cmd(
-    pacs: Annotated[
-        str | None,
-        typer.Option(
-            "--pacs",
-            envvar="SARCNODE_VIEWER_PACS",
-            help="The PACS's DICOMweb root, http(s)://user:password@host:port/path "
-            "(credentials, port and path optional); without a path, Orthanc's /dicom-web "
-            "(and /wado). Credentials are sent as basic auth and never printed; give them in "
-            "$SARCNODE_VIEWER_PACS to keep them out of ps.",
-            show_default=False,
-        ),
-    ] = None,
-    port: Annotated[
-        int, typer.Option("--port", min=0, max=65535, help="Port to listen on (0: any free one).")
-    ] = 3000,
-    host: Annotated[
-        str,
-        typer.Option(
-            "--host",
-            help="Address to listen on. The viewer has no login of its own: anyone who reaches "
-            "it reads the PACS with its credentials, so keep it on loopback.",
-        ),
-    ] = "127.0.0.1",
-    study: Annotated[
-        list[str] | None,
-        typer.Option("--study", metavar="STUDY_UID", help="Print the address that opens it."),
-    ] = None,
-    ohif: Annotated[
-        Path | None,
-        typer.Option(
-            "--ohif",
-            envvar=OHIF_DIR_ENV,
-            help=f"Folder of the OHIF {OHIF_VERSION} build (default: var/cache/ohif-"
-            f"{OHIF_VERSION} in a checkout, else ~/.cache/sarcnode).",
-            show_default=False,
-        ),
-    ] = None,
-    fetch: Annotated[
-        bool,
-        typer.Option(
-            "--fetch",
-            help="Fetch the pinned OHIF build first if it is absent (npm pack, network); "
-            "without --pacs, fetch and exit.",
-        ),
-    ] = False,
+    pacs: PacsOption = None,
+    port: PortOption = 3000,
+    host: HostOption = "127.0.0.1",
+    study: StudyOption = None,
+    ohif: OhifOption = None,
+    fetch: FetchOption = False,
 ) -> None:
     """Serve the OHIF viewer in front of a PACS's DICOMweb: read-only, on one origin.
 
