@@ -262,4 +262,5 @@ STAGE_FUNCTIONS: dict[str, Callable[[JobContext], dict[str, Any]]] = {
     "encode": encode,
     "deliver": deliver,
 }
-GPU_STAGES = frozenset({"segment"})
+# compare segments the prior when the node has not analysed it: it holds the GPU lock too.
+GPU_STAGES = frozenset({"segment", "compare"})

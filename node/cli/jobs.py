@@ -256,6 +256,10 @@ def _print_job_head(detail: dict[str, Any]) -> None:
         if outside:
             lines[1] = f"[bold red]{lines[1]}[/bold red]"
         out.print("\n".join(f"  {line}" for line in lines), soft_wrap=True)
+    compared = _done_stage(detail, "compare")
+    if compared is not None:  # the change since the prior study, or why there is none
+        said = compared["outputs"].get("headline") or compared["outputs"].get("reason")
+        out.print(f"  prior: {escape(str(said))}", soft_wrap=True)
 
 
 def _print_job(detail: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from rich.markup import escape
 from node import __version__
 from node.audit.keys import AuditKeyError
 from node.audit.trail import AuditBreakError
-from node.cli import admin, deliveries, jobs, viewer
+from node.cli import admin, deliveries, jobs, priors, viewer
 from node.cli.audit import audit_app
 from node.cli.common import err, out
 from node.cli.research import analyze, segment, signature
@@ -59,6 +59,7 @@ app.command()(admin.associations)
 app.command("deliver")(deliveries.deliver_cmd)
 app.command("echo")(admin.echo_cmd)
 app.command("viewer")(viewer.viewer_cmd)
+app.command("priors")(priors.priors_cmd)
 app.command("train-seg")(segment.train_seg)
 app.command("cv-seg")(segment.cv_seg)
 app.command("seg-ensemble")(segment.seg_ensemble)

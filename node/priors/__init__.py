@@ -214,7 +214,7 @@ def retrieve(
 
     if ready():
         return "already held by the node"
-    moved = move_study(source, plan.calling_ae, plan.move_destination, uid)
+    moved = move_study(source, plan.calling_ae, plan.move_destination, uid, plan.move_timeout_s)
     deadline = time.monotonic() + plan.move_timeout_s
     while not ready():
         if time.monotonic() > deadline:
@@ -283,7 +283,9 @@ def analyse_prior(
         return tp, f"reused job {job_id}"
     cache = plan.storage_root / "priors" / uid
     if (cache / "timepoint.json").is_file():
-        return TimePoint.from_json(json.loads((cache / "timepoint.json").read_text())), "reused"
+        return TimePoint.from_json(
+            json.loads((cache / "timepoint.json").read_text())
+        ), "reused (analysed before)"
     try:
         _analyse(ctx, db, plan, pipeline, search_, cache)
     except BadInput as exc:
@@ -458,7 +460,7 @@ def compare_stage(ctx: JobContext, db: Database) -> dict[str, Any]:
     )
     return outputs | {
         "status": COMPARED,
-        "reason": f"prior {hit.study_instance_uid} ({how}; analysis {analysis})",
+        "reason": f"prior {hit.study_instance_uid} ({how}; analysis: {analysis})",
         "headline": result.headline(),
         "lines": result.lines(),
         "prior": {"study_instance_uid": hit.study_instance_uid,

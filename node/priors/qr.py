@@ -41,7 +41,9 @@ def _date(value: Any) -> date | None:
 
 
 @contextmanager
-def _association(source: PriorSource, calling_ae: str, context: str) -> Iterator[Any]:
+def _association(
+    source: PriorSource, calling_ae: str, context: str, dimse_timeout: float | None = None
+) -> Iterator[Any]:
     """An association with ``source`` for one SOP class, released at the end.
 
     Raises
@@ -53,6 +55,8 @@ def _association(source: PriorSource, calling_ae: str, context: str) -> Iterator
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = source.timeout_s
+    if dimse_timeout is not None:  # a move answers when its sub-operations are done
+        ae.dimse_timeout = ae.network_timeout = dimse_timeout
     ae.add_requested_context(context)
     tls_args = None
     if source.tls.enabled:
@@ -148,7 +152,9 @@ def find_series(source: PriorSource, calling_ae: str, study_uid: str) -> list[di
     return out
 
 
-def move_study(source: PriorSource, calling_ae: str, destination: str, study_uid: str) -> int:
+def move_study(
+    source: PriorSource, calling_ae: str, destination: str, study_uid: str, timeout_s: float = 900
+) -> int:
     """C-MOVE the study to ``destination``; the number of instances moved.
 
     Raises
@@ -165,7 +171,7 @@ def move_study(source: PriorSource, calling_ae: str, destination: str, study_uid
     query.QueryRetrieveLevel = "STUDY"
     query.StudyInstanceUID = study_uid
     completed, code = 0, None
-    with _association(source, calling_ae, Move) as assoc:
+    with _association(source, calling_ae, Move, timeout_s) as assoc:
         for status, _ in assoc.send_c_move(query, destination, Move):
             if not status or "Status" not in status:
                 raise SourceDown(f"{source.name}: no C-MOVE response (timed out)")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +220,51 @@ def test_a_prior_that_cannot_be_segmented_leaves_the_comparison_out_with_the_rea
     assert "priors.omitted" in audit_actions(db)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # two studies segmented and scored on CPU
+def test_a_shrunk_tumour_is_reported_as_a_decrease(
+    studies: Studies,
+    orthanc: Orthanc,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """-40 %: the job's stages, then the compare stage on a prior found in Orthanc, held here."""
+    from node.stages import STAGE_FUNCTIONS
+
+    shrunk = tmp_path / "shrunk"
+    write_study(shrunk, SEED, follow_up_days=60, volume_change_pct=-40)
+    post_study(orthanc, studies.baseline / "dicom" / "T2FS")
+    settings, db, pipeline = local_node(tmp_path, orthanc.dicom_port)
+    ingest(settings, db, studies.baseline / "dicom" / "T2FS")
+    ingest(settings, db, shrunk / "dicom" / "T2FS")
+    ctx = job_context(settings, pipeline, shrunk)
+    files = sorted((shrunk / "dicom" / "T2FS").iterdir())
+    series_uid = str(pydicom.dcmread(files[0]).SeriesInstanceUID)
+    ctx = replace(ctx, inputs={"T2FS": series_uid}, files={"T2FS": files})
+    for stage in ("segment", "radiomics", "score"):
+        (ctx.folder / stage).mkdir(parents=True, exist_ok=True)
+        outputs = STAGE_FUNCTIONS[stage](ctx)
+        (ctx.folder / stage / "outputs.json").write_text(json.dumps(outputs))
+    out = compare_stage(ctx, db)
+    assert out["status"] == "compared", out
+    assert out["days"] == 60
+    truth = 100.0 * (
+        _mask_ml(shrunk / "masks" / "T2FS_tumour.nii.gz")
+        / _mask_ml(studies.baseline / "masks" / "T2FS_tumour.nii.gz")
+        - 1
+    )
+    assert out["volume_pct"] < 0
+    assert abs(out["volume_pct"] - truth) <= 10, (out, truth)
+    assert "already held by the node; analysis: analysed now" in out["reason"]
+    again = compare_stage(ctx, db)  # a later job: the prior is not analysed again
+    assert "analysis: reused (analysed before)" in again["reason"]
+    assert again["volume_pct"] == out["volume_pct"]
+
+
+def _mask_ml(path: Path) -> float:
+    mask = sitk.ReadImage(str(path))
+    return float(sitk.GetArrayViewFromImage(mask).sum()) * float(np.prod(mask.GetSpacing()))
+
+
 # -- through serve: storescu -> node -> C-FIND/C-MOVE from Orthanc -> SR back to Orthanc ------
 
 
@@ -299,6 +344,13 @@ def test_the_node_moves_the_prior_from_orthanc_and_reports_the_change_in_its_sr(
     )
     assert abs(value - truth) <= 10, (value, truth, compare)
     assert meaning.startswith("Volume vs prior 2026-01-01 (+120 d)")
+    # sarcnode priors: what was found, what was used, why; audited with UIDs only.
+    record = json.loads(node.cli("priors", follow_up, "--json").stdout)
+    assert record["status"] == "compared"
+    assert [f["verdict"] for f in record["found"]] == ["used"]
+    actions = [e["action"] for e in record["audit"]]
+    assert actions[:3] == ["priors.found", "priors.retrieved", "priors.compared"]
+    assert "SYN000021" not in node.log()  # the synthetic PatientID stays out of the log
     print(f"prior found, moved and compared in {time.monotonic() - started:.0f} s; "
           f"SR volume change {value:+.1f} % (truth {truth:+.1f} %)")  # fmt: skip
 
