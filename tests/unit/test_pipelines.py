@@ -66,6 +66,9 @@ def test_the_shipped_pipeline_decides_and_says_why() -> None:
         ({"priority": "asap"}, "priority must be one of"),
         ({"colour": "red"}, "unknown key(s) colour"),
         ({"segmentation_model": "../../models/none"}, "has no card.yaml"),
+        ({"stages": ["segment", "compare", "score"]}, "stages must keep the order"),
+        ({"priors": {"max_age_days": 0}}, "max_age_days must be >= 1"),
+        ({"priors": {"newest": True}}, "'priors' takes max_age_days and sources"),
     ],
 )
 def test_a_bad_pipeline_file_is_named(
