@@ -8,9 +8,11 @@ The ``compare`` job stage (:func:`compare_stage`) does, for the job's study:
    ``priors.max_age_days``; newest first, it asks at series level and takes
    the first study whose series include the pipeline's required roles (by
    the node's role rules on the attributes the PACS returns);
-2. unless the node already holds every series of that study, C-MOVEs it to
-   the node's own AE: the instances arrive through the Storage SCP like any
-   other and are indexed; it waits until those series are stable;
+2. unless the node already holds them, C-MOVEs the series of the roles
+   (series level: the PACS's copy of the study also holds the node's own
+   SEG/SR/PDF, which the node's SCP does not accept) to the node's own AE:
+   the instances arrive through the Storage SCP like any other and are
+   indexed; it waits until those series are stable;
 3. reuses the analysis of the prior when the node has one (a done job for
    that study, or an earlier ``compare`` that analysed it, kept under
    ``<storage root>/priors/<study UID>/``), else segments and scores it with
@@ -40,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from node.config.priors import PriorSource
-from node.priors.qr import SourceDown, StudyHit, _date, find_series, find_studies, move_study
+from node.priors.qr import SourceDown, StudyHit, _date, find_series, find_studies, move_series
 from pipelines.compare import TimePoint, compare
 
 if TYPE_CHECKING:
@@ -214,7 +216,9 @@ def retrieve(
 
     if ready():
         return "already held by the node"
-    moved = move_study(source, plan.calling_ae, plan.move_destination, uid, plan.move_timeout_s)
+    moved = move_series(
+        source, plan.calling_ae, plan.move_destination, uid, wanted, plan.move_timeout_s
+    )
     deadline = time.monotonic() + plan.move_timeout_s
     while not ready():
         if time.monotonic() > deadline:

@@ -7,7 +7,7 @@ Every failure (no association, no answer, a failure status) is a
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -152,35 +152,48 @@ def find_series(source: PriorSource, calling_ae: str, study_uid: str) -> list[di
     return out
 
 
-def move_study(
-    source: PriorSource, calling_ae: str, destination: str, study_uid: str, timeout_s: float = 900
+def move_series(
+    source: PriorSource,
+    calling_ae: str,
+    destination: str,
+    study_uid: str,
+    series_uids: Sequence[str],
+    timeout_s: float = 900,
 ) -> int:
-    """C-MOVE the study to ``destination``; the number of instances moved.
+    """C-MOVE each series (series level) to ``destination``; the number of instances moved.
+
+    Only the series the comparison needs: a prior study in the PACS also
+    holds objects the node's SCP refuses (its own SEG, SR and PDF of that
+    study), and a study-level move would end in failed sub-operations.
 
     Raises
     ------
     SourceDown
-        No association, no answer, or a final status other than success
-        (a warning with failed sub-operations included).
+        No association, no answer, or a final status other than success.
     """
     from pynetdicom.sop_class import (  # type: ignore[attr-defined]
         StudyRootQueryRetrieveInformationModelMove as Move,
     )
 
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = study_uid
-    completed, code = 0, None
+    completed = 0
     with _association(source, calling_ae, Move, timeout_s) as assoc:
-        for status, _ in assoc.send_c_move(query, destination, Move):
-            if not status or "Status" not in status:
-                raise SourceDown(f"{source.name}: no C-MOVE response (timed out)")
-            code = int(status.Status)
-            completed = int(status.get("NumberOfCompletedSuboperations", completed) or completed)
-    if code != 0x0000:
-        shown = "none" if code is None else f"0x{code:04X}"
-        raise SourceDown(
-            f"{source.name}: C-MOVE to {destination} ended with status {shown} "
-            f"(does the PACS know {destination} as a modality?)"
-        )
+        for series_uid in series_uids:
+            query = Dataset()
+            query.QueryRetrieveLevel = "SERIES"
+            query.StudyInstanceUID = study_uid
+            query.SeriesInstanceUID = series_uid
+            code, done = None, 0
+            for status, _ in assoc.send_c_move(query, destination, Move):
+                if not status or "Status" not in status:
+                    raise SourceDown(f"{source.name}: no C-MOVE response (timed out)")
+                code = int(status.Status)
+                done = int(status.get("NumberOfCompletedSuboperations", done) or done)
+            if code != 0x0000:
+                shown = "none" if code is None else f"0x{code:04X}"
+                raise SourceDown(
+                    f"{source.name}: C-MOVE of series {series_uid} to {destination} ended with "
+                    f"status {shown} (does the PACS know {destination} as a modality, and does "
+                    f"the node accept the PACS as a sender?)"
+                )
+            completed += done
     return completed

@@ -318,6 +318,9 @@ def test_the_node_moves_the_prior_from_orthanc_and_reports_the_change_in_its_sr(
     orthanc.stop()
     orthanc.start()
     post_study(orthanc, studies.baseline / "dicom")
+    # The PACS's copy of the prior also holds an object the node's SCP refuses (as it would
+    # the node's own SEG/SR/PDF of that study): the node moves the series it needs only.
+    orthanc.post_instance(_secondary_capture(studies.baseline))
     node.start()
     started = time.monotonic()
     send(node, studies.follow_up / "dicom")
@@ -353,6 +356,19 @@ def test_the_node_moves_the_prior_from_orthanc_and_reports_the_change_in_its_sr(
     assert "SYN000021" not in node.log()  # the synthetic PatientID stays out of the log
     print(f"prior found, moved and compared in {time.monotonic() - started:.0f} s; "
           f"SR volume change {value:+.1f} % (truth {truth:+.1f} %)")  # fmt: skip
+
+
+def _secondary_capture(study: Path) -> bytes:
+    """A Secondary Capture in ``study`` (a SOP class the node does not accept), as bytes."""
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(next((study / "dicom" / "T2FS").iterdir()))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID, ds.Modality, ds.SeriesNumber = generate_uid(), "OT", 99
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def _sr_or_none(pacs: Orthanc, study_uid: str) -> tuple[float, str] | None:
