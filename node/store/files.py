@@ -100,8 +100,11 @@ class InstanceFiles:
             raise OutOfResources(f"cannot write instance: {exc.strerror or exc}") from exc
         return Staged(tmp, size, digest.hexdigest())
 
-    def place(self, staged: Staged, rel: Path) -> None:
+    def place(self, staged: Staged, rel: Path, *, sync_folder: bool = True) -> None:
         """Rename a staged file to ``rel`` and fsync its folder (atomic on POSIX).
+
+        ``sync_folder=False``: the caller fsyncs the folder itself before the
+        row commits (a group commit fsyncs each folder once per group).
 
         Raises
         ------
@@ -112,7 +115,7 @@ class InstanceFiles:
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             staged.path.replace(final)
-            if self.fsync:
+            if self.fsync and sync_folder:
                 _fsync_dir(final.parent)
         except OSError as exc:
             raise OutOfResources(f"cannot place instance: {exc.strerror or exc}") from exc

@@ -7,8 +7,11 @@ and the accepted presentation context, then the file is written and fsynced
 to a temporary path, and in one transaction the duplicate and series checks,
 the rename into place, the row, the series' tracking and the audit event are
 committed, all before :meth:`Ingestor.store` returns, and only then does the
-SCP answer Success. Any failure raises a :class:`~node.dicom.status.ServiceError`
-that the SCP turns into a failure status.
+SCP answer Success. That transaction is shared with the instances arriving
+at the same time on other associations (:mod:`node.store.group`: one
+savepoint per instance, one commit and one fsync per group). Any failure
+raises a :class:`~node.dicom.status.ServiceError` that the SCP turns into a
+failure status.
 
 A kill between the rename and the commit leaves a complete file that the
 index does not know; :func:`node.store.reconcile.reconcile` removes it at the
@@ -50,6 +53,7 @@ from node.dicom.status import (
 )
 from node.dicom.validate import sop_class_uid, validate_uid
 from node.store.files import InstanceFiles, Staged
+from node.store.group import GroupCommitter
 from node.store.index import (
     NODE_PEER,
     Peer,
@@ -185,6 +189,10 @@ class Ingestor:
         self.policy = policy or IngestPolicy()
         #: Set when the node stops: every C-STORE from then on is refused (0xA700).
         self.closing = threading.Event()
+        #: Runs each instance's indexing in the transaction of the group it joins.
+        self.committer: GroupCommitter[StoreOutcome] = GroupCommitter(
+            db, files.root, files.remove, sync_folders=files.fsync
+        )
 
     def open_spool(
         self, command_sop_class_uid: str, command_sop_instance_uid: str, transfer_syntax_uid: str
@@ -310,18 +318,18 @@ class Ingestor:
     def _commit(
         self, parsed: ParsedDataset, rel: Path, staged: Staged, ts_uid: str, peer: Peer
     ) -> StoreOutcome:
-        """Index ``staged`` (placing it at ``rel``) in one transaction.
+        """Index ``staged`` (placing it at ``rel``) in the next group's transaction.
 
-        The staged file is removed whatever happens, the placed one too when
-        its row does not commit.
+        Returns once that transaction committed. The staged file is removed
+        whatever happens, the placed one too when its row does not commit.
         """
-        placed: list[Path] = []
+
+        def work(s: Session, placed: list[Path]) -> StoreOutcome:
+            return self._index(s, parsed, rel, staged, ts_uid, peer, placed)
+
         try:
-            with self.db.session() as s:
-                return self._index(s, parsed, rel, staged, ts_uid, peer, placed)
+            return self.committer.run(work)
         except BaseException as exc:
-            for path in placed:  # placed, but its row did not commit: leave no orphan
-                self.files.remove(path)
             mapped = _database_error(exc)
             if mapped is None:
                 raise
@@ -380,7 +388,7 @@ class Ingestor:
         # Placed while the transaction holds the write lock, so a concurrent
         # duplicate cannot replace the file of the instance being indexed.
         placed.append(rel)
-        self.files.place(staged, rel)
+        self.files.place(staged, rel, sync_folder=False)  # the group fsyncs its folders
         detail: dict[str, Any] = {
             "sop_class": header.sop_class_uid,
             "transfer_syntax": ts_uid,
