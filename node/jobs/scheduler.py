@@ -29,6 +29,7 @@ from node.db.models import Instance, Job, JobStage, Series, Study, utcnow
 from node.db.session import Database
 from node.jobs import state
 from node.pipelines import Decision, Pipeline, SeriesInfo, decide
+from node.priors.marks import only_prior
 from node.stages import JobContext
 
 if TYPE_CHECKING:
@@ -110,6 +111,10 @@ class Scheduler:
                 )
                 if self._settled.get(study.study_instance_uid) == signature:
                     continue  # decided before with these very series: nothing new
+                if only_prior(root, study.study_instance_uid, (u for u, _ in signature)):
+                    # fetched by a compare stage: analysed there, no job and no delivery
+                    self._settled[study.study_instance_uid] = signature
+                    continue
                 infos = []
                 for x in study.series:
                     first = s.scalar(

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from node.config.priors import PriorSource
+from node.priors.marks import mark_retrieved
 from node.priors.qr import SourceDown, StudyHit, _date, find_series, find_studies, move_series
 from pipelines.compare import TimePoint, compare
 
@@ -216,6 +217,7 @@ def retrieve(
 
     if ready():
         return "already held by the node"
+    mark_retrieved(plan.storage_root, uid, wanted, source.name)
     moved = move_series(
         source, plan.calling_ae, plan.move_destination, uid, wanted, plan.move_timeout_s
     )

@@ -354,6 +354,10 @@ def test_the_node_moves_the_prior_from_orthanc_and_reports_the_change_in_its_sr(
     actions = [e["action"] for e in record["audit"]]
     assert actions[:3] == ["priors.found", "priors.retrieved", "priors.compared"]
     assert "SYN000021" not in node.log()  # the synthetic PatientID stays out of the log
+    # The moved prior is analysed by the compare stage only: no job of its own, so nothing of
+    # it is analysed twice or delivered back to the PACS that holds it.
+    baseline = _uid(studies.baseline)
+    assert not [j for j in node.json("jobs") if j["study_instance_uid"] == baseline]
     print(f"prior found, moved and compared in {time.monotonic() - started:.0f} s; "
           f"SR volume change {value:+.1f} % (truth {truth:+.1f} %)")  # fmt: skip
 
