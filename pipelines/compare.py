@@ -136,6 +136,14 @@ class Comparison:
     diameter_pct: float
     category: str
     scores: tuple[ScoreChange, ...]
+    #: The patient's time points before the prior, oldest first (from the prior's own
+    #: comparison, when the node compared it too): the PDF's table and trend show them all.
+    earlier: tuple[TimePoint, ...] = ()
+
+    @property
+    def points(self) -> tuple[TimePoint, ...]:
+        """Every time point, oldest first: the earlier ones, the prior, the current study."""
+        return (*self.earlier, self.prior, self.current)
 
     def headline(self) -> str:
         """One line: ``vs prior 2026-01-01 (+120 d): volume +40 % (PD, RECIST-like approx.)``."""
@@ -169,6 +177,7 @@ class Comparison:
         return {
             "current": self.current.to_json(),
             "prior": self.prior.to_json(),
+            "earlier": [p.to_json() for p in self.earlier],
             "days": self.days,
             "volume_pct": self.volume_pct,
             "diameter_mm": self.diameter_mm,
@@ -212,6 +221,7 @@ class Comparison:
                 )
                 for s in data.get("scores", [])
             ),
+            earlier=tuple(TimePoint.from_json(p) for p in data.get("earlier", [])),
         )
 
 
@@ -252,8 +262,11 @@ def _score_changes(current: TimePoint, prior: TimePoint) -> tuple[ScoreChange, .
     return tuple(changes)
 
 
-def compare(current: TimePoint, prior: TimePoint) -> Comparison:
-    """The change from ``prior`` to ``current``.
+def compare(current: TimePoint, prior: TimePoint, earlier: Sequence[TimePoint] = ()) -> Comparison:
+    """The change from ``prior`` to ``current``; ``earlier`` time points ride along.
+
+    ``earlier`` (the patient's studies before the prior) only feed the table
+    and trend over all time points; those not earlier than the prior are dropped.
 
     Raises
     ------
@@ -277,6 +290,12 @@ def compare(current: TimePoint, prior: TimePoint) -> Comparison:
         diameter_pct=100.0 * (d_now - d_then) / d_then,
         category=recist_like(d_now, d_then),
         scores=_score_changes(current, prior),
+        earlier=tuple(
+            sorted(
+                (p for p in earlier if p.study_date < prior.study_date),
+                key=lambda p: p.study_date,
+            )
+        ),
     )
 
 

@@ -455,7 +455,7 @@ def compare_stage(ctx: JobContext, db: Database) -> dict[str, Any]:
     current = timepoint_of(
         ctx.folder, uid, study_date, pipeline.required[0], ctx.folder / "score" / "score.json"
     )
-    result = compare(current, prior)
+    result = compare(current, prior, _earlier(db, hit.study_instance_uid, pipeline.name))
     out = ctx.folder / "compare"
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(result.to_json(), indent=2))
@@ -477,6 +477,21 @@ def compare_stage(ctx: JobContext, db: Database) -> dict[str, Any]:
         "category": result.category,
         "comparison": str(out / "comparison.json"),
     }  # fmt: skip
+
+
+def _earlier(db: Database, prior_uid: str, pipeline: str) -> tuple[TimePoint, ...]:
+    """The time points before the prior, from the prior's own done comparison (if any)."""
+    from pipelines.compare import Comparison
+
+    done = _done_job_folder(db, prior_uid, pipeline)
+    if done is None:
+        return ()
+    path = done[1] / "compare" / "comparison.json"
+    try:
+        theirs = Comparison.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return ()
+    return (*theirs.earlier, theirs.prior)
 
 
 def _evidence(

@@ -28,9 +28,8 @@ def comparison_block(page: Pages, comparison: Comparison) -> None:
         color=GREY,
     )
     rows = [("Date", "Volume (ml)", "Longest axial diameter (mm)", "Study")]
-    uids = {comparison.prior.study_date: comparison.prior.study_instance_uid}
-    uids[comparison.current.study_date] = comparison.current.study_instance_uid
-    points = trend([comparison.prior, comparison.current])
+    uids = {p.study_date: p.study_instance_uid for p in comparison.points}
+    points = trend(comparison.points)
     for day, volume, diameter in points:
         rows.append((day.isoformat(), f"{volume:.1f}", f"{diameter:.1f}", uids[day][-24:]))
     columns = (0.0, 1.1, 2.2, 4.3)

@@ -97,7 +97,11 @@ def test_the_sr_and_the_pdf_report_the_change_and_reference_the_prior(tmp_path: 
         evidence=(("2.25.1235", "1.2.840.10008.5.1.4.1.1.4", "2.25.1236"),),
     )
     current = point(date(2026, 5, 1), 70.0, 52.0)
-    comparison = compare(current, prior)
+    first = point(date(2025, 9, 1), 80.0, 61.0)  # before the prior: in the table and trend only
+    comparison = compare(current, prior, [first])
+    assert Comparison.from_json(comparison.to_json()) == comparison
+    assert [p.study_date for p in comparison.points] == [first.study_date, prior.study_date,
+                                                          current.study_date]  # fmt: skip
     seg_card = SegModelCard.from_folder(REPO / "models" / "sarcnode-seg-demo")
 
     def results(out: Path, with_prior: Comparison | None) -> dict[str, Path]:
@@ -134,6 +138,8 @@ def test_the_sr_and_the_pdf_report_the_change_and_reference_the_prior(tmp_path: 
     assert "Change since the prior study" in text
     assert "vs prior 2026-01-01 (+120 d): volume +40 %" in text
     for cell in ("2026-01-01", "2026-05-01", "50.0", "70.0", "40.0", "52.0"):  # the table
+        assert cell in text
+    for cell in ("2025-09-01", "80.0", "61.0"):  # ... over all time points, the earliest too
         assert cell in text
     # Without the prior the objects are other objects (their UIDs say what they hold).
     plain = pydicom.dcmread(results(tmp_path / "plain", None)["sr"])
