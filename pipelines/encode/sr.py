@@ -470,6 +470,26 @@ def _groups(
     return groups
 
 
+def _report_content(
+    groups: Sequence[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations],
+    device: hd.sr.ObserverContext,
+    scores: Sequence[Mapping[str, Any]],
+    comparison: Comparison | None,
+) -> hd.sr.ContainerContentItem:
+    """TID 1500's root container: the measurement groups, and the notes when there are any."""
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=device),
+        procedure_reported=codes.LN.MRIUnspecifiedBodyRegion,
+        imaging_measurements=groups,
+    )
+    if scores or comparison:
+        notes = _notes(scores)
+        if comparison is not None:
+            notes.ContentSequence.insert(0, _comparison_note(comparison))
+        report[0].ContentSequence.append(notes)
+    return report[0]
+
+
 def encode_sr(
     sources: Sequence[Dataset],
     image: sitk.Image,
@@ -526,22 +546,12 @@ def encode_sr(
         not_for_clinical_use=not_for_clinical_use,
         comparison=comparison,
     )
-    device = _device(segmentation_model, uid_root)
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=device),
-        procedure_reported=codes.LN.MRIUnspecifiedBodyRegion,
-        imaging_measurements=groups,
-    )
-    if scores or comparison:
-        notes = _notes(scores)
-        if comparison is not None:
-            notes.ContentSequence.insert(0, _comparison_note(comparison))
-        report[0].ContentSequence.append(notes)
+    content = _report_content(groups, _device(segmentation_model, uid_root), scores, comparison)
     kind_of = "SR " + source_series
     instance_uid = derived_uid("instance", kind_of, version_key, job_key, root=uid_root)
     sr = hd.sr.Comprehensive3DSR(
         evidence=list(sources),
-        content=report[0],
+        content=content,
         series_instance_uid=derived_uid("series", kind_of, version_key, job_key, root=uid_root),
         series_number=series_number,
         sop_instance_uid=instance_uid,
