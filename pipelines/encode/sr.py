@@ -338,7 +338,7 @@ def _signature_group(
     )
 
 
-def _notes(scores: Sequence[Mapping[str, Any]]) -> hd.sr.ContainerContentItem:
+def _notes(scores: Sequence[Mapping[str, Any]]) -> Dataset:
     """TID 1500's root Qualitative Evaluations: per card, the lines people read (TEXT)."""
     container = hd.sr.ContainerContentItem(
         name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
@@ -475,7 +475,7 @@ def _report_content(
     device: hd.sr.ObserverContext,
     scores: Sequence[Mapping[str, Any]],
     comparison: Comparison | None,
-) -> hd.sr.ContainerContentItem:
+) -> Dataset:
     """TID 1500's root container: the measurement groups, and the notes when there are any."""
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=device),
