@@ -20,8 +20,13 @@ figure is N / wall-clock seconds of the storescu process(es), including
 storescu's own start-up and file scanning. Afterwards the receiver's count is
 checked. Targets (from the issue): sarcnode >= 1.5x Orthanc, >= 0.5x storescp.
 
+``--before DIR`` adds "sarcnode-before": the same serve run from another
+source tree (a checkout of an earlier commit, e.g. ``git worktree add
+/tmp/before HEAD~1``; its ``node`` package first on PYTHONPATH), so a change
+is measured before and after in one run, under the same load.
+
 Run: ``make bench`` or ``.venv/bin/python bench/ingest.py [--n 500] [--parallel 8]
-[--keep] [--json]``. It is a benchmark, not a test: it prints figures.
+[--before DIR] [--keep] [--json]``. It is a benchmark, not a test: it prints figures.
 """
 
 from __future__ import annotations
@@ -226,7 +231,7 @@ def run_one(
         shutil.rmtree(work, ignore_errors=True)
     rate = n / elapsed
     label = f"{len(dirs)} assoc"
-    print(f"  {rx.name:9} {label:9} {elapsed:7.2f} s {rate:8.1f} inst/s (ready in {ready:.1f} s)")
+    print(f"  {rx.name:15} {label:9} {elapsed:7.2f} s {rate:8.1f} inst/s (ready in {ready:.1f} s)")
     return {"seconds": elapsed, "inst_per_s": rate, "received": got, "ready_s": ready,
             "storescu_failures": failures}  # fmt: skip
 
@@ -235,6 +240,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=500, help="instances to send (default 500)")
     ap.add_argument("--parallel", type=int, default=8, help="parallel associations (default 8)")
+    ap.add_argument("--before", type=Path, help="also run serve from this source tree")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--json", action="store_true", help="print a JSON summary too")
     args = ap.parse_args()
@@ -251,6 +257,19 @@ def main() -> int:
         Receiver("storescp", "STORESCP", _storescp, _storescp_count, "no fsync, no index"),
         Receiver("orthanc", "ORTHANC", _orthanc, _orthanc_count, "fsync+SQLite (defaults)"),
     ]
+    if args.before is not None:
+        before = args.before.resolve()
+        if not (before / "node" / "__init__.py").is_file():
+            ap.error(f"--before {before}: no node package there")
+
+        def _before(
+            work: Path, port: int, parallel: bool
+        ) -> tuple[list[str], dict[str, str], None]:
+            argv, _env, _http = _sarcnode(work, port, parallel)
+            return argv, {"PYTHONPATH": str(before)}, None
+
+        note = f"the same, code from {before}"
+        receivers.insert(1, Receiver("sarcnode-before", "SARCNODE", _before, _sarcnode_count, note))
     if not ORTHANC.exists():
         print(f"note: {ORTHANC} not installed: Orthanc skipped")
         receivers.pop()
@@ -280,13 +299,13 @@ def main() -> int:
         value = results.get(name, {}).get(mode, {}).get("inst_per_s")
         return float(value) if value is not None else None
 
-    print(f"\n{'receiver':10} {'1-assoc inst/s':>15} {f'{args.parallel}-assoc inst/s':>15}  what")
+    print(f"\n{'receiver':15} {'1-assoc inst/s':>15} {f'{args.parallel}-assoc inst/s':>15}  what")
     for rx in receivers:
         cells = [
             f"{r:15.1f}" if (r := rate(rx.name, m)) else f"{'failed':>15}"
             for m in ("single", "parallel")
         ]
-        print(f"{rx.name:10} {cells[0]} {cells[1]}  {rx.note}")
+        print(f"{rx.name:15} {cells[0]} {cells[1]}  {rx.note}")
     ratios: dict[str, dict[str, float | bool | None]] = {}
     print()
     for peer, target in TARGETS.items():
