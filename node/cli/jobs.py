@@ -329,6 +329,29 @@ def jobs_show(
     _print_job(detail)
 
 
+def _lifecycle_event(
+    ctx: typer.Context, config: Path | None, job_id: int, event: str, refused: str, done: str
+) -> None:
+    """Apply ``event`` (retry, cancel) to one job through :mod:`node.jobs.state`, audited.
+
+    A missing job, or one whose state does not allow ``event``, exits 2 with
+    ``job ID cannot be <refused>: <why>``; otherwise ``job ID <done>`` is printed.
+    """
+    settings = settings_from(config or ctx.obj)
+    db = open_db(settings)
+    from node.jobs import state as lifecycle
+
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        if job is None or not lifecycle.allowed(job.state, event):
+            what = "no such job" if job is None else f"it is {job.state}"
+            err.print(f"[red]job {job_id} cannot be {refused}: {what}[/red]")
+            raise typer.Exit(2)
+        lifecycle.transition(s, job, event, actor=os_actor())
+    db.dispose()
+    out.print(f"job {job_id} {done}")
+
+
 @jobs_app.command("retry")
 def jobs_retry(
     ctx: typer.Context,
@@ -336,19 +359,7 @@ def jobs_retry(
     config: ConfigOpt = None,
 ) -> None:
     """Queue a failed, dead or cancelled job again (finished stages are kept)."""
-    settings = settings_from(config or ctx.obj)
-    db = open_db(settings)
-    from node.jobs import state as lifecycle
-
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or not lifecycle.allowed(job.state, "retry"):
-            what = "no such job" if job is None else f"it is {job.state}"
-            err.print(f"[red]job {job_id} cannot be retried: {what}[/red]")
-            raise typer.Exit(2)
-        lifecycle.transition(s, job, "retry", actor=os_actor())
-    db.dispose()
-    out.print(f"job {job_id} queued again")
+    _lifecycle_event(ctx, config, job_id, "retry", "retried", "queued again")
 
 
 @jobs_app.command("cancel")
@@ -358,19 +369,7 @@ def jobs_cancel(
     config: ConfigOpt = None,
 ) -> None:
     """Cancel a queued or running job (a running stage finishes; no further stage starts)."""
-    settings = settings_from(config or ctx.obj)
-    db = open_db(settings)
-    from node.jobs import state as lifecycle
-
-    with db.session() as s:
-        job = s.get(Job, job_id)
-        if job is None or not lifecycle.allowed(job.state, "cancel"):
-            what = "no such job" if job is None else f"it is {job.state}"
-            err.print(f"[red]job {job_id} cannot be cancelled: {what}[/red]")
-            raise typer.Exit(2)
-        lifecycle.transition(s, job, "cancel", actor=os_actor())
-    db.dispose()
-    out.print(f"job {job_id} cancelled")
+    _lifecycle_event(ctx, config, job_id, "cancel", "cancelled", "cancelled")
 
 
 def _pipelines(folder: Path) -> list[Any]:
