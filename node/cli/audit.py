@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -26,9 +26,9 @@ from node.cli.common import (
     ConfigOpt,
     JsonObjectOpt,
     JsonOpt,
-    emit,
     err,
     iso,
+    list_rows,
     open_db,
     out,
     parse_since,
@@ -54,12 +54,8 @@ def audit(
     as_json: JsonOpt = False,
 ) -> None:
     """List audit events, newest last."""
-    if ctx.invoked_subcommand is not None:
-        ctx.obj = config
-        return
-    settings = settings_from(config)
-    db = open_db(settings)
-    with db.session() as s:
+
+    def query() -> Any:
         q = select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(limit)
         if since:
             q = q.where(AuditEvent.ts >= parse_since(since))
@@ -67,28 +63,32 @@ def audit(
             q = q.where(AuditEvent.action.startswith(action))
         if study:
             q = q.where(AuditEvent.study_instance_uid == study)
-        rows = [
-            {
-                "seq": e.seq,
-                "ts": iso(e.ts),
-                "actor": e.actor,
-                "actor_ip": e.actor_ip,
-                "action": e.action,
-                "outcome": e.outcome,
-                "study_instance_uid": e.study_instance_uid,
-                "series_instance_uid": e.series_instance_uid,
-                "sop_instance_uid": e.sop_instance_uid,
-                "detail": json.loads(e.detail),
-            }
-            for e in reversed(s.scalars(q).all())
-        ]
-    db.dispose()
-    emit(
-        rows,
-        as_json,
-        "Audit trail",
-        ["seq", "ts", "actor", "action", "outcome", "series_instance_uid", "detail"],
+        return q
+
+    list_rows(
+        ctx,
+        config,
+        query,
+        _event_row,
+        as_json=as_json,
+        title="Audit trail",
+        columns=["seq", "ts", "actor", "action", "outcome", "series_instance_uid", "detail"],
     )
+
+
+def _event_row(e: AuditEvent) -> dict[str, Any]:
+    return {
+        "seq": e.seq,
+        "ts": iso(e.ts),
+        "actor": e.actor,
+        "actor_ip": e.actor_ip,
+        "action": e.action,
+        "outcome": e.outcome,
+        "study_instance_uid": e.study_instance_uid,
+        "series_instance_uid": e.series_instance_uid,
+        "sop_instance_uid": e.sop_instance_uid,
+        "detail": json.loads(e.detail),
+    }
 
 
 def _print_verify(result: VerifyResult) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -172,6 +173,34 @@ def emit(rows: list[dict[str, Any]], as_json: bool, title: str, columns: list[st
     for row in rows:
         table.add_row(*("" if row.get(c) is None else escape(str(row.get(c))) for c in columns))
     print_table(table)
+
+
+def list_rows(
+    ctx: typer.Context,
+    config: Path | None,
+    query: Callable[[], Any],
+    row: Callable[[Any], dict[str, Any]],
+    *,
+    as_json: bool,
+    title: str,
+    columns: list[str],
+) -> None:
+    """A listing group's callback (``jobs``, ``deliveries``, ``audit``): its rows, newest last.
+
+    When a subcommand follows (``sarcnode jobs --config X show 1``) only the
+    group's ``--config`` is handed on in ``ctx.obj`` and nothing is listed.
+    Else ``query()`` (a select, newest first) runs on the node's database and
+    each row, oldest first, is turned by ``row`` into what :func:`emit` prints.
+    """
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = config
+        return
+    settings = settings_from(config)
+    db = open_db(settings)
+    with db.session() as s:
+        rows = [row(r) for r in reversed(s.scalars(query()).all())]
+    db.dispose()
+    emit(rows, as_json, title, columns)
 
 
 def newest(

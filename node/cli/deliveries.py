@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from sqlalchemy import func, select
 
 from node.audit.trail import os_actor
-from node.cli.common import ConfigOpt, JsonOpt, emit, err, iso, newest, open_db, out, settings_from
+from node.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    err,
+    iso,
+    list_rows,
+    newest,
+    open_db,
+    out,
+    settings_from,
+)
 from node.db.models import Delivery, DeliveryState
 
 deliveries_app = typer.Typer(
@@ -29,37 +39,32 @@ def deliveries(
     as_json: JsonOpt = False,
 ) -> None:
     """List outbox rows (one per result object and destination), newest last."""
-    if ctx.invoked_subcommand is not None:
-        ctx.obj = config
-        return
-    settings = settings_from(config)
-    db = open_db(settings)
-    with db.session() as s:
-        q = newest(Delivery, limit, state=state, study=study)
-        rows = [
-            {
-                "id": d.id,
-                "job_id": d.job_id,
-                "kind": d.kind,
-                "destination": d.destination,
-                "state": d.state,
-                "attempts": d.attempts,
-                "next_attempt_at": iso(d.next_attempt_at),
-                "delivered_at": iso(d.delivered_at),
-                "last_error": d.last_error,
-                "study_instance_uid": d.study_instance_uid,
-                "sop_instance_uid": d.sop_instance_uid,
-                "path": d.path,
-            }
-            for d in reversed(s.scalars(q).all())
-        ]
-    db.dispose()
-    emit(
-        rows,
-        as_json,
-        "Deliveries",
-        ["id", "kind", "destination", "state", "attempts", "next_attempt_at", "last_error"],
+    list_rows(
+        ctx,
+        config,
+        lambda: newest(Delivery, limit, state=state, study=study),
+        _delivery_row,
+        as_json=as_json,
+        title="Deliveries",
+        columns=["id", "kind", "destination", "state", "attempts", "next_attempt_at", "last_error"],
     )
+
+
+def _delivery_row(d: Delivery) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "job_id": d.job_id,
+        "kind": d.kind,
+        "destination": d.destination,
+        "state": d.state,
+        "attempts": d.attempts,
+        "next_attempt_at": iso(d.next_attempt_at),
+        "delivered_at": iso(d.delivered_at),
+        "last_error": d.last_error,
+        "study_instance_uid": d.study_instance_uid,
+        "sop_instance_uid": d.sop_instance_uid,
+        "path": d.path,
+    }
 
 
 @deliveries_app.command("retry")

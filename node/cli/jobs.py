@@ -26,6 +26,7 @@ from node.cli.common import (
     emit,
     err,
     iso,
+    list_rows,
     newest,
     open_db,
     out,
@@ -78,20 +79,14 @@ def jobs(
     as_json: JsonOpt = False,
 ) -> None:
     """List jobs, newest last: state, stage, timing, error."""
-    if ctx.invoked_subcommand is not None:
-        ctx.obj = config
-        return
-    settings = settings_from(config)
-    db = open_db(settings)
-    with db.session() as s:
-        q = newest(Job, limit, state=state, study=study)
-        rows = [_job_row(j) for j in reversed(s.scalars(q).all())]
-    db.dispose()
-    emit(
-        rows,
-        as_json,
-        "Jobs",
-        [
+    list_rows(
+        ctx,
+        config,
+        lambda: newest(Job, limit, state=state, study=study),
+        _job_row,
+        as_json=as_json,
+        title="Jobs",
+        columns=[
             "id",
             "pipeline",
             "study_instance_uid",
