@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import chain
-from pipelines.io.dicom import load_image, scan
+from pipelines.io.dicom import load_image
 from pipelines.io.roles import RoleRules
 from pipelines.scoring.cards import SignatureCard
 from pipelines.scoring.clinical import ClinicalFactors
 from pipelines.scoring.text import score_lines
 from pipelines.segment.card import SegModelCard
 from pipelines.segment.infer import Segmenter
-from pipelines.segment.study import ROLES, InputError, choose_series, is_volume_file
+from pipelines.segment.study import ROLES, is_volume_file, study_roles
 
 #: The sequence segmented (the mask is carried to the others).
 PRIMARY = "T2FS"
@@ -45,20 +45,7 @@ def study_series(path: Path, rules: RoleRules, sequence: str = PRIMARY) -> chain
     pipelines.segment.study.InputError
         When ``path`` is no folder, or holds several studies, or no series to segment.
     """
-    if not path.is_dir():
-        raise InputError(f"{path}: neither a DICOM folder nor a NIfTI/NRRD file")
-    chosen = choose_series(scan(path), rules)
-    if sequence in chosen:
-        role = sequence
-    elif "unknown" in chosen:
-        role = "unknown"
-    elif len(chosen) == 1:
-        role = next(iter(chosen))
-    else:
-        found = ", ".join(
-            f"{r}: {ref.description or ref.series_instance_uid}" for r, ref in chosen.items()
-        )
-        raise InputError(f"no {sequence} series in the study (found {found}); try --sequence")
+    role, chosen = study_roles(path, rules, sequence)
     refs = {role: chosen[role]} | {r: chosen[r] for r in ROLES if r != role and r in chosen}
     return chain.StudySeries(chosen[role].study_instance_uid, role, refs)
 

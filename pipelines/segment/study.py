@@ -61,14 +61,18 @@ def choose_series(found: ScanResult, rules: RoleRules) -> dict[str, SeriesRef]:
     return chosen
 
 
-def segment_input(
-    path: Path, segmenter: Segmenter, rules: RoleRules, sequence: str = "T2FS"
-) -> StudySegmentation:
-    """Segment a NIfTI/NRRD file, a series folder or a study folder (carried to the other role)."""
-    if is_volume_file(path):
-        image = load_image(path)
-        result = segmenter.segment(image)
-        return StudySegmentation(sequence, {sequence: image}, {}, {sequence: result.mask}, result)
+def study_roles(path: Path, rules: RoleRules, sequence: str) -> tuple[str, dict[str, SeriesRef]]:
+    """(the role to segment, role -> series) of the one study in the folder ``path``.
+
+    ``sequence`` when the study has it; else a lone series of no known role
+    (``unknown``), else the study's only series.
+
+    Raises
+    ------
+    InputError
+        When ``path`` is no folder, holds several studies or no MR series, or
+        has several series of which none is ``sequence``.
+    """
     if not path.is_dir():
         raise InputError(f"{path}: neither a DICOM folder nor a NIfTI/NRRD file")
     chosen = choose_series(scan(path), rules)
@@ -83,6 +87,18 @@ def segment_input(
             f"{r}: {ref.description or ref.series_instance_uid}" for r, ref in chosen.items()
         )
         raise InputError(f"no {sequence} series in the study (found {found}); try --sequence")
+    return role, chosen
+
+
+def segment_input(
+    path: Path, segmenter: Segmenter, rules: RoleRules, sequence: str = "T2FS"
+) -> StudySegmentation:
+    """Segment a NIfTI/NRRD file, a series folder or a study folder (carried to the other role)."""
+    if is_volume_file(path):
+        image = load_image(path)
+        result = segmenter.segment(image)
+        return StudySegmentation(sequence, {sequence: image}, {}, {sequence: result.mask}, result)
+    role, chosen = study_roles(path, rules, sequence)
     image = load_series(chosen[role])
     result = segmenter.segment(image)
     seg = StudySegmentation(role, {role: image}, {role: chosen[role]}, {role: result.mask}, result)
