@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from node.config.base import Section, ip_address
+from node.config.base import Section, ae_title, ip_address
 from node.dicom.validate import validate_ae_title
 
 #: Storage SOP classes accepted by default: the MR family the pipelines read.
@@ -134,10 +134,7 @@ class DicomSettings(Section):
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        ok, reason = validate_ae_title(value)
-        if not ok:
-            raise ValueError(reason)
-        return value.strip()
+        return ae_title(value)
 
     @field_validator("allowed_calling_aes")
     @classmethod

@@ -14,9 +14,8 @@ from typing import Annotated
 
 from pydantic import Field, field_validator
 
-from node.config.base import Section
+from node.config.base import Section, ae_title
 from node.config.dicom import TLSSettings
-from node.dicom.validate import validate_ae_title
 
 
 class PriorSource(Section):
@@ -34,10 +33,7 @@ class PriorSource(Section):
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        ok, reason = validate_ae_title(value)
-        if not ok:
-            raise ValueError(reason)
-        return value.strip()
+        return ae_title(value)
 
 
 class PriorSettings(Section):
