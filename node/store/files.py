@@ -116,7 +116,7 @@ class InstanceFiles:
             final.parent.mkdir(parents=True, exist_ok=True)
             staged.path.replace(final)
             if self.fsync and sync_folder:
-                _fsync_dir(final.parent)
+                fsync_dir(final.parent)
         except OSError as exc:
             raise OutOfResources(f"cannot place instance: {exc.strerror or exc}") from exc
 
@@ -151,7 +151,8 @@ class InstanceFiles:
         return removed
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush the folder ``path`` itself, so that a file renamed into it survives a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

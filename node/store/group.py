@@ -20,7 +20,6 @@ contention and turns N commits into one.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Generic, TypeVar
 from sqlalchemy.orm import Session
 
 from node.db.session import Database
+from node.store.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class GroupCommitter(Generic[T]):
                         for rel in item.placed
                     }
                     for folder in sorted(folders):
-                        _fsync_dir(folder)
+                        fsync_dir(folder)
         except Exception as exc:
             for item in group:
                 if item.error is None:
@@ -162,11 +162,3 @@ class GroupCommitter(Generic[T]):
         for rel in item.placed:  # placed, but its row did not commit: leave no orphan
             self.remove(rel)
         item.placed.clear()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
