@@ -43,6 +43,8 @@ def c_store(path: Path, destination: DestinationSettings, calling_ae: str) -> No
     """One association, one C-STORE; success or warning statuses count as stored."""
     from pynetdicom import AE
 
+    from node.dicom.tls import client_tls
+
     ds = pydicom.dcmread(path)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = destination.timeout_s
@@ -51,14 +53,7 @@ def c_store(path: Path, destination: DestinationSettings, calling_ae: str) -> No
         ds.SOPClassUID,
         list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian])),
     )
-    tls_args = None
-    if destination.tls.enabled:
-        context = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(destination.tls.ca) if destination.tls.ca else None
-        )
-        if destination.tls.cert and destination.tls.key:
-            context.load_cert_chain(str(destination.tls.cert), str(destination.tls.key))
-        tls_args = (context, str(destination.host))
+    tls_args = client_tls(destination.tls, str(destination.host))
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     try:
         assoc = ae.associate(

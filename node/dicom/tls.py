@@ -1,4 +1,4 @@
-"""DICOM TLS for the Storage SCP: the server context, with the handshake in the connection's thread.
+"""DICOM TLS: the Storage SCP's server context, and the client context of the node's own calls.
 
 :func:`build_ssl_context` makes the server context from ``dicom.tls`` (TLS 1.2
 or later, client certificates optional or required, a CA to check them
@@ -6,6 +6,8 @@ against). The context wraps accepted sockets as the transport guard's
 :class:`~node.dicom.transport.GuardedSSLSocket` without handshaking;
 :class:`AuditedTLSContext.handshake` does it later, in the connection's own
 thread, under the set-up deadline, and reports a failure for the audit.
+:func:`client_tls` is what the node's own associations (a delivery's
+C-STORE, a prior's C-FIND and C-MOVE) hand pynetdicom as ``tls_args``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from pynetdicom.association import Association
 
 from node.config import DicomSettings
+from node.config.dicom import TLSSettings
 from node.dicom.transport import GuardedSSLSocket
 
 
@@ -82,6 +85,23 @@ def build_ssl_context(
         ctx.load_verify_locations(cafile=str(tls.ca))
     ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL
     return ctx
+
+
+def client_tls(tls: TLSSettings, host: str) -> tuple[ssl.SSLContext, str] | None:
+    """``tls_args`` for an association to ``host`` (None when ``tls`` is off).
+
+    The peer's certificate is checked against ``tls.ca`` (else the system's
+    CAs) and its host name; ``tls.cert`` and ``tls.key``, when both are set,
+    are the node's client certificate.
+    """
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca) if tls.ca else None
+    )
+    if tls.cert and tls.key:
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    return context, host
 
 
 def tls_peer(assoc: Association) -> tuple[bool, str | None]:

@@ -6,7 +6,6 @@ Every failure (no association, no answer, a failure status) is a
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,19 +52,14 @@ def _association(
     """
     from pynetdicom import AE
 
+    from node.dicom.tls import client_tls
+
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = source.timeout_s
     if dimse_timeout is not None:  # a move answers when its sub-operations are done
         ae.dimse_timeout = ae.network_timeout = dimse_timeout
     ae.add_requested_context(context)
-    tls_args = None
-    if source.tls.enabled:
-        ctx = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(source.tls.ca) if source.tls.ca else None
-        )
-        if source.tls.cert and source.tls.key:
-            ctx.load_cert_chain(str(source.tls.cert), str(source.tls.key))
-        tls_args = (ctx, source.host)
+    tls_args = client_tls(source.tls, source.host)
     where = f"{source.name} ({source.ae_title}@{source.host}:{source.port})"
     try:
         assoc = ae.associate(source.host, source.port, ae_title=source.ae_title, tls_args=tls_args)
