@@ -27,6 +27,7 @@ from node.cli.common import (
     ConfigOpt,
     JsonObjectOpt,
     JsonOpt,
+    StudyOpt,
     emit,
     err,
     iso,
@@ -284,7 +285,7 @@ def studies(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
 
 def series(
     config: ConfigOpt = None,
-    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    study: StudyOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List series with counts, arrival times and stability."""

@@ -26,6 +26,7 @@ from node.cli.common import (
     ConfigOpt,
     JsonObjectOpt,
     JsonOpt,
+    StudyOpt,
     err,
     iso,
     list_rows,
@@ -49,7 +50,7 @@ def audit(
         str | None, typer.Option(help="Only events after this: 30m, 2h, 7d or an ISO time.")
     ] = None,
     action: Annotated[str | None, typer.Option(help="Only this action (prefix match).")] = None,
-    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    study: StudyOpt = None,
     limit: Annotated[int, typer.Option(min=1, help="Newest N events.")] = 200,
     as_json: JsonOpt = False,
 ) -> None:

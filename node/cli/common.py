@@ -80,6 +80,7 @@ JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print the rows as one JSON array on stdout.")
 ]
 JsonObjectOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+StudyOpt = Annotated[str | None, typer.Option("--study", help="Study Instance UID.")]
 
 
 def settings_from(config: Path | None) -> Settings:

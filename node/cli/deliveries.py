@@ -12,6 +12,7 @@ from node.audit.trail import os_actor
 from node.cli.common import (
     ConfigOpt,
     JsonOpt,
+    StudyOpt,
     err,
     iso,
     list_rows,
@@ -34,7 +35,7 @@ def deliveries(
     state: Annotated[
         DeliveryState | None, typer.Option(help="Only rows in this state (one of those shown).")
     ] = None,
-    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    study: StudyOpt = None,
     limit: Annotated[int, typer.Option(min=1, help="Newest N rows.")] = 200,
     as_json: JsonOpt = False,
 ) -> None:

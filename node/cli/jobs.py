@@ -23,6 +23,7 @@ from node.cli.common import (
     JsonObjectOpt,
     JsonOpt,
     PipelinesOpt,
+    StudyOpt,
     emit,
     err,
     iso,
@@ -74,7 +75,7 @@ def jobs(
     state: Annotated[
         JobState | None, typer.Option(help="Only jobs in this state (one of those shown).")
     ] = None,
-    study: Annotated[str | None, typer.Option("--study", help="Study Instance UID.")] = None,
+    study: StudyOpt = None,
     limit: Annotated[int, typer.Option(min=1, help="Newest N jobs.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
