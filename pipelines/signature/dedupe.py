@@ -68,3 +68,18 @@ def distinct_columns(z: pd.DataFrame, tol: float = DUPLICATE_TOL) -> list[str]:
     """Columns of z-scored ``z`` that are not an exact copy (or negation) of an earlier one."""
     dropped = duplicates(z, tol)
     return [str(c) for c in z.columns if str(c) not in dropped]
+
+
+def standardise(
+    x: pd.DataFrame, train: pd.Series
+) -> tuple[pd.DataFrame, pd.Series, pd.Series, dict[str, str]]:
+    """(z, means, SDs, copies): ``x`` z-scored with its ``train`` rows' means and SDs (ddof 0).
+
+    Columns that copy an earlier one on the training rows (:func:`duplicates`)
+    are dropped from ``z``; ``copies`` names them. Means and SDs are of every
+    column, as a card stores them for the selected ones.
+    """
+    means, sds = x.loc[train].mean(), x.loc[train].std(ddof=0)
+    z = (x - means) / sds
+    copies = duplicates(z.loc[train])
+    return z.drop(columns=list(copies)), means, sds, copies

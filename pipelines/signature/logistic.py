@@ -26,7 +26,7 @@ from pipelines.signature.classify import (
     mann_whitney_filter,
     mrmr,
 )
-from pipelines.signature.dedupe import duplicates
+from pipelines.signature.dedupe import standardise
 from pipelines.signature.pfs import (
     NOT_CLINICAL,
     FitError,
@@ -72,10 +72,7 @@ def fit_logistic(
         if not steps["robust_icc"]:
             raise FitError(f"no feature has ICC > {icc_threshold}")
     x, combat = _harmonise(x, clin, train, batch)
-    means, sds = x.loc[train].mean(), x.loc[train].std(ddof=0)
-    z = (x - means) / sds
-    copies = duplicates(z.loc[train])
-    z = z.drop(columns=list(copies))
+    z, means, sds, copies = standardise(x, train)
     steps["distinct"] = z.shape[1]
     selected, intercept, c_value = _select(z.loc[train], y[train], selection, k, seed, steps)
     radscore = intercept + z[selected.index] @ selected

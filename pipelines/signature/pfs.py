@@ -41,7 +41,7 @@ from sksurv.util import Surv
 
 from pipelines.radiomics.combat import ComBat
 from pipelines.scoring.clinical import male
-from pipelines.signature.dedupe import duplicates
+from pipelines.signature.dedupe import standardise
 from pipelines.signature.survival import (
     LASSO_TOL,
     CoxModel,
@@ -221,10 +221,7 @@ def fit_pfs(
     steps: dict[str, int] = {"features": features.shape[1]}
     x_all = _robust(x_all, train, icc, icc_threshold, steps)
     x_all, combat = _harmonise(x_all, clin, train, batch)
-    means, sds = x_all.loc[train].mean(), x_all.loc[train].std(ddof=0)
-    z = (x_all - means) / sds
-    copies = duplicates(z.loc[train])
-    z = z.drop(columns=list(copies))
+    z, means, sds, copies = standardise(x_all, train)
     steps["distinct"] = z.shape[1]
     t_train = clin.loc[train, time].to_numpy(float)
     e_train = clin.loc[train, event].to_numpy(int)
