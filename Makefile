@@ -60,7 +60,7 @@ $(OHIF_DIST): | $(STAMP)
 	else echo "viewer: npm not found, OHIF not fetched (Debian: apt-get install npm, then make viewer)"; fi
 
 test: venv peers viewer
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
