@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from node.audit.anchor import Anchor, AnchorError, HeadAnchor
 from node.audit.context import AuditContext
 from node.audit.keys import AuditKey, Keyring
+from node.db.direct import Direct
 from node.db.models import AuditEvent
 
 GENESIS = "0" * 64
@@ -186,16 +187,10 @@ class Head(NamedTuple):
 
 def head_row(session: Session) -> Head | None:
     """The newest event (None: the chain is empty)."""
-    row = (
-        session.connection()
-        .execute(  # Core statement: skip the ORM execution layer
-            select(AuditEvent.seq, AuditEvent.hash, AuditEvent.hash_alg)
-            .order_by(AuditEvent.seq.desc())
-            .limit(1)
-        )
-        .first()
+    row = Direct(session).one(  # read before every append: no statement compiling
+        "SELECT seq, hash, hash_alg FROM audit_events ORDER BY seq DESC LIMIT 1"
     )
-    return Head(row[0], row[1], row[2]) if row else None
+    return Head(int(row[0]), row[1], row[2]) if row else None
 
 
 def head(session: Session) -> tuple[int, str]:
@@ -265,11 +260,7 @@ def anchor_findings(
         ]
     if anchor.seq == 0:
         return []
-    anchored = (
-        session.connection()
-        .execute(select(AuditEvent.hash).where(AuditEvent.seq == anchor.seq))
-        .first()
-    )
+    anchored = Direct(session).one("SELECT hash FROM audit_events WHERE seq = ?", (anchor.seq,))
     if anchored is None:
         return [
             Finding(

@@ -38,7 +38,7 @@ import getpass
 import logging
 from typing import Any
 
-from sqlalchemy import event, insert, select, text
+from sqlalchemy import event, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit.anchor import Anchor, AnchorError
@@ -73,6 +73,7 @@ from node.audit.chain import (
 from node.audit.context import AuditContext
 from node.audit.keys import AuditKeyError
 from node.audit.verify import Segment, VerifyResult, verify
+from node.db.direct import Direct
 from node.db.models import AuditEvent, utcnow
 
 # What callers import from here (the chain's parts and its verification live beside it).
@@ -106,6 +107,7 @@ __all__ = [
     "event_mac",
     "head",
     "head_line",
+    "lock_chain",
     "os_actor",
     "record",
     "stored_event_hash",
@@ -132,9 +134,23 @@ def os_actor() -> str:
         return "os:unknown"
 
 
-def _lock(session: Session) -> None:
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+def lock_chain(session: Session) -> None:
+    """On PostgreSQL, take the audit chain's transaction lock (no-op on SQLite).
+
+    SQLite's ``BEGIN IMMEDIATE`` already holds the only write lock. Taken
+    before the chain head is read, so two writers never chain onto one event;
+    a transaction may take it earlier to order its other locks after it.
+    """
+    d = Direct(session)
+    if d.postgresql:
+        d.run("SELECT pg_advisory_xact_lock(CAST(? AS bigint))", (_PG_LOCK_KEY,))
+
+
+_INSERT_EVENT = (
+    "INSERT INTO audit_events (seq, ts, actor, actor_ip, action, outcome, "
+    "study_instance_uid, series_instance_uid, sop_instance_uid, detail, prev_hash, hash, "
+    "hash_alg, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 def check_head(session: Session) -> list[Finding]:
@@ -197,7 +213,7 @@ def record(
         No usable key, or no key in this process while the chain is keyed.
     """
     ctx = context_of(session)
-    _lock(session)
+    lock_chain(session)
     current = head_row(session)
     fields: dict[str, Any] = {
         "seq": (current.seq if current else 0) + 1,
@@ -221,7 +237,26 @@ def record(
         values = {**fields, "hash": event_hash(**fields), "hash_alg": ALG_LEGACY, "key_id": None}
     else:
         values = _keyed(session, ctx, current, fields)
-    session.connection().execute(insert(AuditEvent).values(**values))
+    d = Direct(session)  # run for every received instance: no statement compiling
+    d.run(
+        _INSERT_EVENT,
+        (
+            values["seq"],
+            d.when(values["ts"]),
+            values["actor"],
+            values["actor_ip"],
+            values["action"],
+            values["outcome"],
+            values["study_instance_uid"],
+            values["series_instance_uid"],
+            values["sop_instance_uid"],
+            values["detail"],
+            values["prev_hash"],
+            values["hash"],
+            values["hash_alg"],
+            values["key_id"],
+        ),
+    )
     return int(fields["seq"])
 
 
@@ -271,7 +306,7 @@ def acknowledge_break(session: Session, reason: str, *, actor: str) -> tuple[int
     if ctx is None or ctx.anchor is None:
         raise ValueError("no audit anchor is configured for this database")
     keyring = ctx.keyring
-    _lock(session)
+    lock_chain(session)
     findings = anchor_findings(session, ctx.anchor, keyring)
     if not findings:
         return 0, []

@@ -33,13 +33,12 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom.dsutils import create_file_meta
-from sqlalchemy import select, text
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.audit.trail import record
 from node.config import DEFAULT_STORAGE_CLASSES, Settings
-from node.db.models import Instance, utcnow
+from node.db.models import utcnow
 from node.db.session import Database
 from node.dicom.status import (
     DUPLICATE_KEPT_FIRST,
@@ -62,7 +61,9 @@ from node.store.index import (
     check_series,
     count_duplicate,
     index_instance,
+    lock_instance,
     mark_stable_series,
+    stored_instance,
 )
 from node.store.reader import (
     Header,
@@ -88,9 +89,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: Key space of the PostgreSQL advisory lock taken per SOP Instance UID while indexing.
-_PG_SOP_LOCK_CLASS = 0x5C0D
 
 
 class StoreOutcome(enum.Enum):
@@ -362,29 +360,15 @@ class Ingestor:
         """In one transaction: a duplicate or conflict counted, or the file placed and indexed."""
         header = parsed.header
         now = utcnow()
-        if s.get_bind().dialect.name == "postgresql":
-            # SQLite's BEGIN IMMEDIATE already serialises writers; PostgreSQL needs
-            # this so two copies of one instance are never placed on one path.
-            s.execute(
-                text("SELECT pg_advisory_xact_lock(:k, hashtext(:uid))"),
-                {"k": _PG_SOP_LOCK_CLASS, "uid": header.sop_instance_uid},
-            )
-        existing = (
-            s.connection()
-            .execute(
-                select(Instance.id, Instance.series_id, Instance.sha256).where(
-                    Instance.sop_instance_uid == header.sop_instance_uid
-                )
-            )
-            .first()
-        )
+        lock_instance(s, header.sop_instance_uid)
+        existing = stored_instance(s, header.sop_instance_uid)
         if existing is not None:
             if existing.sha256 == staged.sha256:
                 count_duplicate(s, existing.id, existing.series_id, header, peer)
                 return StoreOutcome.DUPLICATE
             self._record_conflict(s, existing.sha256, header, staged, ts_uid, peer)
             return StoreOutcome.CONFLICT
-        check_series(s, header)
+        filed = check_series(s, header)
         # Placed while the transaction holds the write lock, so a concurrent
         # duplicate cannot replace the file of the instance being indexed.
         placed.append(rel)
@@ -396,7 +380,7 @@ class Ingestor:
         }
         if parsed.oddities:
             detail["oddities"] = list(parsed.oddities)
-        index_instance(s, header, rel, staged.size, staged.sha256, ts_uid, peer, now)
+        index_instance(s, header, rel, staged.size, staged.sha256, ts_uid, peer, now, filed)
         bump_association_counter(s, peer.association_id, "instances_stored")
         audit_instance(s, "instance.stored", peer, header, detail)
         return StoreOutcome.STORED
