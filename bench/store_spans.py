@@ -50,6 +50,7 @@ TARGETS = [
     ("audit head read", "node.audit.trail", "head_row"),
     ("audit anchor chk", "node.audit.trail", "anchor_findings"),
     ("place (rename)", "node.store.files", "InstanceFiles.place"),
+    ("folder fsync", "node.store.files", "fsync_dir"),
     ("folder fsync", "node.store.group", "fsync_dir"),
     ("txn commit", "sqlalchemy.orm.session", "SessionTransaction.commit"),
 ]

@@ -3,11 +3,14 @@
 Layout: ``<root>/dicom/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``. Every
 UID is validated before it becomes a path part, and the final path is checked
 to lie under the root (defence in depth). A file is written to
-``<root>/tmp``, flushed and fsynced (:meth:`InstanceFiles.stage`), then
-renamed into place and its folder fsynced (:meth:`InstanceFiles.place`), so
-after a crash a path either holds a complete file or nothing. Every failure to
-write is an :class:`~node.dicom.status.OutOfResources` (0xA700), read-only and
-full volumes included.
+``<root>/tmp``, flushed and fsynced (:meth:`InstanceFiles.stage`, or received
+there by a spool), then renamed into place (:meth:`InstanceFiles.place`), and
+each folder given a new entry (the file's, and the parent of a folder made for
+it) is fsynced before the row naming the file commits
+(:meth:`InstanceFiles.sync_folders`), so after a crash a path either holds a
+complete file or nothing. Every failure to write is an
+:class:`~node.dicom.status.OutOfResources` (0xA700), read-only and full
+volumes included.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import logging
 import os
 import shutil
+import threading
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +50,9 @@ class InstanceFiles:
         self.tmp_dir = self.root / "tmp"
         self.dicom_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        #: Folders given an entry (a file or a folder) not yet fsynced.
+        self._new_entries: set[Path] = set()
+        self._entries_lock = threading.Lock()
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The path of an instance relative to the root, after validating each UID.
@@ -101,10 +108,11 @@ class InstanceFiles:
         return Staged(tmp, size, digest.hexdigest())
 
     def place(self, staged: Staged, rel: Path, *, sync_folder: bool = True) -> None:
-        """Rename a staged file to ``rel`` and fsync its folder (atomic on POSIX).
+        """Rename a staged file to ``rel`` and fsync the folders given new entries (atomic).
 
-        ``sync_folder=False``: the caller fsyncs the folder itself before the
-        row commits (a group commit fsyncs each folder once per group).
+        The file's folder always gets one; a folder created for it gives its
+        parent one too. ``sync_folder=False``: the caller makes them durable
+        before the row commits (:meth:`sync_folders`, once per group commit).
 
         Raises
         ------
@@ -113,12 +121,52 @@ class InstanceFiles:
         """
         final = self.root / rel
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            staged.path.replace(final)
+            try:
+                staged.path.replace(final)
+            except FileNotFoundError:
+                if not staged.path.exists():
+                    raise
+                self._make_folders(final.parent)
+                staged.path.replace(final)
+            with self._entries_lock:
+                self._new_entries.add(final.parent)
             if self.fsync and sync_folder:
-                fsync_dir(final.parent)
+                self.sync_folders()
         except OSError as exc:
             raise OutOfResources(f"cannot place instance: {exc.strerror or exc}") from exc
+
+    def _make_folders(self, folder: Path) -> None:
+        """Create ``folder`` and missing parents under the root; note their new entries."""
+        missing: list[Path] = []
+        while not folder.is_dir() and folder != self.root:
+            missing.append(folder)
+            folder = folder.parent
+        for created in reversed(missing):
+            created.mkdir(exist_ok=True)
+            with self._entries_lock:
+                self._new_entries.add(created.parent)
+
+    def sync_folders(self) -> None:
+        """Flush (fsync) each folder given a new entry since the last sync (once each).
+
+        A folder gets one when a file is placed in it or a folder is made in
+        it. Called before the rows naming the placed files commit; a folder
+        whose fsync failed stays for the next call.
+
+        Raises
+        ------
+        OutOfResources
+            An fsync failed (I/O error, volume gone).
+        """
+        with self._entries_lock:
+            folders, self._new_entries = self._new_entries, set()
+        try:
+            for folder in sorted(folders):
+                fsync_dir(folder)
+        except OSError as exc:
+            with self._entries_lock:
+                self._new_entries |= folders
+            raise OutOfResources(f"cannot write instance: {exc.strerror or exc}") from exc
 
     def discard(self, staged: Staged) -> None:
         """Remove a staged file that was not placed (no-op once placed).

@@ -5,7 +5,8 @@ audit event) joins a queue. A caller that finds no group committing becomes
 the leader: it takes everything queued (its own work and whatever arrived
 while the previous group committed; no deliberate wait), runs each item in
 its own SAVEPOINT so one refused instance never fails its neighbours, fsyncs
-the folders the group placed files in (each once), and commits once. Only
+the folders given new entries by the files it placed (each once), and
+commits once. Only
 then is every caller of the group released, so the promise stays: Success is
 answered only after the file is durably placed and its row and audit event
 are committed. One association alone commits in its own thread, as before.
@@ -29,7 +30,6 @@ from typing import Generic, TypeVar
 from sqlalchemy.orm import Session
 
 from node.db.session import Database
-from node.store.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,10 @@ class _Item(Generic[T]):
 class GroupCommitter(Generic[T]):
     """Runs index work of concurrent callers in shared transactions, one group at a time.
 
-    ``remove`` deletes a placed file whose row did not commit;
-    ``sync_folders`` says whether the folders of placed files are fsynced
-    before the commit (``storage.fsync``).
+    ``remove`` deletes a placed file whose row did not commit; ``sync``
+    makes the placed files' new folder entries durable before the commit
+    (:meth:`node.store.files.InstanceFiles.sync_folders`; None when
+    ``storage.fsync`` is off).
     """
 
     def __init__(
@@ -64,13 +65,13 @@ class GroupCommitter(Generic[T]):
         root: Path,
         remove: Callable[[Path], None],
         *,
-        sync_folders: bool = True,
+        sync: Callable[[], None] | None = None,
         max_group: int = MAX_GROUP,
     ) -> None:
         self.db = db
         self.root = root
         self.remove = remove
-        self.sync_folders = sync_folders
+        self.sync = sync
         self.max_group = max_group
         self._cond = threading.Condition()
         self._queue: list[_Item[T]] = []
@@ -131,15 +132,8 @@ class GroupCommitter(Generic[T]):
                 else:
                     for item in group:
                         self._run_item(s, item)
-                if self.sync_folders:
-                    folders = {
-                        (self.root / rel).parent
-                        for item in group
-                        if item.error is None
-                        for rel in item.placed
-                    }
-                    for folder in sorted(folders):
-                        fsync_dir(folder)
+                if self.sync is not None:  # a no-op when nothing was placed
+                    self.sync()
         except Exception as exc:
             for item in group:
                 if item.error is None:

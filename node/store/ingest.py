@@ -9,9 +9,9 @@ the rename into place, the row, the series' tracking and the audit event are
 committed, all before :meth:`Ingestor.store` returns, and only then does the
 SCP answer Success. That transaction is shared with the instances arriving
 at the same time on other associations (:mod:`node.store.group`: one
-savepoint per instance, one commit and one fsync per group). Any failure
-raises a :class:`~node.dicom.status.ServiceError` that the SCP turns into a
-failure status.
+savepoint per instance, one commit and one fsync per folder per group). Any
+failure raises a :class:`~node.dicom.status.ServiceError` that the SCP turns
+into a failure status.
 
 A kill between the rename and the commit leaves a complete file that the
 index does not know; :func:`node.store.reconcile.reconcile` removes it at the
@@ -32,7 +32,6 @@ from typing import Any, Literal
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
-from pynetdicom.dsutils import create_file_meta
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -73,7 +72,7 @@ from node.store.reader import (
     read_dataset,
     read_dataset_file,
 )
-from node.store.spool import Spool
+from node.store.spool import Spool, file_meta_bytes
 
 #: Re-exported: the SCP, the service and the tests import these from here.
 __all__ = [
@@ -189,7 +188,7 @@ class Ingestor:
         self.closing = threading.Event()
         #: Runs each instance's indexing in the transaction of the group it joins.
         self.committer: GroupCommitter[StoreOutcome] = GroupCommitter(
-            db, files.root, files.remove, sync_folders=files.fsync
+            db, files.root, files.remove, sync=files.sync_folders if files.fsync else None
         )
 
     def open_spool(
@@ -206,13 +205,7 @@ class Ingestor:
         head = b""
         uids = (command_sop_class_uid, command_sop_instance_uid, transfer_syntax_uid)
         if all(validate_uid(u)[0] for u in uids):
-            head = encode_meta(
-                create_file_meta(
-                    sop_class_uid=UID(command_sop_class_uid),
-                    sop_instance_uid=UID(command_sop_instance_uid),
-                    transfer_syntax=UID(transfer_syntax_uid),
-                )
-            )
+            head = file_meta_bytes(*uids)
         return Spool(
             self.files.tmp_dir / f"{uuid.uuid4().hex}.part",
             head,

@@ -24,13 +24,61 @@ import hashlib
 import io
 import logging
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from node.dicom.status import OutOfResources, ServiceError
 from node.store.files import Staged
 
 log = logging.getLogger(__name__)
+
+#: What every stored file starts with: the 128-byte preamble and the DICM prefix.
+_PREFIX = b"\x00" * 128 + b"DICM"
+
+
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group 0002 element, Explicit VR Little Endian (value already padded to even)."""
+    if vr == b"OB":  # 2 reserved bytes, 4-byte length
+        return struct.pack("<HH2s2xI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _ui(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
+def file_meta_bytes(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    transfer_syntax_uid: str,
+    implementation_uid: str = PYNETDICOM_IMPLEMENTATION_UID,
+    implementation_version: str = PYNETDICOM_IMPLEMENTATION_VERSION,
+) -> bytes:
+    """Preamble, ``DICM`` and the File Meta Information group of a received instance.
+
+    The elements pynetdicom's ``create_file_meta`` sets (as its ``Event.file_meta``
+    gives the handler), encoded as pydicom's ``write_file_meta_info`` encodes them,
+    byte for byte, without building a Dataset: it runs once per C-STORE. The UIDs
+    must be valid UIDs (the caller checks them).
+    """
+    version = implementation_version.encode("ascii")
+    elements = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _ui(sop_class_uid)),
+            _element(0x0003, b"UI", _ui(sop_instance_uid)),
+            _element(0x0010, b"UI", _ui(transfer_syntax_uid)),
+            _element(0x0012, b"UI", _ui(implementation_uid)),
+            _element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
+        )
+    )
+    group_length = _element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    return _PREFIX + group_length + elements
+
 
 #: Free disk is checked again after this many bytes written to one spool.
 FREE_CHECK_BYTES = 64 * 1024 * 1024
