@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from node.audit.anchor import Anchor, AnchorError, HeadAnchor
 from node.audit.context import AuditContext
 from node.audit.keys import AuditKey, Keyring
-from node.db.direct import Direct
+from node.db.direct import direct
 from node.db.models import AuditEvent
 
 GENESIS = "0" * 64
@@ -187,7 +187,7 @@ class Head(NamedTuple):
 
 def head_row(session: Session) -> Head | None:
     """The newest event (None: the chain is empty)."""
-    row = Direct(session).one(  # read before every append: no statement compiling
+    row = direct(session).one(  # read before every append: no statement compiling
         "SELECT seq, hash, hash_alg FROM audit_events ORDER BY seq DESC LIMIT 1"
     )
     return Head(int(row[0]), row[1], row[2]) if row else None
@@ -260,7 +260,7 @@ def anchor_findings(
         ]
     if anchor.seq == 0:
         return []
-    anchored = Direct(session).one("SELECT hash FROM audit_events WHERE seq = ?", (anchor.seq,))
+    anchored = direct(session).one("SELECT hash FROM audit_events WHERE seq = ?", (anchor.seq,))
     if anchored is None:
         return [
             Finding(

@@ -73,7 +73,7 @@ from node.audit.chain import (
 from node.audit.context import AuditContext
 from node.audit.keys import AuditKeyError
 from node.audit.verify import Segment, VerifyResult, verify
-from node.db.direct import Direct
+from node.db.direct import direct
 from node.db.models import AuditEvent, utcnow
 
 # What callers import from here (the chain's parts and its verification live beside it).
@@ -141,7 +141,7 @@ def lock_chain(session: Session) -> None:
     before the chain head is read, so two writers never chain onto one event;
     a transaction may take it earlier to order its other locks after it.
     """
-    d = Direct(session)
+    d = direct(session)
     if d.postgresql:
         d.run("SELECT pg_advisory_xact_lock(CAST(? AS bigint))", (_PG_LOCK_KEY,))
 
@@ -237,7 +237,7 @@ def record(
         values = {**fields, "hash": event_hash(**fields), "hash_alg": ALG_LEGACY, "key_id": None}
     else:
         values = _keyed(session, ctx, current, fields)
-    d = Direct(session)  # run for every received instance: no statement compiling
+    d = direct(session)  # run for every received instance: no statement compiling
     d.run(
         _INSERT_EVENT,
         (

@@ -54,12 +54,27 @@ def _datetime(dialect: Dialect) -> tuple[_Processor | None, _Processor | None]:
     return found
 
 
+#: session.info key: (the root transaction, its Direct).
+_INFO_KEY = "sarcnode.direct"
+
+
+def direct(session: Session) -> Direct:
+    """The :class:`Direct` of ``session``'s current transaction (made once per transaction)."""
+    transaction = session.get_transaction()
+    cached = session.info.get(_INFO_KEY)
+    if cached is not None and transaction is not None and cached[0] is transaction:
+        return cached[1]  # type: ignore[no-any-return]
+    made = Direct(session)  # begins the transaction when none is
+    session.info[_INFO_KEY] = (session.get_transaction(), made)
+    return made
+
+
 class Direct:
     """The DBAPI cursor of ``session``'s connection, for one unit of work in its transaction.
 
     Create it inside the transaction (it begins it when not begun yet) and
     use it only there: a later transaction of the same session may run on
-    another connection.
+    another connection. :func:`direct` keeps one per transaction.
     """
 
     def __init__(self, session: Session) -> None:

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.audit.trail import lock_chain, record
-from node.db.direct import Direct
+from node.db.direct import Direct, direct
 from node.db.models import Series, utcnow
 from node.db.session import Database
 from node.dicom.status import SeriesConflict
@@ -58,7 +58,7 @@ def lock_instance(s: Session, sop_instance_uid: str) -> None:
     in, so receivers in several processes never insert one new study or series
     twice; the instance's own lock keeps two copies of it off one path.
     """
-    d = Direct(s)
+    d = direct(s)
     if d.postgresql:
         lock_chain(s)
         d.run(
@@ -81,7 +81,7 @@ def bump_association_counter(
     """Add one to an association's counter (no-op for instances stored outside one)."""
     if association_id is None:
         return
-    Direct(s).run(_BUMP[counter], (association_id,))
+    direct(s).run(_BUMP[counter], (association_id,))
 
 
 def audit_instance(
@@ -110,7 +110,7 @@ class StoredInstance(NamedTuple):
 
 def stored_instance(s: Session, sop_instance_uid: str) -> StoredInstance | None:
     """The indexed instance with this SOP Instance UID, if any."""
-    row = Direct(s).one(
+    row = direct(s).one(
         "SELECT id, series_id, sha256 FROM instances WHERE sop_instance_uid = ?",
         (sop_instance_uid,),
     )
@@ -138,7 +138,7 @@ _FILED_SERIES = (
 
 def filed_series(s: Session, series_instance_uid: str) -> FiledSeries | None:
     """The series row with this Series Instance UID and its study's UID, if any."""
-    d = Direct(s)
+    d = direct(s)
     row = d.one(_FILED_SERIES, (series_instance_uid,))
     if row is None:
         return None
@@ -185,7 +185,7 @@ def index_instance(
     ``filed``: the series row :func:`check_series` returned in this
     transaction (saves looking it up again); None looks it up.
     """
-    d = Direct(s)
+    d = direct(s)
     if filed is None:
         filed = filed_series(s, header.series_instance_uid)
     if filed is None:
@@ -217,7 +217,7 @@ def count_duplicate(
     s: Session, instance_id: int, series_id: int, header: Header, peer: Peer
 ) -> None:
     """Count a re-sent instance; its stored file is kept as it is."""
-    d = Direct(s)
+    d = direct(s)
     d.run("UPDATE instances SET duplicate_count = duplicate_count + 1 WHERE id = ?", (instance_id,))
     d.run("UPDATE series SET duplicate_count = duplicate_count + 1 WHERE id = ?", (series_id,))
     bump_association_counter(s, peer.association_id, "duplicates")
