@@ -57,6 +57,7 @@ from node.dicom.limits import (
     IPNetwork,
     TransportLimits,
 )
+from node.dicom.reactor import request_handler_class
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -216,12 +217,16 @@ class Connection:
             return min(bufsize, self._remaining)
         return min(bufsize, _HEADER_LEN - len(self._header))
 
+    def body_left(self) -> int:
+        """Bytes of the current PDU's body not read yet (0 between PDUs)."""
+        return self._remaining
+
     def timed_out(self, sock: socket.socket) -> None:
         """The read of :meth:`before_read` hit its deadline: abort with the reason."""
         _, why = self._deadline()
         self.abort(sock, why or "read timed out", ABORT_NOT_SPECIFIED)
 
-    def after_read(self, sock: socket.socket, data: bytes) -> bytes:
+    def after_read(self, sock: socket.socket, data: bytes | memoryview) -> None:
         """Follow the PDU framing over ``data``; check each header as it completes.
 
         Raises
@@ -231,19 +236,19 @@ class Connection:
         """
         if not data:
             self.peer_closed = True
-            return data
+            return
         now = time.monotonic()
         self.last_progress = now
         if self._remaining:
             self._remaining -= len(data)
             if not self._remaining:
                 self._pdu_done(sock)
-            return data
+            return
         if not self._header:
             self._pdu_started = now
         self._header += data
         if len(self._header) < _HEADER_LEN:
-            return data
+            return
         pdu_type, _, length = struct.unpack(">BBL", self._header)
         self._header.clear()
         limit = self.limits.pdu_limit(pdu_type)
@@ -259,7 +264,6 @@ class Connection:
         self._remaining = length
         if not length:
             self._pdu_done(sock)
-        return data
 
     def _pdu_done(self, sock: socket.socket) -> None:
         if self._pdu_type == 0x01:
@@ -312,7 +316,40 @@ class GuardedSocket(socket.socket):
         except TimeoutError:
             conn.timed_out(self)
             raise  # not reached: timed_out raises
-        return conn.after_read(self, data)
+        conn.after_read(self, data)
+        return data
+
+    def recv_pdu_body(self, nbytes: int) -> bytearray | None:
+        """The next ``nbytes`` of a PDU body whose header was checked, in few ``recv`` calls.
+
+        pynetdicom reads a body 4 KiB per ``recv``; this reads it into one buffer
+        as fast as the bytes arrive, each read within the connection's
+        deadlines. Fewer bytes when the peer closed the connection. None when
+        ``nbytes`` is not (within) a body the guard has checked: the caller
+        reads it with :meth:`recv`.
+        """
+        conn = self.connection
+        if conn is None or not 0 < nbytes <= conn.body_left():
+            return None
+        buf = bytearray(nbytes)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < nbytes:
+                want = conn.before_read(self, nbytes - got)
+                try:
+                    n = super().recv_into(view[got:], want)
+                except TimeoutError:
+                    conn.timed_out(self)
+                    raise  # not reached: timed_out raises
+                conn.after_read(self, view[got : got + n])
+                if not n:
+                    break
+                got += n
+        finally:
+            view.release()
+        del buf[got:]
+        return buf
 
     def send(self, data: Any, flags: int = 0) -> int:
         """``send``, noting progress."""
@@ -506,6 +543,8 @@ class GuardedAssociationServer(ThreadedAssociationServer):
         self.registry = ConnectionRegistry(limits, on_released)
         self.on_events = on_events
         self._stopping = threading.Event()
+        # Associations whose threads block on the socket instead of polling.
+        kwargs.setdefault("request_handler", request_handler_class())
         super().__init__(*args, **kwargs)
 
     def start(self) -> None:
