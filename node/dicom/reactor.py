@@ -354,10 +354,13 @@ class NodeAssociation(Association):
 
         Each pass, as in pynetdicom: serve one complete DIMSE message; answer a
         release request; end on an abort (from the peer or the provider), when
-        the DUL thread has ended, or when the network timeout expired. A pass
-        that served nothing waits for :meth:`wake_reactor` or the network
-        timer. ``_is_paused`` is true while it waits, so a local ``send_*``
-        call (which pauses the reactor first) does not wait for the timeout.
+        the DUL thread has ended, or when the network timeout expired. Unlike
+        pynetdicom, the network timer restarts when a request has been served,
+        so a handler slower than the timeout does not abort a peer that was
+        waiting for its answer. A pass that served nothing waits for
+        :meth:`wake_reactor` or the network timer. ``_is_paused`` is true while
+        it waits, so a local ``send_*`` call (which pauses the reactor first)
+        does not wait for the timeout.
         """
         self._is_paused = False
         while not self._kill:
@@ -369,6 +372,9 @@ class NodeAssociation(Association):
             context_id, msg = self.dimse.get_msg(block=False)
             if msg:
                 self._serve_request(msg, cast(int, context_id))
+                # The network timeout is the peer's silence while we wait for it:
+                # time spent serving (a slow store, a busy disk) is not the peer's.
+                self.dul._idle_timer.restart()
 
             if self._reactor_pass_ends():
                 return

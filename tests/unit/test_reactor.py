@@ -53,7 +53,9 @@ class Server:
         return self.assocs[-1]
 
 
-def serve(network_timeout: float = 30.0, acse_timeout: float = 30.0) -> Server:
+def serve(
+    network_timeout: float = 30.0, acse_timeout: float = 30.0, store_s: float = 0.0
+) -> Server:
     ae = AE("REACTOR")
     ae.network_timeout = network_timeout
     ae.acse_timeout = acse_timeout
@@ -67,6 +69,7 @@ def serve(network_timeout: float = 30.0, acse_timeout: float = 30.0) -> Server:
 
     def on_store(event: Any) -> int:
         box["s"].stored.append(event.request.DataSet.getvalue())
+        time.sleep(store_s)  # a slow disk or index
         return 0x0000
 
     limits = TransportLimits((), 8, 8, 65536, 5.0, 5.0, network_timeout)
@@ -139,12 +142,7 @@ def test_stores_arrive_whole_over_small_pdus_and_release_ends_both_threads(
     remote = server.last_assoc()
     sent = []
     for i in range(3):
-        ds = Dataset()
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
-        ds.PatientID, ds.InstanceNumber, ds.BitsAllocated = "REACTOR", i, 8
-        ds.PixelData = bytes(range(256)) * (4096 + i)  # ~1 MiB: 64 PDUs of 16 KiB
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = mr(i, bytes(range(256)) * (4096 + i))  # ~1 MiB: 64 PDUs of 16 KiB
         status = assoc.send_c_store(ds)
         assert status.Status == 0x0000
         sent.append(ds.PixelData)
@@ -205,3 +203,27 @@ def test_an_oversized_pdu_is_still_aborted_before_its_body(server: Server) -> No
     assert [e.reason for e in server.events] == [
         "P-DATA-TF of 1048576 bytes is over the 65536-byte limit"
     ]
+
+
+def mr(number: int, pixels: bytes) -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, generate_uid()
+    ds.PatientID, ds.InstanceNumber, ds.BitsAllocated = "REACTOR", number, 8
+    ds.PixelData = pixels
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_a_store_slower_than_the_network_timeout_does_not_abort_its_waiting_peer() -> None:
+    # pynetdicom counts its own handler's time as the peer's silence and aborts.
+    s = serve(network_timeout=0.5, store_s=0.8)
+    try:
+        assoc = scu(s.port)
+        statuses = [assoc.send_c_store(mr(i, b"\0" * 1024)).Status for i in range(2)]
+        assert statuses == [0x0000, 0x0000]
+        assert assoc.is_established
+        assoc.release()
+        assert assoc.is_released
+    finally:
+        s.server.shutdown()
