@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from sqlalchemy import select
@@ -204,6 +206,42 @@ def _has_keyed_events(session: Session) -> bool:
     return session.connection().execute(q).first() is not None
 
 
+#: anchor path -> (its file's identity, the keyring that checked it, what it said).
+_ANCHORS: dict[Path, tuple[tuple[int, int, int, int], Keyring, Anchor | None]] = {}
+_ANCHORS_LOCK = threading.Lock()
+
+
+def _read_anchor(anchor_file: HeadAnchor, keyring: Keyring) -> Anchor | None:
+    """:meth:`HeadAnchor.read`, parsed and MAC-checked again only when the file changed.
+
+    Read before every append transaction; a ``stat`` (inode, size, mtime and
+    ctime in ns) tells whether the file is the one already checked: a new
+    anchor is a new file (written aside and renamed) and an edit in place
+    moves its ctime. Two anchors written within one clock tick on a reused
+    inode number could look alike: the older is kept, still an authentic lower
+    bound of the chain. What was refused is never kept: it is read and
+    refused again.
+
+    Raises
+    ------
+    AnchorError
+        As :meth:`HeadAnchor.read`.
+    """
+    try:
+        st = anchor_file.path.stat()
+    except OSError:
+        return anchor_file.read(keyring)  # missing: None; unreadable: AnchorError
+    identity = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    with _ANCHORS_LOCK:
+        known = _ANCHORS.get(anchor_file.path)
+    if known is not None and known[0] == identity and known[1] is keyring:
+        return known[2]
+    anchor = anchor_file.read(keyring)
+    with _ANCHORS_LOCK:
+        _ANCHORS[anchor_file.path] = (identity, keyring, anchor)
+    return anchor
+
+
 def anchor_findings(
     session: Session,
     anchor_file: HeadAnchor,
@@ -222,7 +260,7 @@ def anchor_findings(
     """
     current = current if current is not None else head_row(session)
     try:
-        anchor = anchor_file.read(keyring)
+        anchor = _read_anchor(anchor_file, keyring)
     except AnchorError as exc:
         return [Finding(ANCHOR, None, f"{exc}: it can no longer vouch for the chain's head")]
     if pending is not None and (anchor is None or pending[0] > anchor.seq):

@@ -401,3 +401,24 @@ def test_serve_refuses_a_truncated_chain_until_the_break_is_acknowledged(
     node.stop()
     assert node.cli("audit", "verify").returncode == 0
     assert "audit head seq=" in node.log()
+
+
+def test_an_anchor_edited_in_place_with_its_mtime_restored_is_still_caught(config: Path) -> None:
+    """The anchor's check is redone when the file changes, even keeping size and mtime."""
+    db = keyed(config)
+    fill(db, 3)
+    assert db.audit is not None and db.audit.anchor is not None
+    db.audit.flush()
+    fill(db, 1, start=3)  # checked against the anchor just written
+    path = db.audit.anchor.path
+    before = path.stat()
+    raw = path.read_bytes()
+    at = raw.index(b'"hash": "') + len(b'"hash": "')
+    with path.open("r+b") as fh:  # same inode, same size: one hex digit of the hash changed
+        fh.seek(at)
+        fh.write(b"0" if raw[at : at + 1] != b"0" else b"1")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(AuditBreakError, match="does not match its MAC"), db.session() as s:
+        record(s, "test.event", actor="os:tester")
+    db.dispose()
