@@ -20,7 +20,7 @@ DEBIAN_PEERS := dcmtk dicom3tools orthanc orthanc-dicomweb postgresql openssl ch
 VIEWER := tests/viewer
 OHIF_DIST := var/cache/ohif-3.12.10/dist/index.html
 
-.PHONY: all venv demo test test-fast lint typecheck peers viewer bench seg-model seg-candidates seg-t2fs pfs-model pfs-applicability signatures-real lock clean
+.PHONY: all venv demo test test-fast lint typecheck peers viewer bench bench-scale seg-model seg-candidates seg-t2fs pfs-model pfs-applicability signatures-real lock clean
 
 all: venv
 
@@ -79,6 +79,10 @@ bench: venv peers
 	$(PY) bench/segment.py
 	$(PY) bench/radiomics.py
 	$(PY) bench/e2e.py
+
+# Ray head + N worker nodes on loopback, PostgreSQL, M synthetic studies (bench/README.md).
+bench-scale: venv peers
+	$(PY) bench/scale.py
 
 # How models/sarcnode-seg-demo (2.x) was made (CPU, 2 cores; figures in its card):
 # 1. the locator (coarse stage), as for 1.0: 32 synthetic studies (seed 7) and
