@@ -7,8 +7,9 @@ without the anchor (:meth:`AuditConfig.for_worker`): they may run on another
 machine, so they sign events but leave the anchor to the node.
 
 The anchor is moved after a commit at most once per :data:`ANCHOR_INTERVAL_S`
-(each write costs two fsyncs, several milliseconds); a head committed sooner
-is kept here and written by a timer, or when the database is disposed. Appends
+(each write costs two fsyncs, several milliseconds), by a timer thread so the
+committing thread never waits on it; a head committed and not yet written is
+kept here and written by that timer, or when the database is disposed. Appends
 check the chain against the newer of the file and that pending head, so a
 truncation inside the interval is caught too; a ``kill -9`` only leaves the
 file one interval behind, which the anchor's lower-bound rule allows.
@@ -78,7 +79,10 @@ class AuditContext:
         self.anchor = HeadAnchor(config.anchor_file) if config.anchor_file else None
         self._keyring: Keyring | None = None
         self._lock = threading.Lock()
+        #: Held while the anchor file is written (two fsyncs).
         self._anchor_lock = threading.Lock()
+        #: Guards _pending, _last_write and _timer (never held across a write).
+        self._state_lock = threading.Lock()
         self._pending: tuple[int, str] | None = None
         self._last_write = float("-inf")
         self._timer: threading.Timer | None = None
@@ -114,44 +118,81 @@ class AuditContext:
     @property
     def pending(self) -> tuple[int, str] | None:
         """The newest head this process committed but has not yet written to the anchor."""
-        with self._anchor_lock:
+        with self._state_lock:
             return self._pending
 
     def committed(self, seq: int, hash_: str, *, force: bool = False) -> None:
-        """A commit appended events up to ``seq``: anchor it now, or within the interval.
+        """A commit appended events up to ``seq``: anchor it within the interval.
 
-        ``force`` (an acknowledged break) writes at once, even an older head.
+        The file is written by a timer thread (at once when the last write is
+        older than the interval), never in the committing thread: its two
+        fsyncs stay out of the commit path. ``force`` (an acknowledged break)
+        writes at once, even an older head.
 
         Raises
         ------
         OSError
-            The anchor file cannot be written (only when written now).
+            The anchor file cannot be written (only with ``force``).
         """
         if self.anchor is None:
             return
-        with self._anchor_lock:
-            if force:
-                self._pending = None
+        if force:
+            with self._anchor_lock:
+                with self._state_lock:
+                    self._pending = None
                 self.anchor.advance(seq, hash_, self.keyring, force=True)
-                self._last_write = time.monotonic()
-                return
+                with self._state_lock:
+                    self._last_write = time.monotonic()
+            return
+        with self._state_lock:
             if self._pending is None or seq > self._pending[0]:
                 self._pending = (seq, hash_)
-            wait = self._last_write + ANCHOR_INTERVAL_S - time.monotonic()
-            if wait <= 0:
-                self._flush_locked()
-            elif self._timer is None:
-                self._timer = threading.Timer(wait, self._on_timer)
-                self._timer.daemon = True
-                self._timer.start()
+            if self._timer is None:
+                self._start_timer_locked()
+
+    def _start_timer_locked(self) -> None:
+        wait = max(0.0, self._last_write + ANCHOR_INTERVAL_S - time.monotonic())
+        self._timer = threading.Timer(wait, self._on_timer)
+        self._timer.daemon = True
+        self._timer.start()
 
     def flush(self) -> None:
-        """Write the pending head to the anchor now (at stop, and from the timer)."""
-        with self._anchor_lock:
+        """Write the pending head to the anchor now (at stop, and from the timer).
+
+        Raises
+        ------
+        OSError, node.audit.keys.AuditKeyError
+            The anchor file cannot be written (the head stays pending).
+        """
+        with self._state_lock:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self._flush_locked()
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        with self._anchor_lock:
+            with self._state_lock:
+                head = self._pending
+            if head is None or self.anchor is None:
+                return
+            self.anchor.advance(head[0], head[1], self.keyring)
+            with self._state_lock:
+                if self._pending == head:  # a newer head committed meanwhile stays pending
+                    self._pending = None
+                self._last_write = time.monotonic()
+
+    def _on_timer(self) -> None:
+        try:
+            self._write_pending()
+        except (OSError, AuditKeyError) as exc:
+            log.error("audit anchor not written: %s", exc)
+            with self._state_lock:
+                self._last_write = time.monotonic()  # tried again after the interval
+        with self._state_lock:
+            self._timer = None
+            if self._pending is not None:  # committed while this write ran
+                self._start_timer_locked()
 
     def close(self) -> None:
         """Flush at the end of a process's use of the database; an error is logged, not raised.
@@ -162,19 +203,3 @@ class AuditContext:
             self.flush()
         except (OSError, AuditKeyError) as exc:
             log.error("audit anchor not written: %s", exc)
-
-    def _flush_locked(self) -> None:
-        if self._pending is None or self.anchor is None:
-            return
-        seq, hash_ = self._pending
-        self.anchor.advance(seq, hash_, self.keyring)
-        self._pending = None
-        self._last_write = time.monotonic()
-
-    def _on_timer(self) -> None:
-        with self._anchor_lock:
-            self._timer = None
-            try:
-                self._flush_locked()
-            except (OSError, AuditKeyError) as exc:
-                log.error("audit anchor not written: %s", exc)
