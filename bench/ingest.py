@@ -26,7 +26,10 @@ source tree (a checkout of an earlier commit, e.g. ``git worktree add
 is measured before and after in one run, under the same load.
 
 Run: ``make bench`` or ``.venv/bin/python bench/ingest.py [--n 500] [--parallel 8]
-[--before DIR] [--keep] [--json]``. It is a benchmark, not a test: it prints figures.
+[--before DIR] [--receivers N] [--keep] [--json]``; ``--receivers`` sets
+``dicom.receivers`` for sarcnode only, so ``PYTHONPATH=TREE ... --receivers 2
+--before TREE`` compares 2 receiver processes with 1 on the same code. It is a
+benchmark, not a test: it prints figures.
 """
 
 from __future__ import annotations
@@ -108,8 +111,10 @@ class Receiver:
     note: str
 
 
-def _sarcnode(work: Path, port: int, parallel: bool) -> tuple[list[str], dict[str, str], None]:
-    cfg = {
+def _sarcnode(
+    work: Path, port: int, parallel: bool, receivers: int | None = None
+) -> tuple[list[str], dict[str, str], None]:
+    cfg: dict[str, dict[str, object]] = {
         "dicom": {
             "ae_title": "SARCNODE",
             "bind": "127.0.0.1",
@@ -125,6 +130,8 @@ def _sarcnode(work: Path, port: int, parallel: bool) -> tuple[list[str], dict[st
         "scheduler": {"series_stable_seconds": 60},
         "logging": {"level": "WARNING"},
     }
+    if receivers is not None:  # serve's receiver processes (not set for --before)
+        cfg["dicom"]["receivers"] = receivers
     (work / "sarcnode.yaml").write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return [str(SARCNODE), "serve", "--config", str(work / "sarcnode.yaml")], {}, None
 
@@ -241,6 +248,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=500, help="instances to send (default 500)")
     ap.add_argument("--parallel", type=int, default=8, help="parallel associations (default 8)")
     ap.add_argument("--before", type=Path, help="also run serve from this source tree")
+    ap.add_argument("--receivers", type=int, help="dicom.receivers for sarcnode (not for --before)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir")
     ap.add_argument("--json", action="store_true", help="print a JSON summary too")
     args = ap.parse_args()
@@ -253,7 +261,14 @@ def main() -> int:
         f"Python {platform.python_version()}, tmp {root}"
     )
     receivers = [
-        Receiver("sarcnode", "SARCNODE", _sarcnode, _sarcnode_count, "fsync+SQLite+audit"),
+        Receiver(
+            "sarcnode",
+            "SARCNODE",
+            lambda work, port, parallel: _sarcnode(work, port, parallel, args.receivers),
+            _sarcnode_count,
+            "fsync+SQLite+audit"
+            + (f", {args.receivers} receivers" if args.receivers is not None else ""),
+        ),
         Receiver("storescp", "STORESCP", _storescp, _storescp_count, "no fsync, no index"),
         Receiver("orthanc", "ORTHANC", _orthanc, _orthanc_count, "fsync+SQLite (defaults)"),
     ]

@@ -75,6 +75,8 @@ class Health:
         self.started = time.monotonic()
         self._echo: tuple[float, Check] | None = None
         self._echo_lock = threading.Lock()
+        #: (alive, configured) receiver processes, when the SCP runs in several.
+        self.receivers: Callable[[], tuple[int, int]] | None = None
 
     def report(self) -> tuple[bool, dict[str, Any]]:
         """(healthy, body) with every check's verdict."""
@@ -85,6 +87,11 @@ class Health:
             "scheduler": self.scheduler(),
             "outbox": self.outbox(),
         }
+        if self.receivers is not None:
+            alive, configured = self.receivers()
+            checks["receivers"] = Check(
+                alive == configured, f"{alive} of {configured} receiver processes alive"
+            )
         healthy = all(c.ok for c in checks.values())
         body = {
             "status": "ok" if healthy else "unhealthy",

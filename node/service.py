@@ -37,6 +37,7 @@ from node.audit.context import AuditContext
 from node.audit.trail import AuditBreakError, check_head, head_line, record
 from node.config import Settings
 from node.db.session import Database
+from node.dicom.receivers import ReceiverPool, receiver_count
 from node.dicom.scp import StorageSCP
 from node.health import Health, MonitoringServer
 from node.jobs import Runner, make_runner, recover
@@ -78,6 +79,9 @@ class Node:
         self.scp = StorageSCP(
             settings.dicom, self.db, self.ingestor, on_commitment=self._commitment_report
         )
+        count = receiver_count(settings.dicom.receivers)
+        #: Receiver processes behind the port (dicom.receivers > 1); else self.scp receives.
+        self.receivers = ReceiverPool(settings, count, self._audit) if count > 1 else None
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
@@ -90,6 +94,8 @@ class Node:
         self.last_tick: float | None = None  # time.monotonic() at the end of the last tick
         self.metrics = NodeMetrics(self.db, settings.storage.root, last_tick=lambda: self.last_tick)
         self.health = Health(settings, self.db, last_tick=lambda: self.last_tick)
+        if self.receivers is not None:
+            self.health.receivers = self.receivers.alive
         self.monitoring: MonitoringServer | None = None
 
     def _check_audit(self) -> None:
@@ -164,7 +170,10 @@ class Node:
             log.info("re-queued %d job(s) interrupted by a stop: %s", len(recovered), recovered)
         if self.pipelines:
             self.runner = make_runner(self.db, self.settings, self.pipelines)
-        self.scp.start()
+        if self.receivers is not None:
+            self.receivers.start()
+        else:
+            self.scp.start()
         self.scheduler.add_job(
             self.tick,
             "interval",
@@ -209,6 +218,14 @@ class Node:
             else:
                 self.monitoring.start()
                 log.info("monitoring on http://%s:%d (/health, /metrics)", m.bind, m.port)
+
+    def _audit(self, action: str, outcome: str, detail: dict[str, object]) -> None:
+        """An audit event of the node itself (a receiver process started or died)."""
+        try:
+            with self.db.session() as s:
+                record(s, action, actor="node", outcome=outcome, detail=detail)
+        except Exception:
+            log.exception("cannot audit %s", action)
 
     def _commitment_report(
         self, transaction: str, committed: list[str], failed: dict[str, int], actor: str
@@ -289,7 +306,15 @@ class Node:
         if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
         log.info("stopping: no new associations or instances; grace %.1f s", grace)
-        open_assocs, aborted = self.scp.drain(grace)
+        if self.receivers is not None:
+            # Each receiver drains as the in-process SCP does and audits receiver.stopped.
+            stopped, killed = self.receivers.stop(grace)
+            open_assocs, aborted = 0, 0  # counted per receiver in its receiver.stopped event
+            extra: dict[str, int] = {"receivers_stopped": stopped, "receivers_killed": killed}
+            log.info("%d receiver(s) stopped, %d killed after the grace", stopped, killed)
+        else:
+            extra = {}
+            open_assocs, aborted = self.scp.drain(grace)
         interrupted: list[int] = []
         if self.runner is not None:
             left = max(0.0, grace - (time.monotonic() - started))
@@ -317,6 +342,7 @@ class Node:
                     "associations_aborted": aborted,
                     "jobs_interrupted": interrupted,
                     "seconds": round(seconds, 2),
+                    **extra,
                 },
             )
         log.info(

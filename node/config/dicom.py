@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -99,6 +99,16 @@ class DicomSettings(Section):
         True, description="Refuse associations addressed to another AE title."
     )
     max_associations: Annotated[int, Field(ge=1, le=1000)] = 16
+    receivers: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = Field(
+        1,
+        description="Storage SCP processes behind the one port (node/dicom/receivers.py): 1 "
+        "receives in the serve process itself; N > 1 (or 'auto': one per CPU) starts N "
+        "receiver processes that share the listening socket and the index. The connection "
+        "limits (max_connections_per_ip, max_associations_per_peer, max_associations + "
+        "max_connections_per_ip connections in all) stay node-wide, counted in shared memory; "
+        "max_associations is pynetdicom's own count and applies per receiver (the node-wide "
+        "connection limit bounds the sum).",
+    )
     max_connections_per_ip: Annotated[int, Field(ge=1, le=1000)] = Field(
         8,
         description="Open TCP connections one source address may hold (checked at accept); "

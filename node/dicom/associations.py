@@ -11,6 +11,7 @@ never raised: the association goes on.
 from __future__ import annotations
 
 import logging
+import os
 
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
@@ -64,6 +65,8 @@ def write_association(
                     "called_ae": called,
                     "tls": tls[0],
                     "tls_peer": tls[1],
+                    # Which process received it (several with dicom.receivers > 1).
+                    "pid": os.getpid(),
                     **({"reason": reason} if reason else {}),
                 },
             )

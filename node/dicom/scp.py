@@ -123,6 +123,10 @@ class StorageSCP:
             on_aborted=self._on_inbound_abort,
         )
         self.ae = self._build_ae()
+        #: The server class and its extra arguments: a receiver process
+        #: (:mod:`node.dicom.receivers`) serves on the parent's listening socket.
+        self.server_class: type[GuardedAssociationServer] = GuardedAssociationServer
+        self.server_options: dict[str, Any] = {}
 
     def _build_ae(self) -> AE:
         s = self.settings
@@ -165,10 +169,11 @@ class StorageSCP:
                 (self.settings.bind, self.settings.port),
                 evt_handlers=handlers,
                 ssl_context=build_ssl_context(self.settings, self._on_tls_failure),
-                server_class=GuardedAssociationServer,
+                server_class=self.server_class,
                 limits=TransportLimits.from_settings(self.settings),
                 on_events=self._on_transport_events,
                 on_released=self._inbound.release,
+                **self.server_options,
             ),
         )
         server.start()
