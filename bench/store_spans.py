@@ -43,13 +43,19 @@ TARGETS = [
     ("commit wait+txn", "node.store.ingest", "Ingestor._commit"),
     ("index txn", "node.store.group", "GroupCommitter._commit"),
     ("index work", "node.store.ingest", "Ingestor._index"),
+    ("duplicate check", "node.store.ingest", "stored_instance"),
     ("series check", "node.store.ingest", "check_series"),
     ("rows", "node.store.ingest", "index_instance"),
     ("assoc counter", "node.store.ingest", "bump_association_counter"),
     ("audit event", "node.store.ingest", "audit_instance"),
+    ("audit HMAC", "node.audit.trail", "event_mac"),
     ("audit head read", "node.audit.trail", "head_row"),
     ("audit anchor chk", "node.audit.trail", "anchor_findings"),
     ("place (rename)", "node.store.files", "InstanceFiles.place"),
+    ("file+folder fsync", "node.store.files", "InstanceFiles.sync_placed"),
+    ("file fsync", "node.store.files", "fsync_file"),
+    ("path check", "node.store.files", "InstanceFiles.relative_path"),
+    ("free disk", "node.store.files", "InstanceFiles.free_mb"),
     ("folder fsync", "node.store.files", "fsync_dir"),
     ("folder fsync", "node.store.group", "fsync_dir"),
     ("txn commit", "sqlalchemy.orm.session", "SessionTransaction.commit"),
@@ -142,7 +148,7 @@ def main() -> int:
           f"{failures} storescu failures; tree {args.tree or 'this one'}")  # fmt: skip
     print(f"{'span':18} {'calls':>6} {'ms/call':>8} {'ms/inst':>8}")
     summary: dict[str, dict[str, float]] = {}
-    for label, _module, _path in TARGETS:
+    for label in dict.fromkeys(label for label, _module, _path in TARGETS):
         times = spans.get(label)
         if not times:
             continue

@@ -3,14 +3,15 @@
 Layout: ``<root>/dicom/<StudyUID>/<SeriesUID>/<SOPInstanceUID>.dcm``. Every
 UID is validated before it becomes a path part, and the final path is checked
 to lie under the root (defence in depth). A file is written to
-``<root>/tmp``, flushed and fsynced (:meth:`InstanceFiles.stage`, or received
-there by a spool), then renamed into place (:meth:`InstanceFiles.place`), and
-each folder given a new entry (the file's, and the parent of a folder made for
-it) is fsynced before the row naming the file commits
-(:meth:`InstanceFiles.sync_folders`), so after a crash a path either holds a
-complete file or nothing. Every failure to write is an
-:class:`~node.dicom.status.OutOfResources` (0xA700), read-only and full
-volumes included.
+``<root>/tmp`` (:meth:`InstanceFiles.stage`, or received there by a spool)
+and renamed into place (:meth:`InstanceFiles.place`); before the row naming
+it commits, the file and each folder given a new entry (the file's, and the
+parent of a folder made for it) are fsynced, all at once
+(:meth:`InstanceFiles.sync_placed`). So after a crash a path the index names
+holds a complete file; a file placed whose row never committed (complete or
+not) was never acknowledged, and start-up reconciliation removes it. Every
+failure to write is an :class:`~node.dicom.status.OutOfResources` (0xA700),
+read-only and full volumes included.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import shutil
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,9 @@ from node.dicom.status import CannotUnderstand, OutOfResources
 from node.dicom.validate import validate_uid
 
 log = logging.getLogger(__name__)
+
+#: Files fsynced at once by :meth:`InstanceFiles.sync_placed` (one group commit's).
+_FSYNC_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,7 @@ class InstanceFiles:
         #: Folders given an entry (a file or a folder) not yet fsynced.
         self._new_entries: set[Path] = set()
         self._entries_lock = threading.Lock()
+        self._fsyncs: ThreadPoolExecutor | None = None
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The path of an instance relative to the root, after validating each UID.
@@ -80,8 +86,11 @@ class InstanceFiles:
         """Free space on the storage volume, in MiB."""
         return shutil.disk_usage(self.root).free / (1024 * 1024)
 
-    def stage(self, chunks: list[bytes | memoryview]) -> Staged:
+    def stage(self, chunks: list[bytes | memoryview], *, sync: bool = True) -> Staged:
         """Write ``chunks`` to a temporary file, flushed and fsynced.
+
+        ``sync=False``: not fsynced here; the caller fsyncs it once placed
+        (:meth:`sync_placed`).
 
         Raises
         ------
@@ -98,7 +107,7 @@ class InstanceFiles:
                     digest.update(chunk)
                     size += len(chunk)
                 fh.flush()
-                if self.fsync:
+                if self.fsync and sync:
                     os.fsync(fh.fileno())
         except OSError as exc:
             # On a read-only volume even this unlink fails: the status must still be A700.
@@ -112,7 +121,7 @@ class InstanceFiles:
 
         The file's folder always gets one; a folder created for it gives its
         parent one too. ``sync_folder=False``: the caller makes them durable
-        before the row commits (:meth:`sync_folders`, once per group commit).
+        before the row commits (:meth:`sync_placed`, once per group commit).
 
         Raises
         ------
@@ -145,6 +154,40 @@ class InstanceFiles:
             created.mkdir(exist_ok=True)
             with self._entries_lock:
                 self._new_entries.add(created.parent)
+
+    def sync_placed(self, rels: list[Path]) -> None:
+        """Make placed files durable before their rows commit: their data, their folders' entries.
+
+        The files (relative paths) are fsynced on a small thread pool while
+        this thread fsyncs the folders (:meth:`sync_folders`), so the file
+        system commits them together: on ext4 one journal commit instead of
+        one for the file before its rename and another for its folder after.
+
+        Raises
+        ------
+        OutOfResources
+            An fsync failed (I/O error, volume gone): the rows must not commit.
+        """
+        pool = self._pool()
+        pending = [pool.submit(fsync_file, self.root / rel) for rel in rels]
+        failure: OutOfResources | None = None
+        try:
+            self.sync_folders()
+        except OutOfResources as exc:
+            failure = exc
+        for future in pending:
+            try:
+                future.result()
+            except OSError as exc:
+                failure = failure or OutOfResources(f"cannot write instance: {exc.strerror or exc}")
+        if failure is not None:
+            raise failure
+
+    def _pool(self) -> ThreadPoolExecutor:
+        with self._entries_lock:
+            if self._fsyncs is None:
+                self._fsyncs = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="fsync")
+            return self._fsyncs
 
     def sync_folders(self) -> None:
         """Flush (fsync) each folder given a new entry since the last sync (once each).
@@ -197,6 +240,15 @@ class InstanceFiles:
             part.unlink(missing_ok=True)
             removed += 1
         return removed
+
+
+def fsync_file(path: Path) -> None:
+    """Flush the data and size of the file at ``path`` (through a descriptor of its own)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -5,8 +5,8 @@ audit event) joins a queue. A caller that finds no group committing becomes
 the leader: it takes everything queued (its own work and whatever arrived
 while the previous group committed; no deliberate wait), runs each item in
 its own SAVEPOINT so one refused instance never fails its neighbours, fsyncs
-the folders given new entries by the files it placed (each once), and
-commits once. Only
+the files it placed and the folders given new entries (each once, all at
+once), and commits once. Only
 then is every caller of the group released, so the promise stays: Success is
 answered only after the file is durably placed and its row and audit event
 are committed. One association alone commits in its own thread, as before.
@@ -54,8 +54,9 @@ class GroupCommitter(Generic[T]):
     """Runs index work of concurrent callers in shared transactions, one group at a time.
 
     ``remove`` deletes a placed file whose row did not commit; ``sync``
-    makes the placed files' new folder entries durable before the commit
-    (:meth:`node.store.files.InstanceFiles.sync_folders`; None when
+    makes the placed files (relative paths) and their folders' new entries
+    durable before the commit
+    (:meth:`node.store.files.InstanceFiles.sync_placed`; None when
     ``storage.fsync`` is off).
     """
 
@@ -65,7 +66,7 @@ class GroupCommitter(Generic[T]):
         root: Path,
         remove: Callable[[Path], None],
         *,
-        sync: Callable[[], None] | None = None,
+        sync: Callable[[list[Path]], None] | None = None,
         max_group: int = MAX_GROUP,
     ) -> None:
         self.db = db
@@ -124,7 +125,7 @@ class GroupCommitter(Generic[T]):
                 self._cond.notify_all()
 
     def _commit(self, group: list[_Item[T]]) -> None:
-        """Each item in a savepoint, the placed files' folders fsynced, one commit."""
+        """Each item in a savepoint, the placed files and their folders fsynced, one commit."""
         try:
             with self.db.session() as s:
                 if len(group) == 1:  # alone: its failure rolls the transaction back
@@ -132,8 +133,8 @@ class GroupCommitter(Generic[T]):
                 else:
                     for item in group:
                         self._run_item(s, item)
-                if self.sync is not None:  # a no-op when nothing was placed
-                    self.sync()
+                if self.sync is not None:
+                    self.sync([rel for item in group if item.error is None for rel in item.placed])
         except Exception as exc:
             for item in group:
                 if item.error is None:

@@ -3,19 +3,21 @@
 The order is the node's promise to the sender: the data set is read once,
 bounded (:mod:`node.store.reader`: size and inflate caps, structure, Pixel
 Data, value ranges), its SOP class checked against ``dicom.storage_sop_classes``
-and the accepted presentation context, then the file is written and fsynced
-to a temporary path, and in one transaction the duplicate and series checks,
-the rename into place, the row, the series' tracking and the audit event are
+and the accepted presentation context, then the file is written to a
+temporary path, and in one transaction the duplicate and series checks, the
+rename into place, the row, the series' tracking and the audit event are
+written, the file and its folder fsynced (together), and the transaction
 committed, all before :meth:`Ingestor.store` returns, and only then does the
 SCP answer Success. That transaction is shared with the instances arriving
 at the same time on other associations (:mod:`node.store.group`: one
-savepoint per instance, one commit and one fsync per folder per group). Any
-failure raises a :class:`~node.dicom.status.ServiceError` that the SCP turns
-into a failure status.
+savepoint per instance, one commit per group). Any failure raises a
+:class:`~node.dicom.status.ServiceError` that the SCP turns into a failure
+status.
 
-A kill between the rename and the commit leaves a complete file that the
-index does not know; :func:`node.store.reconcile.reconcile` removes it at the
-next start (it was never acknowledged).
+A kill or a crash between the rename and the commit leaves a file the index
+does not know (complete or, after a power loss, not);
+:func:`node.store.reconcile.reconcile` removes it at the next start (it was
+never acknowledged).
 """
 
 from __future__ import annotations
@@ -188,7 +190,7 @@ class Ingestor:
         self.closing = threading.Event()
         #: Runs each instance's indexing in the transaction of the group it joins.
         self.committer: GroupCommitter[StoreOutcome] = GroupCommitter(
-            db, files.root, files.remove, sync=files.sync_folders if files.fsync else None
+            db, files.root, files.remove, sync=files.sync_placed if files.fsync else None
         )
 
     def open_spool(
@@ -281,9 +283,9 @@ class Ingestor:
         if isinstance(dataset, Spool):
             if not dataset.has_meta:  # the UIDs are checked above: the transfer syntax
                 raise CannotUnderstand("no File Meta Information for this presentation context")
-            staged = dataset.finish(fsync=self.files.fsync)
+            staged = dataset.finish(fsync=False)  # fsynced once placed, with its folder
         else:
-            staged = self.files.stage([encode_meta(file_meta), dataset])
+            staged = self.files.stage([encode_meta(file_meta), dataset], sync=False)
         outcome = self._commit(parsed, rel, staged, ts_uid, peer)
         if outcome is StoreOutcome.CONFLICT and self.policy.duplicate_conflict == "refuse":
             raise DuplicateRefused(

@@ -281,3 +281,29 @@ def test_a_spool_under_the_disk_floor_keeps_nothing_and_answers_a700(
         assert info.value.status == 0xA700
     finally:
         db.dispose()
+
+
+def test_a_file_that_cannot_be_fsynced_is_not_indexed_and_answers_a700(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file's fsync runs with its folder's before the commit: a failure keeps the row out."""
+    from node.store import files as files_module
+
+    db = Database(db_url)
+    ing = Ingestor(db, InstanceFiles(tmp_path / "store"), min_free_mb=1)
+    try:
+        send(ing, mr_dataset(generate_uid(), generate_uid(), 0))  # fsync works: stored
+
+        def eio(path: Path) -> None:
+            raise OSError(5, "Input/output error")
+
+        monkeypatch.setattr(files_module, "fsync_file", eio)
+        with pytest.raises(OutOfResources, match="Input/output error") as info:
+            send(ing, mr_dataset(generate_uid(), generate_uid(), 0))
+        assert info.value.status == 0xA700
+        with db.session() as s:
+            assert len(s.scalars(select(Instance)).all()) == 1
+        assert len(files_under(ing)) == 1  # the second file was removed again
+        assert len(events(ing, "instance.stored")) == 1
+    finally:
+        db.dispose()

@@ -25,10 +25,35 @@ def synced(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return calls
 
 
+@pytest.fixture
+def synced_files(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files fsynced (still really fsynced)."""
+    calls: list[Path] = []
+    real = files_module.fsync_file
+
+    def spy(path: Path) -> None:
+        calls.append(path)
+        real(path)
+
+    monkeypatch.setattr(files_module, "fsync_file", spy)
+    return calls
+
+
 def place(files: InstanceFiles, study: str, series: str, sop: str) -> Path:
     rel = files.relative_path(study, series, sop)
-    files.place(files.stage([b"DICM", sop.encode()]), rel, sync_folder=False)
+    files.place(files.stage([b"DICM", sop.encode()], sync=False), rel, sync_folder=False)
     return rel
+
+
+def test_placed_files_and_their_folders_are_fsynced_before_the_commit(
+    tmp_path: Path, synced: list[Path], synced_files: list[Path]
+) -> None:
+    files = InstanceFiles(tmp_path / "store")
+    rels = [place(files, "1.2", "1.2.3", f"1.2.3.{i}") for i in range(1, 6)]
+    assert synced_files == []  # staged without an fsync: it comes once placed
+    files.sync_placed(rels)
+    assert sorted(synced_files) == sorted(files.root / rel for rel in rels)
+    assert synced == [files.dicom_dir, files.dicom_dir / "1.2", files.dicom_dir / "1.2" / "1.2.3"]
 
 
 def test_new_folders_make_their_parents_synced_once_then_only_the_series_folder(
