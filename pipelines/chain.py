@@ -18,6 +18,7 @@ anatomy, no tumour found); anything else is a bug or the machine.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -291,18 +292,23 @@ def extract(
     *,
     study: str,
     workers: int | None = 1,
+    pool: ProcessPoolExecutor | None = None,
 ) -> Features:
     """Features for each card that applies, one extraction per distinct parameter set.
 
     A card needing a sequence the study lacks, or whose extraction failed,
     is skipped with the reason; tables are written as
-    ``out/features-<key>.csv``. ``study`` labels the tables' rows.
+    ``out/features-<key>.csv``. ``study`` labels the tables' rows. ``pool``
+    (:func:`pipelines.radiomics.extract.worker_pool`, kept warm by the
+    caller) runs the work in its processes; without one, ``workers``
+    processes are started for the call (1: this process). The values do not
+    depend on either.
     """
     from pipelines.scoring.study import extract_all
 
     extractions, skipped = plan(signatures, set(volumes.images))
     tables, failed = extract_all(
-        extractions, volumes.images, masks.images, study=study, workers=workers
+        extractions, volumes.images, masks.images, study=study, workers=workers, pool=pool
     )
     skipped |= failed
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -193,14 +193,39 @@ def _shifted(settings: Mapping[str, Any]) -> bool:
     return any(shift != 0 for shift in shifts)
 
 
-def _warm_worker() -> None:
+def _watch_owner(owner: int) -> None:
+    """End this worker when ``owner`` (the process that made the pool) is gone.
+
+    Pool workers are children of a forkserver, not of their owner: after
+    ``kill -9`` of the owner (a job worker killed for a time-out, or ``serve``
+    itself) they would otherwise wait on their queue for ever.
+    """
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(70)
+
+    threading.Thread(target=watch, name="pool-owner-watchdog", daemon=True).start()
+
+
+def _warm_worker(owner: int | None = None) -> None:
     """Pool initialiser: import PyRadiomics and load the compiled GLCM steps once per worker."""
     import numpy as np
 
     from pipelines.radiomics import fast
 
+    if owner is not None:
+        _watch_owner(owner)
     logging.getLogger("radiomics").setLevel(logging.ERROR)
     import radiomics.featureextractor  # noqa: F401
+
+    import pipelines.preprocess  # noqa: F401  (N4 and the body outline run here too)
 
     tiny = np.full((1, 2, 2, 1), 0.25)
     fast._q_matrix(tiny, tiny.sum(2, keepdims=True), tiny.sum(1, keepdims=True), 1e-16)
@@ -212,20 +237,123 @@ def worker_pool(workers: int | None = None) -> ProcessPoolExecutor:
 
     Workers are forkserver children (no inherited threads or locks), already
     holding PyRadiomics and the compiled GLCM steps: a service or a cohort run
-    keeps one pool instead of paying the start-up on every study.
+    keeps one pool instead of paying the start-up on every study. Each worker
+    ends itself when the process that made the pool is gone.
     """
     n = workers or len(os.sched_getaffinity(0))
     context = multiprocessing.get_context("forkserver")
-    return ProcessPoolExecutor(max_workers=n, mp_context=context, initializer=_warm_worker)
+    return ProcessPoolExecutor(
+        max_workers=n, mp_context=context, initializer=_warm_worker, initargs=(os.getpid(),)
+    )
 
 
-def _run_unit(args: tuple[sitk.Image, sitk.Image, dict[str, Any]]) -> dict[str, float] | str:
+Unit = tuple[sitk.Image, sitk.Image, dict[str, Any]]  # image, region mask, parameters
+
+
+def _run_unit(args: Unit) -> dict[str, float] | str:
     """Features of one unit, or the error message (raised, or not, by the caller)."""
     image, mask, params = args
     try:
         return _fast_pyradiomics(image, mask, params)
     except ExtractionError as exc:
         return str(exc)
+
+
+def units(
+    regions: Mapping[str, Mapping[str, sitk.Image]],
+    images: Mapping[str, sitk.Image],
+    params: Mapping[str, Any],
+    *,
+    optional: frozenset[str] = frozenset(),
+) -> list[tuple[str, str, Unit]]:
+    """(sequence, region, unit) for every region: one PyRadiomics call each.
+
+    Raises
+    ------
+    ExtractionError
+        The parameters' ``sarcnode`` section is invalid, or a region not in
+        ``optional`` is empty.
+    """
+    params = dict(params)
+    extraction_mode(params)  # a bad mode fails the call, not each region
+    out: list[tuple[str, str, Unit]] = []
+    for sequence, named in regions.items():
+        for region, mask in named.items():
+            if not sitk.GetArrayViewFromImage(mask).any() and region not in optional:
+                raise ExtractionError(f"{sequence}/{region}: empty mask")
+            out.append((sequence, region, (images[sequence], mask, params)))
+    return out
+
+
+def _content_key(unit: Unit) -> str:
+    """What a unit's result depends on: both images' voxels and geometry, and the parameters."""
+    digest = hashlib.sha256()
+    for image in unit[:2]:
+        digest.update(repr((image.GetSize(), image.GetSpacing(), image.GetOrigin())).encode())
+        digest.update(repr((image.GetDirection(), image.GetPixelIDValue())).encode())
+        digest.update(sitk.GetArrayViewFromImage(image).tobytes())
+    digest.update(json.dumps(unit[2], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def run_units(
+    work: Sequence[Unit], *, workers: int | None = 1, pool: ProcessPoolExecutor | None = None
+) -> list[dict[str, float] | str]:
+    """Each unit's features (or its error message), in order; equal units computed once.
+
+    Two units with the same voxels, geometry and parameters (one study's
+    regions serving two extractions) give the same values, so only one of
+    them runs. ``pool`` (from :func:`worker_pool`) runs them, largest region
+    first; without one, ``workers`` > 1 starts a pool for this call and 1
+    runs them in this process.
+    """
+    keys = [_content_key(u) for u in work]
+    first = {key: i for i, key in reversed(list(enumerate(keys)))}
+    todo = sorted(first.values(), key=lambda i: -int(sitk.GetArrayViewFromImage(work[i][1]).sum()))
+    n = min(workers or len(os.sched_getaffinity(0)), len(todo))
+    # ITK keeps its default thread count in the workers: with one thread its
+    # filters round differently and values would no longer equal PyRadiomics'
+    # (bench/radiomics.py measured 3.2x that way, with 1122 values changed).
+    if pool is not None:
+        done = dict(zip(todo, pool.map(_run_unit, [work[i] for i in todo]), strict=True))
+    elif n <= 1:
+        done = {i: _run_unit(work[i]) for i in todo}
+    else:
+        with worker_pool(n) as own:
+            done = dict(zip(todo, own.map(_run_unit, [work[i] for i in todo]), strict=True))
+    return [done[first[key]] for key in keys]
+
+
+def table(
+    work: Sequence[tuple[str, str, Unit]],
+    results: Sequence[dict[str, float] | str],
+    *,
+    study: str = "",
+    optional: frozenset[str] = frozenset(),
+) -> pd.DataFrame:
+    """The tidy table of :func:`units`' results: one row per (sequence, region), columns sorted.
+
+    Raises
+    ------
+    ExtractionError
+        PyRadiomics refused a region not in ``optional`` (the others get
+        their reason in the ``note`` column).
+    """
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for (sequence, region, _), values in zip(work, results, strict=True):
+        row = rows.setdefault(
+            (sequence, region), {"study": study, "sequence": sequence, "region": region}
+        )
+        if isinstance(values, str):
+            if region not in optional:
+                raise ExtractionError(f"{sequence}/{region}: {values}")
+            row["note"] = values
+        else:
+            row.update(values)
+    frame = pd.DataFrame(list(rows.values()))
+    frame["note"] = frame["note"].fillna("") if "note" in frame.columns else ""
+    features = sorted(c for c in frame.columns if c not in (*KEYS, "note"))
+    return frame[[*KEYS, "note", *features]]
 
 
 def extract(
@@ -247,48 +375,6 @@ def extract(
     PyRadiomics refuses (a habitat too small to describe) gets a row without
     features and its reason in the ``note`` column instead of failing the study.
     """
-    params = dict(params or load_params())
-    extraction_mode(params)  # a bad mode fails the call, not each region
-    jobs: list[tuple[str, str, tuple[sitk.Image, sitk.Image, dict[str, Any]]]] = []
-    for sequence, named in regions.items():
-        for region, mask in named.items():
-            if not sitk.GetArrayViewFromImage(mask).any() and region not in optional:
-                raise ExtractionError(f"{sequence}/{region}: empty mask")
-            jobs.append((sequence, region, (images[sequence], mask, params)))
-    # Largest regions first, so no worker is left with a big one at the end.
-    order = sorted(
-        range(len(jobs)),
-        key=lambda i: -int(sitk.GetArrayViewFromImage(jobs[i][2][1]).sum()),
-    )
-    n = workers or len(os.sched_getaffinity(0))
-    results: list[dict[str, float] | str] = [""] * len(jobs)
-    # ITK keeps its default thread count in the workers: with one thread its
-    # filters round differently and values would no longer equal PyRadiomics'
-    # (bench/radiomics.py measured 3.2x that way, with 1122 values changed).
-    if pool is not None:
-        for i, value in zip(order, pool.map(_run_unit, [jobs[i][2] for i in order]), strict=True):
-            results[i] = value
-    elif n <= 1:
-        for i in order:
-            results[i] = _run_unit(jobs[i][2])
-    else:
-        with worker_pool(min(n, len(jobs))) as own:
-            for i, value in zip(
-                order, own.map(_run_unit, [jobs[i][2] for i in order]), strict=True
-            ):
-                results[i] = value
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for (sequence, region, _), values in zip(jobs, results, strict=True):
-        row = rows.setdefault(
-            (sequence, region), {"study": study, "sequence": sequence, "region": region}
-        )
-        if isinstance(values, str):
-            if region not in optional:
-                raise ExtractionError(f"{sequence}/{region}: {values}")
-            row["note"] = values
-        else:
-            row.update(values)
-    frame = pd.DataFrame(list(rows.values()))
-    frame["note"] = frame["note"].fillna("") if "note" in frame.columns else ""
-    features = sorted(c for c in frame.columns if c not in (*KEYS, "note"))
-    return frame[[*KEYS, "note", *features]]
+    work = units(regions, images, params or load_params(), optional=optional)
+    results = run_units([u for _, _, u in work], workers=workers, pool=pool)
+    return table(work, results, study=study, optional=optional)

@@ -13,7 +13,7 @@ extraction; PyRadiomics then normalises the crop (``normalize: true``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -23,11 +23,13 @@ import pandas as pd
 import SimpleITK as sitk
 
 from pipelines.preprocess import body_mask, histogram_standardise, n4, register_rigid
-from pipelines.radiomics.extract import KEYS, extract
+from pipelines.radiomics.extract import KEYS, extract, run_units, table, units
 from pipelines.radiomics.regions import habitat_counts, habitats, ring
 from pipelines.segment.prep import box_around, crop
 
 REGIONS = ("tumour", "ring", "habitat1", "habitat2", "habitat3")
+#: Regions that may be too small to describe: a row with a note instead of a failure.
+HABITATS = frozenset(r for r in REGIONS if r.startswith("habitat"))
 
 
 CROP_MM = 40.0  # around the tumour: the ring (10 mm) and PyRadiomics' padding fit inside
@@ -42,17 +44,31 @@ class StudyPrep:
     transforms: dict[tuple[str, str], sitk.Transform]
 
 
-def prepare_study(images: Mapping[str, sitk.Image], *, habitats: bool = True) -> StudyPrep:
-    """Body outline (from T1), N4-corrected images and, for habitats, one registration."""
+def prepare_role(image: sitk.Image) -> tuple[sitk.Image, sitk.Image]:
+    """(body mask, N4-corrected image) of one sequence: the costly, mask-independent part."""
+    body = body_mask(image)
+    return body, n4(sitk.Cast(image, sitk.sitkFloat32), body)
+
+
+def prepare_study(
+    images: Mapping[str, sitk.Image],
+    *,
+    habitats: bool = True,
+    roles: Mapping[str, tuple[sitk.Image, sitk.Image]] | None = None,
+) -> StudyPrep:
+    """Body outline (from T1), N4-corrected images and, for habitats, one registration.
+
+    ``roles`` holds :func:`prepare_role`'s result for each of ``images``
+    when it was computed already (in a worker pool, or for another extraction).
+    """
     outline = "T1" if "T1" in images else next(iter(images))
-    bodies = {role: body_mask(image) for role, image in images.items()}
-    corrected = {
-        role: n4(sitk.Cast(image, sitk.sitkFloat32), bodies[role]) for role, image in images.items()
-    }
+    done = roles or {role: prepare_role(image) for role, image in images.items()}
+    bodies = {role: done[role][0] for role in images}
+    corrected = {role: done[role][1] for role in images}
     transforms: dict[tuple[str, str], sitk.Transform] = {}
-    roles = list(images)
-    if len(roles) == 2 and habitats:  # one registration; its inverse serves the other direction
-        fixed, moving = roles
+    order = list(images)
+    if len(order) == 2 and habitats:  # one registration; its inverse serves the other direction
+        fixed, moving = order
         result = register_rigid(corrected[fixed], corrected[moving])
         transforms[(fixed, moving)] = result.transform
         transforms[(moving, fixed)] = result.transform.GetInverse()
@@ -128,22 +144,103 @@ def study_features(
     prepared, regions, counts = study_regions(
         images, tumours, seed=seed, wanted=regions_wanted, prep=prep
     )
-    habitats_optional = frozenset(r for r in REGIONS if r.startswith("habitat"))
-    table = extract(
-        prepared,
-        regions,
-        params,
-        study=study,
-        workers=workers,
-        optional=habitats_optional,
-        pool=pool,
+    frame = extract(
+        prepared, regions, params, study=study, workers=workers, optional=HABITATS, pool=pool
     )
+    return _add_counts(frame, counts)
+
+
+def _add_counts(table: pd.DataFrame, counts: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """The habitat counts as columns of each sequence's tumour row."""
     for role, values in counts.items():
         for key, value in values.items():
             table.loc[
                 (table["sequence"] == role) & (table["region"] == "tumour"), f"habitat_{key}"
             ] = value
     return table
+
+
+@dataclass(frozen=True)
+class Request:
+    """One extraction asked of a study: its sequences, regions and PyRadiomics parameters."""
+
+    key: str
+    sequences: tuple[str, ...]
+    regions: tuple[str, ...]
+    params: Mapping[str, Any]
+
+
+def prepare_roles(
+    images: Mapping[str, sitk.Image], pool: ProcessPoolExecutor | None = None
+) -> tuple[dict[str, tuple[sitk.Image, sitk.Image]], dict[str, str]]:
+    """(role -> :func:`prepare_role`'s result, role -> why it failed), in ``pool`` when given."""
+    done: dict[str, tuple[sitk.Image, sitk.Image]] = {}
+    failed: dict[str, str] = {}
+    if pool is None:
+        for role, image in images.items():
+            try:
+                done[role] = prepare_role(image)
+            except ValueError as exc:  # this study's image, not the node
+                failed[role] = str(exc)
+        return done, failed
+    futures = {role: pool.submit(prepare_role, image) for role, image in images.items()}
+    for role, future in futures.items():
+        try:
+            done[role] = future.result()
+        except ValueError as exc:
+            failed[role] = str(exc)
+    return done, failed
+
+
+def study_tables(
+    requests: Sequence[Request],
+    images: Mapping[str, sitk.Image],
+    tumours: Mapping[str, sitk.Image],
+    *,
+    study: str = "",
+    seed: int = 0,
+    workers: int | None = 1,
+    pool: ProcessPoolExecutor | None = None,
+) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
+    """(request key -> tidy table, request key -> why it failed) for several extractions at once.
+
+    Each table equals :func:`study_features` on the request's sequences (the
+    same steps on the same inputs), but the work they share is done once:
+    each sequence's body outline and N4 correction, and every PyRadiomics
+    unit whose voxels and parameters two requests have in common. With
+    ``pool`` the sequences are prepared side by side and the units spread
+    over its workers.
+    """
+    roles = [r for r in images if any(r in q.sequences for q in requests)]
+    prepared, broken = prepare_roles({r: images[r] for r in roles}, pool)
+    failed: dict[str, str] = {}
+    planned = []
+    for q in requests:
+        bad = [r for r in q.sequences if r in broken]
+        try:
+            if bad:
+                raise ValueError(broken[bad[0]])
+            subset = {r: images[r] for r in q.sequences}
+            want_habitats = any(r.startswith("habitat") for r in q.regions)
+            prep = prepare_study(subset, habitats=want_habitats, roles=prepared)
+            crops, regions, counts = study_regions(
+                subset, {r: tumours[r] for r in q.sequences}, seed=seed, wanted=q.regions, prep=prep
+            )
+            work = units(regions, crops, q.params, optional=HABITATS)
+        except ValueError as exc:  # ExtractionError, an empty mask: this study, not the node
+            failed[q.key] = str(exc)
+            continue
+        planned.append((q, work, counts))
+    every = [u for _, work, _ in planned for _, _, u in work]
+    results = run_units(every, workers=workers, pool=pool)
+    tables: dict[str, pd.DataFrame] = {}
+    for q, work, counts in planned:
+        mine, results = results[: len(work)], results[len(work) :]
+        try:
+            tables[q.key] = _add_counts(table(work, mine, study=study, optional=HABITATS), counts)
+        except ValueError as exc:
+            failed[q.key] = str(exc)
+    return tables, failed
 
 
 def wide(table: pd.DataFrame) -> pd.DataFrame:

@@ -10,6 +10,7 @@ the reason: the other cards still score, and nothing fails.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pandas as pd
@@ -31,24 +32,22 @@ def extract_all(
     *,
     study: str,
     workers: int | None = 1,
+    pool: ProcessPoolExecutor | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
-    """(extraction key -> tidy table, card id -> why its extraction failed)."""
-    from pipelines.radiomics.study import study_features
+    """(extraction key -> tidy table, card id -> why its extraction failed).
 
-    tables: dict[str, pd.DataFrame] = {}
+    The extractions share their common work (:func:`pipelines.radiomics.study.study_tables`);
+    ``pool`` (a warm :func:`pipelines.radiomics.extract.worker_pool`) runs it.
+    """
+    from pipelines.radiomics.study import Request, study_tables
+
+    requests = [Request(e.key, e.sequences, e.regions, e.params) for e in extractions]
+    tables, errors = study_tables(requests, images, masks, study=study, workers=workers, pool=pool)
     failed: dict[str, str] = {}
     for extraction in extractions:
-        try:
-            tables[extraction.key] = study_features(
-                {r: images[r] for r in extraction.sequences},
-                {r: masks[r] for r in extraction.sequences},
-                extraction.params,
-                study=study,
-                workers=workers,
-                regions_wanted=extraction.regions,
-            )
-        except ValueError as exc:  # ExtractionError, an empty mask: this study, not the node
-            failed |= {card: f"features could not be extracted: {exc}" for card in extraction.cards}
+        if extraction.key in errors:
+            reason = f"features could not be extracted: {errors[extraction.key]}"
+            failed |= dict.fromkeys(extraction.cards, reason)
     return tables, failed
 
 
