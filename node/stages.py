@@ -5,8 +5,12 @@ is written once, in ``pipelines/``; each stage here runs one step of it
 for a job, reading the earlier steps' typed outputs back from their
 checkpoints (``<job folder>/<stage>/outputs.json``, each value's
 ``from_json``) and returning its own as ``to_json`` for the runner to
-write. They hold no service state, so the same functions run in a local
-worker process or on a Ray worker. A stage raises a
+write. Each series' header is read and its volume decoded once per job,
+by the first stage that needs it, and cached under ``<job folder>/inputs/``
+for the later ones. A local job worker keeps a warm extraction pool over
+the cores (:func:`radiomics_pool`) and its segmentation models across jobs;
+otherwise the stages hold no service state, so the same functions run in a
+local worker process or on a Ray worker. A stage raises a
 :class:`pipelines.errors.BadInput` subclass when the study itself is the
 problem (no retry helps); anything else is an internal error for the
 runner's retry policy.
@@ -14,14 +18,21 @@ runner's retry policy.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pydicom
+import SimpleITK as sitk
+from pydicom.uid import UID
 
 from pipelines import chain
 from pipelines.errors import BadInput as BadInput  # the family's base, raised by the stages
@@ -55,6 +66,7 @@ class JobContext:
     database_url: str
     uid_root: str | None = None
     device: str = "auto"
+    radiomics_workers: int = 1  # the warm extraction pool's processes (1: the job's own process)
     clinical: Mapping[str, Any] = field(default_factory=dict)  # stored factors (covariates)
     audit: AuditConfig | None = None  # the node's audit key (no anchor: see for_worker)
     priors: PriorPlan | None = None  # where the compare stage looks for a prior (None: nowhere)
@@ -73,23 +85,103 @@ def open_database(ctx: JobContext) -> Database:
     return Database(ctx.database_url, migrate=False, audit=audit)
 
 
+#: The job folder's cache of its inputs: each series' header read once (``series.json``)
+#: and its volume decoded once (``<role>.npy`` and ``volumes.json``), for every stage.
+INPUTS = "inputs"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.part")
+    temp.write_bytes(data)
+    temp.replace(path)
+
+
 def _series(ctx: JobContext) -> chain.StudySeries:
-    """The job's series by role, the primary one segmented.
+    """The job's series by role, the primary one segmented; headers from the job's cache.
+
+    The first stage to ask reads each series' first header and writes
+    ``inputs/series.json``; the later ones read that (it is rebuilt when the
+    job's files differ from the ones it names).
 
     Raises
     ------
     MissingSeriesError
         When a role of the job has no instance files.
     """
-    refs = {}
+    files = {role: sorted(ctx.files.get(role) or []) for role in ctx.inputs}
     for role, uid in ctx.inputs.items():
-        files = sorted(ctx.files.get(role) or [])
-        if not files:
+        if not files[role]:
             raise MissingSeriesError(f"series {uid} ({role}) has no instance files")
-        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
-        attrs = series_attributes(ds)
-        refs[role] = SeriesRef(ctx.study_instance_uid, uid, tuple(files), ds.SOPClassUID, attrs)
+    path = ctx.folder / INPUTS / "series.json"
+    named = {role: [str(f) for f in paths] for role, paths in files.items()}
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if cached.get("inputs") != ctx.inputs or cached.get("files") != named:
+        heads = {role: pydicom.dcmread(files[role][0], stop_before_pixels=True) for role in files}
+        cached = {
+            "inputs": ctx.inputs,
+            "files": named,
+            "sop_class_uid": {role: str(ds.SOPClassUID) for role, ds in heads.items()},
+            "attributes": {role: series_attributes(ds) for role, ds in heads.items()},
+        }
+        _write_atomic(path, json.dumps(cached).encode())
+    refs = {
+        role: SeriesRef(
+            ctx.study_instance_uid,
+            uid,
+            tuple(files[role]),
+            UID(cached["sop_class_uid"][role]),
+            cached["attributes"][role],
+        )
+        for role, uid in ctx.inputs.items()
+    }
     return chain.StudySeries(ctx.study_instance_uid, ctx.primary, refs)
+
+
+def _volumes(ctx: JobContext, series: chain.StudySeries) -> chain.Volumes:
+    """Each series' volume, decoded once per job: read from the job's cache when there.
+
+    The voxels are kept as ``inputs/<role>.npy`` and the geometry in
+    ``inputs/volumes.json`` (exact floats), so a later stage gets the very
+    image :func:`pipelines.chain.load_volumes` gave the first one.
+    """
+    folder = ctx.folder / INPUTS
+    try:
+        geometry = json.loads((folder / "volumes.json").read_text())
+        images = {}
+        for role in series.refs:
+            image = sitk.GetImageFromArray(np.load(folder / f"{role}.npy"))
+            image.SetSpacing(geometry[role]["spacing"])
+            image.SetOrigin(geometry[role]["origin"])
+            image.SetDirection(geometry[role]["direction"])
+            images[role] = image
+        return chain.Volumes(series.primary, images)
+    except (OSError, ValueError, KeyError):
+        pass  # not cached yet (or cut short): decode, then cache
+    volumes = chain.load_volumes(series)
+    geometry = {}
+    for role, image in volumes.images.items():
+        buffer = io.BytesIO()
+        np.save(buffer, sitk.GetArrayViewFromImage(image))
+        _write_atomic(folder / f"{role}.npy", buffer.getvalue())
+        geometry[role] = {
+            "spacing": list(image.GetSpacing()),
+            "origin": list(image.GetOrigin()),
+            "direction": list(image.GetDirection()),
+        }
+    _write_atomic(folder / "volumes.json", json.dumps(geometry).encode())
+    return volumes
+
+
+def drop_volumes(ctx: JobContext) -> None:
+    """Remove the job's decoded volumes (a finished job keeps only its results and headers)."""
+    for path in (ctx.folder / INPUTS).glob("*.npy"):
+        path.unlink(missing_ok=True)
+    (ctx.folder / INPUTS / "volumes.json").unlink(missing_ok=True)
 
 
 def _checkpoint(ctx: JobContext, stage: str) -> dict[str, Any]:
@@ -121,7 +213,7 @@ def segment(ctx: JobContext) -> dict[str, Any]:
         model's input checks (constant, or noise rather than anatomy), or no
         tumour is found.
     """
-    volumes = chain.load_volumes(_series(ctx))
+    volumes = _volumes(ctx, _series(ctx))
     segmenter = _segmenter(ctx.segmentation_model, ctx.device)
     return chain.segment(volumes, segmenter, ctx.folder / "segment").to_json()
 
@@ -155,12 +247,64 @@ def radiomics(ctx: JobContext) -> dict[str, Any]:
     if not ctx.signatures:
         return {"skipped": NO_SIGNATURE, "extractions": [], "cards": []}
     signatures, broken = _signatures(ctx)
-    volumes = chain.load_volumes(_series(ctx))
+    volumes = _volumes(ctx, _series(ctx))
     masks = chain.Masks.from_json(_checkpoint(ctx, "segment"), volumes)
-    features = chain.extract(
-        signatures, volumes, masks, ctx.folder / "radiomics", study=ctx.study_instance_uid
-    )
+    pool = radiomics_pool(ctx.radiomics_workers)
+    try:
+        features = chain.extract(
+            signatures,
+            volumes,
+            masks,
+            ctx.folder / "radiomics",
+            study=ctx.study_instance_uid,
+            pool=pool,
+        )
+    except BrokenProcessPool:  # a worker died (memory?): the next attempt starts a new pool
+        _POOLS.pop(ctx.radiomics_workers, None)
+        raise
     return chain.Features(features.tables, features.cards + tuple(broken)).to_json()
+
+
+#: This process's warm extraction pools by size (a job worker keeps its pool across jobs).
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def radiomics_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The warm extraction pool of ``workers`` processes in this process; None for one.
+
+    Started on first use (or by :func:`warm_up`) and kept: the next job's
+    radiomics stage finds PyRadiomics imported and its processes running.
+    """
+    if workers <= 1:
+        return None
+    if workers not in _POOLS:
+        from pipelines.radiomics.extract import worker_pool
+
+        _POOLS[workers] = worker_pool(workers)
+    return _POOLS[workers]
+
+
+@dataclass(frozen=True)
+class Warm:
+    """What a job worker loads before its first job."""
+
+    radiomics_workers: int
+    models: tuple[tuple[Path, str], ...]  # (segmentation model folder, device)
+
+
+def warm_up(warm: Warm) -> None:
+    """Load the segmentation models, then start the extraction pool's processes.
+
+    The first stage needs the models, so they come first; the pool's
+    processes import PyRadiomics while that stage runs. A job then finds
+    both ready instead of paying for them on its clock.
+    """
+    for model, device in warm.models:
+        _segmenter(model, device)
+    pool = radiomics_pool(warm.radiomics_workers)
+    if pool is not None:
+        for _ in range(warm.radiomics_workers):
+            pool.submit(os.getpid)  # each submit starts one more worker
 
 
 def score(ctx: JobContext) -> dict[str, Any]:
@@ -222,7 +366,7 @@ def encode(ctx: JobContext) -> dict[str, Any]:
     from pipelines.segment.card import SegModelCard
 
     series = _series(ctx)
-    volumes = chain.load_volumes(series)
+    volumes = _volumes(ctx, series)
     scored = ctx.folder / "score" / "score.json"
     scores = chain.Scores.from_json(json.loads(scored.read_text()) if scored.is_file() else {})
     signatures, _ = _signatures(ctx)  # a card that no longer loads is reported by score

@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
@@ -27,10 +27,10 @@ from node.config import Settings
 from node.db.models import Job, JobStage, utcnow
 from node.db.session import Database
 from node.jobs import state
-from node.jobs.scheduler import context, next_job
-from node.jobs.worker import execute, init_worker
+from node.jobs.scheduler import context, next_job, radiomics_workers
+from node.jobs.worker import execute, init_worker, ready
 from node.pipelines import Pipeline
-from node.stages import JobContext
+from node.stages import JobContext, Warm
 from pipelines.errors import BadInput
 
 log = logging.getLogger("node.jobs")
@@ -44,14 +44,32 @@ def gpu_lock_dir(settings: Settings) -> Path:
 class Runner:
     """The local executor: queued jobs run in a process pool, ``jobs.max_parallel`` at a time."""
 
-    def __init__(self, db: Database, settings: Settings, pipelines: Sequence[Pipeline]) -> None:
-        """Start the pool; :meth:`tick` claims and submits."""
+    def __init__(
+        self,
+        db: Database,
+        settings: Settings,
+        pipelines: Sequence[Pipeline],
+        on_finished: Callable[[], None] | None = None,
+    ) -> None:
+        """Start the pool; :meth:`tick` claims and submits.
+
+        ``on_finished`` is called (in a pool thread) each time a job's run
+        ends, so the caller can deliver what it queued without waiting.
+        """
         self.db, self.settings = db, settings
         self.pipelines = {p.name: p for p in pipelines}
         self.policy = state.RetryPolicy.from_settings(settings.jobs)
+        self.on_finished = on_finished
         self.running: dict[int, Any] = {}
         self._mutex = threading.Lock()
+        self._warmed = False
         self._start()
+
+    def warm_spec(self) -> Warm:
+        """What a job worker loads when it starts: the extraction pool and the pipelines' models."""
+        device = self.settings.jobs.device
+        models = sorted({(p.segmentation_model, device) for p in self.pipelines.values()})
+        return Warm(radiomics_workers(self.settings), tuple(models))
 
     def _start(self) -> None:
         # The GPU lock is a file lock, not a lock of this pool: a pool rebuilt
@@ -66,11 +84,32 @@ class Runner:
                 os.getpid(),
                 logging_settings.level,
                 logging_settings.file,
+                self.warm_spec(),
             ),
         )
+        self._warmed = False
+
+    def warm(self) -> None:
+        """Start the job workers now, once per pool, rather than when the first job comes.
+
+        A worker's start-up (:func:`node.jobs.worker.init_worker`) imports the
+        stages, loads the segmentation models and starts the warm extraction
+        pool: seconds that would otherwise count in the first job's time.
+        Called while a study is arriving, so it overlaps the stability window.
+        """
+        if self._warmed:
+            return
+        self._warmed = True
+        for _ in range(self.settings.jobs.max_parallel):  # each submit starts one more worker
+            self.pool.submit(ready)
 
     def _submit(self, ctx: JobContext, stages: list[str]) -> Any:
-        return self.pool.submit(execute, ctx, stages, policy=self.policy)
+        self._warmed = True  # the pool starts its workers for this job anyway
+        future = self.pool.submit(execute, ctx, stages, policy=self.policy)
+        if self.on_finished is not None:
+            callback = self.on_finished
+            future.add_done_callback(lambda _: callback())
+        return future
 
     @staticmethod
     def _finished(handle: Any) -> tuple[bool, BaseException | None]:
@@ -242,6 +281,9 @@ class RayRunner(Runner):
         # Any: ray's overloads type a function by its count of parameters, defaults aside.
         self._task: Any = ray.remote(execute)
 
+    def warm(self) -> None:
+        """Nothing to start ahead: Ray keeps its own workers."""
+
     def _submit(self, ctx: JobContext, stages: list[str]) -> Any:
         gpus = 1 if ctx.device == "cuda" else 0
         return self._task.options(num_gpus=gpus, max_retries=0).remote(
@@ -279,8 +321,13 @@ class RayRunner(Runner):
             ray.shutdown()
 
 
-def make_runner(db: Database, settings: Settings, pipelines: Sequence[Pipeline]) -> Runner:
+def make_runner(
+    db: Database,
+    settings: Settings,
+    pipelines: Sequence[Pipeline],
+    on_finished: Callable[[], None] | None = None,
+) -> Runner:
     """The executor the configuration names (``jobs.executor.kind``)."""
     if settings.jobs.executor.kind == "ray":
-        return RayRunner(db, settings, pipelines)
-    return Runner(db, settings, pipelines)
+        return RayRunner(db, settings, pipelines, on_finished)
+    return Runner(db, settings, pipelines, on_finished)

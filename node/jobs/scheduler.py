@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -282,9 +283,21 @@ def context(db: Database, settings: Settings, job: Job, pipeline: Pipeline) -> J
         audit=AuditConfig.from_settings(settings),
         uid_root=settings.uids.root,
         device=settings.jobs.device,
+        radiomics_workers=radiomics_workers(settings),
         clinical=clinical,
         priors=prior_plan(settings, pipeline) if "compare" in pipeline.stages else None,
     )
+
+
+def radiomics_workers(settings: Settings) -> int:
+    """Processes in each job worker's warm extraction pool: the CPUs shared by parallel jobs.
+
+    1 (extraction in the job's own process) when jobs run as Ray tasks,
+    which Ray gives one CPU each.
+    """
+    if settings.jobs.executor.kind == "ray":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) // settings.jobs.max_parallel)
 
 
 def prior_plan(settings: Settings, pipeline: Pipeline) -> PriorPlan:

@@ -34,7 +34,15 @@ from node.audit.trail import record
 from node.db.models import Job, JobStage
 from node.db.session import Database
 from node.jobs import state
-from node.stages import GPU_STAGES, STAGE_FUNCTIONS, JobContext, open_database
+from node.stages import (
+    GPU_STAGES,
+    STAGE_FUNCTIONS,
+    JobContext,
+    Warm,
+    drop_volumes,
+    open_database,
+    warm_up,
+)
 from node.testing import Fault, fault_hook
 from pipelines.errors import BadInput
 
@@ -46,13 +54,22 @@ _LOCK_DIR: Path | None = None
 TRACEBACK_CHARS = 4000
 
 
-def init_worker(lock_dir: Path | None, owner: int, log_level: str, log_file: Path | None) -> None:
-    """Worker set-up: logging as the node's, the GPU lock folder, and an owner watchdog.
+def init_worker(
+    lock_dir: Path | None,
+    owner: int,
+    log_level: str,
+    log_file: Path | None,
+    warm: Warm | None = None,
+) -> None:
+    """Worker set-up: logging as the node's, the GPU lock folder, an owner watchdog, warm-up.
 
     Workers are children of the forkserver, not of ``serve``; after ``kill -9``
     of ``serve`` they (and the forkserver) would live on and could finish a
     stage the restarted node runs again. The watchdog checks ``owner`` (the
     node's PID) every half second and then ends the forkserver and itself.
+    ``warm`` names what to load before the first job
+    (:func:`node.stages.warm_up`); a warm-up that fails is logged and left
+    to the first job, it never stops the worker.
     """
     from node.logs import setup_logging
 
@@ -75,6 +92,16 @@ def init_worker(lock_dir: Path | None, owner: int, log_level: str, log_file: Pat
                 os._exit(70)
 
     threading.Thread(target=watch, name="owner-watchdog", daemon=True).start()
+    if warm is not None:
+        try:
+            warm_up(warm)
+        except Exception:
+            log.exception("job worker warm-up failed: the first job loads what it needs")
+
+
+def ready() -> int:
+    """A task that does nothing: submitted to start a worker ahead of the first job."""
+    return os.getpid()
 
 
 @contextlib.contextmanager
@@ -262,4 +289,6 @@ def _end(db: Database, ctx: JobContext) -> str:
         assert job is not None
         if not state.allowed(job.state, "finish"):
             return job.state  # cancelled while its last stage ran
-        return state.transition(s, job, "finish")
+        ended = state.transition(s, job, "finish")
+    drop_volumes(ctx)  # the decoded series are not kept with a finished job's results
+    return ended
