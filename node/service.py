@@ -42,6 +42,7 @@ from node.dicom.scp import StorageSCP
 from node.health import Health, MonitoringServer
 from node.jobs import Runner, make_runner, recover
 from node.jobs import Scheduler as JobScheduler
+from node.jobs.wake import Wake
 from node.metrics import JobEnd, NodeMetrics
 from node.pipelines import load_pipelines
 from node.store.files import InstanceFiles
@@ -83,6 +84,7 @@ class Node:
         #: Receiver processes behind the port (dicom.receivers > 1); else self.scp receives.
         self.receivers = ReceiverPool(settings, count, self._audit) if count > 1 else None
         self.scheduler = BackgroundScheduler(timezone="UTC")
+        self.wake = Wake(self.db, self.scheduler, settings.scheduler.series_stable_seconds)
         self.started_at = datetime.now(UTC)
         self._stop = threading.Event()
         folder = settings.jobs.pipelines_dir
@@ -169,7 +171,7 @@ class Node:
         if recovered:
             log.info("re-queued %d job(s) interrupted by a stop: %s", len(recovered), recovered)
         if self.pipelines:
-            self.runner = make_runner(self.db, self.settings, self.pipelines)
+            self.runner = make_runner(self.db, self.settings, self.pipelines, self.wake.delivery)
         if self.receivers is not None:
             self.receivers.start()
         else:
@@ -266,6 +268,9 @@ class Node:
             if self.runner is not None:
                 for job_id in self.runner.tick():
                     log.info("job %d started", job_id)
+            # The next tick at the next stability deadline; job workers started meanwhile.
+            warm = self.runner.warm if self.runner is not None else None
+            self.wake.after_tick(self.job_scheduler.retry_at, warm)
         except Exception:
             log.exception("scheduler tick failed")
         for end in self.metrics.follow():

@@ -58,6 +58,9 @@ class Scheduler:
         self._headers: dict[str, dict[str, Any]] = {}
         # study UID -> (series UID, instance count) pairs already decided on
         self._settled: dict[str, tuple[tuple[str, int], ...]] = {}
+        #: The earliest moment a pipeline said it would decide again (waiting for an
+        #: optional series), as of the last tick; None when none waits.
+        self.retry_at: datetime | None = None
 
     def _attributes(self, root: Path, series_uid: str, path: str, modality: str | None) -> Any:
         if series_uid not in self._headers:
@@ -82,17 +85,20 @@ class Scheduler:
         """Create the jobs that are due; return their ids."""
         moment = now or utcnow()
         created = []
+        retry: list[datetime] = []
         for study_uid, infos, counts, signature in self._candidates(moment):
             waiting = False
             for pipeline in self.pipelines:
                 decision = decide(pipeline, infos, now=moment)
                 waiting |= decision.retry_at is not None
+                retry += [decision.retry_at] if decision.retry_at is not None else []
                 if decision.start:
                     job_id = self._create(study_uid, pipeline, decision, counts)
                     if job_id is not None:
                         created.append(job_id)
             if not waiting:  # final for these series until one changes or a new one comes
                 self._settled[study_uid] = signature
+        self.retry_at = min(retry, default=None)
         return created
 
     def _candidates(
