@@ -54,18 +54,23 @@ def _datetime(dialect: Dialect) -> tuple[_Processor | None, _Processor | None]:
     return found
 
 
-#: session.info key: (the root transaction, its Direct).
+#: session.info key: (the transaction it was made in, its Direct).
 _INFO_KEY = "sarcnode.direct"
 
 
 def direct(session: Session) -> Direct:
-    """The :class:`Direct` of ``session``'s current transaction (made once per transaction)."""
-    transaction = session.get_transaction()
+    """The :class:`Direct` of ``session``'s innermost transaction (made once per transaction).
+
+    Made again inside each savepoint: asking the session for its connection
+    there is what makes SQLAlchemy emit the ``SAVEPOINT``, so a savepoint
+    rolled back undoes the statements run in it.
+    """
+    current = session.get_nested_transaction() or session.get_transaction()
     cached = session.info.get(_INFO_KEY)
-    if cached is not None and transaction is not None and cached[0] is transaction:
+    if cached is not None and current is not None and cached[0] is current:
         return cached[1]  # type: ignore[no-any-return]
-    made = Direct(session)  # begins the transaction when none is
-    session.info[_INFO_KEY] = (session.get_transaction(), made)
+    made = Direct(session)  # begins the transaction (or emits the savepoint) when due
+    session.info[_INFO_KEY] = (session.get_nested_transaction() or session.get_transaction(), made)
     return made
 
 
@@ -74,7 +79,7 @@ class Direct:
 
     Create it inside the transaction (it begins it when not begun yet) and
     use it only there: a later transaction of the same session may run on
-    another connection. :func:`direct` keeps one per transaction.
+    another connection. :func:`direct` keeps one per transaction and savepoint.
     """
 
     def __init__(self, session: Session) -> None:

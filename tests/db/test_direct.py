@@ -77,3 +77,18 @@ def test_events_appended_directly_keep_the_keyed_chain_verifiable(db: Database) 
             '{"i":1,"when":"2026-01-01 00:00:00"}',
             '{"i":2,"when":"2026-01-01 00:00:00"}',
         ]
+
+
+def test_a_savepoint_rolled_back_undoes_what_ran_directly_in_it(db: Database) -> None:
+    """As a group commit runs each instance: one refused leaves its neighbours' rows."""
+    with db.session() as s:
+        record(s, "test.b", actor="node")
+        with pytest.raises(ValueError), s.begin_nested():
+            record(s, "test.c", actor="node")
+            raise ValueError("c refused")
+        with s.begin_nested():
+            record(s, "test.d", actor="node")
+    with db.session() as s:
+        actions = s.scalars(select(AuditEvent.action).order_by(AuditEvent.seq)).all()
+        assert actions == ["test.b", "test.d"]
+        assert verify(s).ok
