@@ -247,10 +247,18 @@ class BlockingDUL(DULServiceProvider):
 
     # -- the DUL thread ---------------------------------------------------------------
 
-    def _notify_user(self) -> None:
-        """Something may be waiting for the association thread: wake it."""
+    def _notify_user(self, *, always: bool = True) -> None:
+        """Wake the association thread: always, or when a message or primitive waits for it.
+
+        After a state-machine action only a complete DIMSE message (the DIMSE
+        provider's queue) or an A-RELEASE/A-ABORT primitive (the user queue)
+        concerns the reactor; waking it for every P-DATA-TF PDU of a data set
+        would only take the GIL from this thread.
+        """
         wake = getattr(self.assoc, "wake_reactor", None)
-        if wake is not None:
+        if wake is None:
+            return
+        if always or self.to_user_queue.queue or self.assoc.dimse.msg_queue.queue:
             wake()
 
     def run_reactor(self) -> None:
@@ -285,7 +293,7 @@ class BlockingDUL(DULServiceProvider):
                     self._wait()
                     continue
                 self.state_machine.do_action(event)
-                self._notify_user()
+                self._notify_user(always=False)
         finally:
             with self._wake_lock:
                 for fd in (self._wake_r, self._wake_w):
