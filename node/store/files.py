@@ -59,6 +59,7 @@ class InstanceFiles:
         self._new_entries: set[Path] = set()
         self._entries_lock = threading.Lock()
         self._fsyncs: ThreadPoolExecutor | None = None
+        self._fsyncs_pid = 0
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The path of an instance relative to the root, after validating each UID.
@@ -184,9 +185,11 @@ class InstanceFiles:
             raise failure
 
     def _pool(self) -> ThreadPoolExecutor:
+        """The fsync threads: made on first use, and again in a forked child (no threads there)."""
         with self._entries_lock:
-            if self._fsyncs is None:
+            if self._fsyncs is None or self._fsyncs_pid != os.getpid():
                 self._fsyncs = ThreadPoolExecutor(_FSYNC_THREADS, thread_name_prefix="fsync")
+                self._fsyncs_pid = os.getpid()
             return self._fsyncs
 
     def sync_folders(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,30 @@ def test_a_failed_folder_sync_is_retried_by_the_next(
     monkeypatch.setattr(files_module, "fsync_dir", spy)
     files.sync_folders()
     assert synced == [files.dicom_dir, files.dicom_dir / "1.2", files.dicom_dir / "1.2" / "1.2.3"]
+
+
+def test_a_forked_child_syncs_on_threads_of_its_own(tmp_path: Path) -> None:
+    """The parent's fsync threads do not exist in a fork: the child must not wait on them."""
+    import os
+
+    files = InstanceFiles(tmp_path / "store")
+    files.sync_placed([place(files, "1.2", "1.2.3", "1.2.3.1")])  # the parent's pool exists
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only when its sync completed
+        code = 1
+        try:
+            files.sync_placed([place(files, "1.2", "1.2.3", "1.2.3.2")])
+            code = 0
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the child's sync never finished (it waited on the parent's threads)")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
