@@ -7,7 +7,8 @@ abort. The inbound guard (:mod:`node.dicom.inbound`) instead gives each C-STORE
 data set a :class:`Spool`: the fragments are appended to
 ``<root>/tmp/<uuid>.part`` behind the preamble and File Meta Information the
 stored file will carry, and hashed as they come. The ingestor reads the header
-back from the file, fsyncs it (:meth:`Spool.finish`) and renames it into place,
+back from the file, closes it (:meth:`Spool.finish`) and renames it into place
+(fsynced there with its folder before the row commits),
 so an instance is written once and never copied.
 
 A spool that cannot be written (disk full, read-only, free disk under
@@ -162,7 +163,7 @@ class Spool:
         self._size += len(data)
 
     def flush(self) -> None:
-        """Nothing to flush: writes are unbuffered (:meth:`finish` fsyncs once)."""
+        """Nothing to flush: writes are unbuffered (fsynced once, when placed or finished)."""
 
     def _room(self) -> bool:
         """Whether free disk is above the floor; below it the spool becomes a sink."""
@@ -187,7 +188,7 @@ class Spool:
         self.discard()
 
     def finish(self, *, fsync: bool) -> Staged:
-        """The complete file, fsynced and closed, ready to be placed.
+        """The complete file, closed (and fsynced when ``fsync``), ready to be placed.
 
         Raises
         ------
