@@ -18,7 +18,8 @@ one association carrying all N files, then --parallel associations at once
 (files split evenly, one storescu per share; storescp gets --fork then). The
 figure is N / wall-clock seconds of the storescu process(es), including
 storescu's own start-up and file scanning. Afterwards the receiver's count is
-checked. Targets (from the issue): sarcnode >= 1.5x Orthanc, >= 0.5x storescp.
+checked. Targets (issue 17): sarcnode >= 1.0x Orthanc on one association and
+>= 1.5x on eight; >= 0.5x storescp (issue 1).
 
 ``--before DIR`` adds "sarcnode-before": the same serve run from another
 source tree (a checkout of an earlier commit, e.g. ``git worktree add
@@ -57,7 +58,9 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 STORESCU, STORESCP, ECHOSCU = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/echoscu"
 ORTHANC = Path("/usr/sbin/Orthanc")
 SARCNODE = Path(sys.executable).parent / "sarcnode"
-TARGETS = {"orthanc": 1.5, "storescp": 0.5}
+#: Aims per peer: (one association, --parallel associations). Issue 17 asks >= 1.0x
+#: Orthanc on one association and >= 1.5x on eight; issue 1's 0.5x of storescp stays.
+TARGETS = {"orthanc": (1.0, 1.5), "storescp": (0.5, 0.5)}
 
 
 def free_port() -> int:
@@ -323,8 +326,11 @@ def main() -> int:
         print(f"{rx.name:15} {cells[0]} {cells[1]}  {rx.note}")
     ratios: dict[str, dict[str, float | bool | None]] = {}
     print()
-    for peer, target in TARGETS.items():
-        for mode, label in (("single", "1-assoc"), ("parallel", f"{args.parallel}-assoc")):
+    for peer, (single_target, parallel_target) in TARGETS.items():
+        for mode, label, target in (
+            ("single", "1-assoc", single_target),
+            ("parallel", f"{args.parallel}-assoc", parallel_target),
+        ):
             mine, theirs = rate("sarcnode", mode), rate(peer, mode)
             if mine is None or theirs is None:
                 print(f"sarcnode/{peer:8} {label:8}: n/a")
