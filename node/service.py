@@ -268,9 +268,7 @@ class Node:
             if self.runner is not None:
                 for job_id in self.runner.tick():
                     log.info("job %d started", job_id)
-            # The next tick at the next stability deadline; job workers started meanwhile.
-            warm = self.runner.warm if self.runner is not None else None
-            self.wake.after_tick(self.job_scheduler.retry_at, warm)
+            self.wake.after_tick(self.job_scheduler.retry_at)  # the next tick when due
         except Exception:
             log.exception("scheduler tick failed")
         for end in self.metrics.follow():

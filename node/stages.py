@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import cache
@@ -47,6 +50,8 @@ if TYPE_CHECKING:
     from node.priors import PriorPlan
     from pipelines.compare import Comparison
     from pipelines.segment.infer import Segmenter
+
+log = logging.getLogger("node.jobs")
 
 
 @dataclass(frozen=True)
@@ -215,7 +220,40 @@ def segment(ctx: JobContext) -> dict[str, Any]:
     """
     volumes = _volumes(ctx, _series(ctx))
     segmenter = _segmenter(ctx.segmentation_model, ctx.device)
-    return chain.segment(volumes, segmenter, ctx.folder / "segment").to_json()
+    _AHEAD.clear()  # one job at a time in a worker: no other job's is still wanted
+    pool = radiomics_pool(ctx.radiomics_workers)
+    registrations = None
+    # On a GPU the network leaves the CPUs idle: the registrations and the radiomics
+    # stage's N4 corrections run in the pool meanwhile. On CPU the network fills the
+    # cores, and running them alongside it was slower (bench/README.md, e2e).
+    if pool is not None and segmenter.device.type != "cpu":
+        registrations = chain.register_ahead(volumes, pool)
+        _AHEAD[ctx.folder] = _prepare_ahead(ctx, volumes, pool)  # queued behind those
+    out = ctx.folder / "segment"
+    return chain.segment(volumes, segmenter, out, registrations=registrations).to_json()
+
+
+#: The radiomics stage's mask-independent preparation, started by the segment stage of the
+#: job (its folder) this worker runs: role -> future of (body mask, N4-corrected image).
+_AHEAD: dict[Path, dict[str, Future[tuple[sitk.Image, sitk.Image]]]] = {}
+
+
+def _prepare_ahead(
+    ctx: JobContext, volumes: chain.Volumes, pool: ProcessPoolExecutor
+) -> dict[str, Future[tuple[sitk.Image, sitk.Image]]]:
+    """Submit each extracted sequence's outline and N4 correction, which need no mask.
+
+    They run in the pool while the network segments on a GPU; the radiomics
+    stage of the same job in this process takes the results
+    (:func:`pipelines.radiomics.study.prepare_roles`, same values).
+    """
+    from pipelines.radiomics.study import prepare_role
+    from pipelines.scoring.cards import plan
+
+    signatures, _ = _signatures(ctx)
+    extractions, _ = plan(signatures, set(volumes.images))
+    roles = [r for r in volumes.images if any(r in e.sequences for e in extractions)]
+    return {role: pool.submit(prepare_role, volumes.images[role]) for role in roles}
 
 
 def _signatures(ctx: JobContext) -> tuple[list[SignatureCard], list[dict[str, Any]]]:
@@ -258,6 +296,7 @@ def radiomics(ctx: JobContext) -> dict[str, Any]:
             ctx.folder / "radiomics",
             study=ctx.study_instance_uid,
             pool=pool,
+            prepared=_AHEAD.pop(ctx.folder, None) if pool is not None else None,
         )
     except BrokenProcessPool:  # a worker died (memory?): the next attempt starts a new pool
         _POOLS.pop(ctx.radiomics_workers, None)
@@ -296,15 +335,31 @@ def warm_up(warm: Warm) -> None:
     """Load the segmentation models, then start the extraction pool's processes.
 
     The first stage needs the models, so they come first; the pool's
-    processes import PyRadiomics while that stage runs. A job then finds
-    both ready instead of paying for them on its clock.
+    processes import PyRadiomics while that stage runs (this returns without
+    waiting for them). A job then finds both ready instead of paying for
+    them on its clock. Each part logs when it is ready.
     """
+    began = time.monotonic()
     for model, device in warm.models:
         _segmenter(model, device)
+    log.info(
+        "job worker %d: %d model(s) loaded in %.1f s",
+        os.getpid(),
+        len(warm.models),
+        time.monotonic() - began,
+    )
     pool = radiomics_pool(warm.radiomics_workers)
-    if pool is not None:
-        for _ in range(warm.radiomics_workers):
-            pool.submit(os.getpid)  # each submit starts one more worker
+    if pool is None:
+        return
+    started = [pool.submit(os.getpid) for _ in range(warm.radiomics_workers)]  # one worker each
+    pid = os.getpid()
+
+    def ready() -> None:
+        wait(started)
+        seconds = time.monotonic() - began
+        log.info("job worker %d: extraction pool of %d warm in %.1f s", pid, len(started), seconds)
+
+    threading.Thread(target=ready, name="pool-warm", daemon=True).start()
 
 
 def score(ctx: JobContext) -> dict[str, Any]:

@@ -18,7 +18,7 @@ anatomy, no tumour found); anything else is a bug or the machine.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from pipelines.segment.card import SegModelCard
 
 if TYPE_CHECKING:
     from pipelines.compare import Comparison
+    from pipelines.preprocess import Registration
     from pipelines.segment.infer import Segmenter
 
 #: The clinical-factor key ComBat harmonisation reads the scanner batch from.
@@ -142,10 +143,33 @@ class Masks:
         )
 
 
-def segment(volumes: Volumes, segmenter: Segmenter, out: Path) -> Masks:
+def register_ahead(volumes: Volumes, pool: Executor) -> dict[str, Future[Registration]]:
+    """Each other role's registration onto the primary volume, submitted to ``pool``.
+
+    A registration needs no mask, so it can run while the network segments
+    (:func:`segment` takes these futures).
+    """
+    from pipelines.preprocess import register_rigid
+
+    primary = volumes.images[volumes.primary]
+    return {
+        role: pool.submit(register_rigid, image, primary)
+        for role, image in volumes.images.items()
+        if role != volumes.primary
+    }
+
+
+def segment(
+    volumes: Volumes,
+    segmenter: Segmenter,
+    out: Path,
+    *,
+    registrations: Mapping[str, Future[Registration]] | None = None,
+) -> Masks:
     """Tumour mask on the primary volume, carried to the others by rigid registration.
 
-    Masks are written as ``out/<role>_tumour.nii.gz``.
+    Masks are written as ``out/<role>_tumour.nii.gz``. ``registrations``
+    (from :func:`register_ahead`) are used instead of registering here.
 
     Raises
     ------
@@ -159,6 +183,7 @@ def segment(volumes: Volumes, segmenter: Segmenter, out: Path) -> Masks:
     from pipelines.segment.quality import InputRejected
 
     primary = volumes.images[volumes.primary]
+    ahead = registrations or {}
     try:
         result = segmenter.segment(primary)
     except InputRejected as exc:
@@ -169,7 +194,7 @@ def segment(volumes: Volumes, segmenter: Segmenter, out: Path) -> Masks:
     accepted: dict[str, bool] = {}
     for role, image in volumes.images.items():
         if role != volumes.primary:
-            registration = register_rigid(image, primary)
+            registration = ahead[role].result() if role in ahead else register_rigid(image, primary)
             masks[role] = carry_mask(result.mask, image, registration.transform)
             accepted[role] = bool(registration.accepted)
     out.mkdir(parents=True, exist_ok=True)
@@ -293,6 +318,7 @@ def extract(
     study: str,
     workers: int | None = 1,
     pool: ProcessPoolExecutor | None = None,
+    prepared: Mapping[str, Future[tuple[sitk.Image, sitk.Image]]] | None = None,
 ) -> Features:
     """Features for each card that applies, one extraction per distinct parameter set.
 
@@ -301,14 +327,22 @@ def extract(
     ``out/features-<key>.csv``. ``study`` labels the tables' rows. ``pool``
     (:func:`pipelines.radiomics.extract.worker_pool`, kept warm by the
     caller) runs the work in its processes; without one, ``workers``
-    processes are started for the call (1: this process). The values do not
-    depend on either.
+    processes are started for the call (1: this process). ``prepared`` holds
+    sequences' mask-independent preparation already under way
+    (:func:`pipelines.radiomics.study.prepare_role` submitted to ``pool``).
+    The values depend on none of these.
     """
     from pipelines.scoring.study import extract_all
 
     extractions, skipped = plan(signatures, set(volumes.images))
     tables, failed = extract_all(
-        extractions, volumes.images, masks.images, study=study, workers=workers, pool=pool
+        extractions,
+        volumes.images,
+        masks.images,
+        study=study,
+        workers=workers,
+        pool=pool,
+        prepared=prepared,
     )
     skipped |= failed
     out.mkdir(parents=True, exist_ok=True)

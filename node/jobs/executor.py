@@ -62,7 +62,6 @@ class Runner:
         self.on_finished = on_finished
         self.running: dict[int, Any] = {}
         self._mutex = threading.Lock()
-        self._warmed = False
         self._start()
 
     def warm_spec(self) -> Warm:
@@ -87,24 +86,19 @@ class Runner:
                 self.warm_spec(),
             ),
         )
-        self._warmed = False
+        self._warm()
 
-    def warm(self) -> None:
-        """Start the job workers now, once per pool, rather than when the first job comes.
+    def _warm(self) -> None:
+        """Start the pool's job workers now rather than when the first job comes.
 
         A worker's start-up (:func:`node.jobs.worker.init_worker`) imports the
         stages, loads the segmentation models and starts the warm extraction
         pool: seconds that would otherwise count in the first job's time.
-        Called while a study is arriving, so it overlaps the stability window.
         """
-        if self._warmed:
-            return
-        self._warmed = True
         for _ in range(self.settings.jobs.max_parallel):  # each submit starts one more worker
             self.pool.submit(ready)
 
     def _submit(self, ctx: JobContext, stages: list[str]) -> Any:
-        self._warmed = True  # the pool starts its workers for this job anyway
         future = self.pool.submit(execute, ctx, stages, policy=self.policy)
         if self.on_finished is not None:
             callback = self.on_finished
@@ -280,9 +274,6 @@ class RayRunner(Runner):
                 ray.init(num_cpus=executor.num_cpus, include_dashboard=False)
         # Any: ray's overloads type a function by its count of parameters, defaults aside.
         self._task: Any = ray.remote(execute)
-
-    def warm(self) -> None:
-        """Nothing to start ahead: Ray keeps its own workers."""
 
     def _submit(self, ctx: JobContext, stages: list[str]) -> Any:
         gpus = 1 if ctx.device == "cuda" else 0

@@ -14,7 +14,6 @@ the database, so series received by other processes count too.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -56,17 +55,9 @@ class Wake:
         self.db, self.scheduler, self.stable_seconds = db, scheduler, stable_seconds
         self.tick, self.deliver = tick, deliver
 
-    def after_tick(
-        self, retry_at: datetime | None = None, arriving: Callable[[], None] | None = None
-    ) -> datetime | None:
-        """Bring the next tick forward to the next stability deadline or ``retry_at``; return it.
-
-        ``arriving`` is called when a series is still receiving (a job may
-        follow: the runner can start its workers meanwhile).
-        """
+    def after_tick(self, retry_at: datetime | None = None) -> datetime | None:
+        """Bring the next tick forward to the next stability deadline or ``retry_at``; return it."""
         stable_at = next_stable_at(self.db, self.stable_seconds)
-        if stable_at is not None and arriving is not None:
-            arriving()
         due = min((t for t in (stable_at, retry_at) if t is not None), default=None)
         if due is not None:
             self._bring_forward(self.tick, max(due + MARGIN, utcnow() + MARGIN))

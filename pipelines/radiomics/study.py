@@ -14,7 +14,7 @@ extraction; PyRadiomics then normalises the crop (``normalize: true``).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,26 +170,44 @@ class Request:
     params: Mapping[str, Any]
 
 
+Prepared = tuple[sitk.Image, sitk.Image]  # (body mask, N4-corrected image): prepare_role's
+
+
 def prepare_roles(
-    images: Mapping[str, sitk.Image], pool: ProcessPoolExecutor | None = None
-) -> tuple[dict[str, tuple[sitk.Image, sitk.Image]], dict[str, str]]:
-    """(role -> :func:`prepare_role`'s result, role -> why it failed), in ``pool`` when given."""
-    done: dict[str, tuple[sitk.Image, sitk.Image]] = {}
+    images: Mapping[str, sitk.Image],
+    pool: ProcessPoolExecutor | None = None,
+    ahead: Mapping[str, Future[Prepared]] | None = None,
+) -> tuple[dict[str, Prepared], dict[str, str]]:
+    """(role -> :func:`prepare_role`'s result, role -> why it failed), in ``pool`` when given.
+
+    ``ahead`` holds roles whose preparation was submitted before (while the
+    tumour was being segmented): their results are taken from there.
+    """
+    done: dict[str, Prepared] = {}
     failed: dict[str, str] = {}
-    if pool is None:
-        for role, image in images.items():
-            try:
-                done[role] = prepare_role(image)
-            except ValueError as exc:  # this study's image, not the node
-                failed[role] = str(exc)
-        return done, failed
-    futures = {role: pool.submit(prepare_role, image) for role, image in images.items()}
+    ahead = ahead or {}
+    futures = {
+        role: ahead[role] if role in ahead else _submit(pool, image)
+        for role, image in images.items()
+    }
     for role, future in futures.items():
         try:
             done[role] = future.result()
-        except ValueError as exc:
+        except ValueError as exc:  # this study's image, not the node
             failed[role] = str(exc)
     return done, failed
+
+
+def _submit(pool: ProcessPoolExecutor | None, image: sitk.Image) -> Future[Prepared]:
+    """:func:`prepare_role` in ``pool``, or done here (as a finished future) without one."""
+    if pool is not None:
+        return pool.submit(prepare_role, image)
+    future: Future[Prepared] = Future()
+    try:
+        future.set_result(prepare_role(image))
+    except ValueError as exc:
+        future.set_exception(exc)
+    return future
 
 
 def study_tables(
@@ -201,6 +219,7 @@ def study_tables(
     seed: int = 0,
     workers: int | None = 1,
     pool: ProcessPoolExecutor | None = None,
+    prepared: Mapping[str, Future[Prepared]] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """(request key -> tidy table, request key -> why it failed) for several extractions at once.
 
@@ -209,10 +228,11 @@ def study_tables(
     each sequence's body outline and N4 correction, and every PyRadiomics
     unit whose voxels and parameters two requests have in common. With
     ``pool`` the sequences are prepared side by side and the units spread
-    over its workers.
+    over its workers; ``prepared`` is preparation submitted before
+    (:func:`prepare_roles`).
     """
     roles = [r for r in images if any(r in q.sequences for q in requests)]
-    prepared, broken = prepare_roles({r: images[r] for r in roles}, pool)
+    ready, broken = prepare_roles({r: images[r] for r in roles}, pool, prepared)
     failed: dict[str, str] = {}
     planned = []
     for q in requests:
@@ -222,7 +242,7 @@ def study_tables(
                 raise ValueError(broken[bad[0]])
             subset = {r: images[r] for r in q.sequences}
             want_habitats = any(r.startswith("habitat") for r in q.regions)
-            prep = prepare_study(subset, habitats=want_habitats, roles=prepared)
+            prep = prepare_study(subset, habitats=want_habitats, roles=ready)
             crops, regions, counts = study_regions(
                 subset, {r: tumours[r] for r in q.sequences}, seed=seed, wanted=q.regions, prep=prep
             )

@@ -10,7 +10,7 @@ the reason: the other cards still score, and nothing fails.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 import pandas as pd
@@ -33,16 +33,20 @@ def extract_all(
     study: str,
     workers: int | None = 1,
     pool: ProcessPoolExecutor | None = None,
+    prepared: Mapping[str, Future[tuple[sitk.Image, sitk.Image]]] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, str]]:
     """(extraction key -> tidy table, card id -> why its extraction failed).
 
     The extractions share their common work (:func:`pipelines.radiomics.study.study_tables`);
-    ``pool`` (a warm :func:`pipelines.radiomics.extract.worker_pool`) runs it.
+    ``pool`` (a warm :func:`pipelines.radiomics.extract.worker_pool`) runs it;
+    ``prepared`` is sequences' preparation already submitted to it.
     """
     from pipelines.radiomics.study import Request, study_tables
 
     requests = [Request(e.key, e.sequences, e.regions, e.params) for e in extractions]
-    tables, errors = study_tables(requests, images, masks, study=study, workers=workers, pool=pool)
+    tables, errors = study_tables(
+        requests, images, masks, study=study, workers=workers, pool=pool, prepared=prepared
+    )
     failed: dict[str, str] = {}
     for extraction in extractions:
         if extraction.key in errors:
