@@ -210,6 +210,46 @@ def _submit(pool: ProcessPoolExecutor | None, image: sitk.Image) -> Future[Prepa
     return future
 
 
+Regions = tuple[
+    dict[str, sitk.Image], dict[str, dict[str, sitk.Image]], dict[str, dict[str, float]]
+]  # what study_regions gives: crops, region masks, habitat counts
+
+
+def _request_regions(
+    q: Request,
+    images: Mapping[str, sitk.Image],
+    tumours: Mapping[str, sitk.Image],
+    ready: Mapping[str, Prepared],
+    made: dict[tuple[str, ...], Regions],
+    seed: int,
+) -> Regions:
+    """:func:`study_regions` for one request, a sequence's regions reused from ``made``.
+
+    Without habitats a sequence's crop and regions depend only on its own
+    image and tumour and on the body outline's sequence, so a second request
+    with the same sequence, outline and regions takes them from ``made``.
+    """
+    subset = {r: images[r] for r in q.sequences}
+    want_habitats = any(r.startswith("habitat") for r in q.regions)
+    prep = prepare_study(subset, habitats=want_habitats, roles=ready)
+    if want_habitats:  # the other sequence's image takes part: made for this request
+        return study_regions(
+            subset, {r: tumours[r] for r in q.sequences}, seed=seed, wanted=q.regions, prep=prep
+        )
+    outline = "T1" if "T1" in subset else next(iter(subset))
+    crops: dict[str, sitk.Image] = {}
+    regions: dict[str, dict[str, sitk.Image]] = {}
+    for role in q.sequences:
+        key = (role, outline, *q.regions)
+        if key not in made:
+            made[key] = study_regions(
+                subset, {role: tumours[role]}, seed=seed, wanted=q.regions, prep=prep
+            )
+        crops |= made[key][0]
+        regions |= made[key][1]
+    return crops, regions, {}
+
+
 def study_tables(
     requests: Sequence[Request],
     images: Mapping[str, sitk.Image],
@@ -235,17 +275,13 @@ def study_tables(
     ready, broken = prepare_roles({r: images[r] for r in roles}, pool, prepared)
     failed: dict[str, str] = {}
     planned = []
+    made: dict[tuple[str, ...], Regions] = {}
     for q in requests:
         bad = [r for r in q.sequences if r in broken]
         try:
             if bad:
                 raise ValueError(broken[bad[0]])
-            subset = {r: images[r] for r in q.sequences}
-            want_habitats = any(r.startswith("habitat") for r in q.regions)
-            prep = prepare_study(subset, habitats=want_habitats, roles=ready)
-            crops, regions, counts = study_regions(
-                subset, {r: tumours[r] for r in q.sequences}, seed=seed, wanted=q.regions, prep=prep
-            )
+            crops, regions, counts = _request_regions(q, images, tumours, ready, made, seed)
             work = units(regions, crops, q.params, optional=HABITATS)
         except ValueError as exc:  # ExtractionError, an empty mask: this study, not the node
             failed[q.key] = str(exc)
