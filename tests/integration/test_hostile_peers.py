@@ -216,6 +216,9 @@ def test_random_byte_connections_cost_bounded_threads(node_factory: NodeFactory)
     node = node_factory({"dicom": FAST})
     node.start()
     pid = pid_of(node)
+    # One store first: the node's long-lived threads (the fsync pool) start on the first
+    # instance and are not the connections' threads this test bounds.
+    assert honest_store(node) == 0x0000
     before = threads(pid)
 
     def garbage(sock: socket.socket, stop: threading.Event) -> None:
