@@ -44,6 +44,27 @@ SR_SERIES_NUMBER = 9190
 PDF_SERIES_NUMBER = 9191
 
 
+def warm() -> None:
+    """Load what the encoders read from disk on their first use in a process.
+
+    Nothing here depends on a study: highdicom's tables of the standard
+    (JSON files it parses on first use; 0.5-0.8 s), and the report's fonts
+    (matplotlib loads and caches each face when it first measures text).
+    With the imports of this module that comes to 1.5-2 s a job worker would
+    otherwise spend inside its first job's encode stage.
+    """
+    from highdicom import _standard_utils as standard  # private: missing ones are skipped
+
+    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+        load = getattr(standard, name, None)
+        if callable(load):
+            load()
+    from pipelines.encode.layout import text_width
+
+    for weight in ("normal", "bold"):
+        text_width("sarcnode", 9, weight)
+
+
 def write_results(
     out: Path,
     *,
