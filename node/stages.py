@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import cache
@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from node.db.session import Database
     from node.priors import PriorPlan
     from pipelines.compare import Comparison
+    from pipelines.encode.results import Segs
     from pipelines.segment.infer import Segmenter
 
 log = logging.getLogger("node.jobs")
@@ -285,8 +286,10 @@ def radiomics(ctx: JobContext) -> dict[str, Any]:
     if not ctx.signatures:
         return {"skipped": NO_SIGNATURE, "extractions": [], "cards": []}
     signatures, broken = _signatures(ctx)
-    volumes = _volumes(ctx, _series(ctx))
+    series = _series(ctx)
+    volumes = _volumes(ctx, series)
     masks = chain.Masks.from_json(_checkpoint(ctx, "segment"), volumes)
+    _segs_ahead(ctx, series, masks)
     pool = radiomics_pool(ctx.radiomics_workers)
     try:
         features = chain.extract(
@@ -302,6 +305,42 @@ def radiomics(ctx: JobContext) -> dict[str, Any]:
         _POOLS.pop(ctx.radiomics_workers, None)
         raise
     return chain.Features(features.tables, features.cards + tuple(broken)).to_json()
+
+
+#: The SEGs of the job (its folder) whose radiomics stage this worker runs, being made in
+#: :data:`_SEG_THREAD` meanwhile for its encode stage (one job at a time in a worker).
+_SEGS: dict[Path, Future[Segs]] = {}
+_SEG_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segs-ahead")
+
+
+def _segs_ahead(ctx: JobContext, series: chain.StudySeries, masks: chain.Masks) -> None:
+    """Start making the job's SEGs in a thread, for the encode stage to write.
+
+    The SEGs need only the masks and the source images, not the scores: made
+    while the features are extracted (the cores are not all busy then), they
+    leave the SR and the PDF to the encode stage. A job whose encode stage
+    runs elsewhere (a restart, another worker) makes them there, as before.
+    """
+    from pipelines.segment.card import SegModelCard
+
+    def make() -> Segs:
+        model = SegModelCard.from_folder(ctx.segmentation_model)  # checks the weights: 0.1 s
+        return chain.make_segs(series, masks, model, ctx.job_key, ctx.uid_root)
+
+    _SEGS.clear()
+    _SEGS[ctx.folder] = _SEG_THREAD.submit(make)
+
+
+def _segs_made(ctx: JobContext) -> Segs | None:
+    """The job's SEGs made during its radiomics stage in this worker, if they were made."""
+    future = _SEGS.pop(ctx.folder, None)
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except Exception:  # the encode stage makes them again, and raises what it raises
+        log.warning("job %d: the SEGs made ahead failed; made again", ctx.job_id, exc_info=True)
+        return None
 
 
 #: This process's warm extraction pools by size (a job worker keeps its pool across jobs).
@@ -457,6 +496,7 @@ def encode(ctx: JobContext) -> dict[str, Any]:
         job_key=ctx.job_key,
         uid_root=ctx.uid_root,
         comparison=_comparison(ctx),
+        segs=_segs_made(ctx),
     ).to_json()
 
 

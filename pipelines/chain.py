@@ -34,6 +34,7 @@ from pipelines.segment.card import SegModelCard
 
 if TYPE_CHECKING:
     from pipelines.compare import Comparison
+    from pipelines.encode.results import Segs
     from pipelines.preprocess import Registration
     from pipelines.segment.infer import Segmenter
 
@@ -441,11 +442,13 @@ def encode(
     job_key: str,
     uid_root: str | None = None,
     comparison: Comparison | None = None,
+    segs: Segs | None = None,
 ) -> Encoded:
     """A SEG per segmented series, the TID 1500 SR and the PDF report, UIDs from ``job_key``.
 
     ``comparison`` (the study against its prior, :mod:`pipelines.compare`)
-    adds the change to the SR and the PDF.
+    adds the change to the SR and the PDF. ``segs``: the SEGs made ahead by
+    :func:`make_segs` (they need no scores), only written here.
     """
     from pipelines.encode.results import write_results
 
@@ -463,5 +466,16 @@ def encode(
         uid_root=uid_root,
         quality=masks.quality,
         comparison=comparison,
+        segs=segs,
     )
     return Encoded(written)
+
+
+def make_segs(
+    series: StudySeries, masks: Masks, model: SegModelCard, job_key: str, uid_root: str | None
+) -> Segs:
+    """The study's SEGs, made before the scores exist, for :func:`encode` to write."""
+    from pipelines.encode.results import make_segs as make
+    from pipelines.encode.seg import Algorithm
+
+    return make(series.refs, masks.images, Algorithm(model.id, model.version), job_key, uid_root)

@@ -16,6 +16,7 @@ the first 25 characters or so) and end with the clinical-use warning.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ def write_results(
     uid_root: str | None = None,
     quality: Mapping[str, Any] | None = None,
     comparison: Comparison | None = None,
+    segs: Segs | None = None,
 ) -> dict[str, Path]:
     """Write the objects under ``out``; return kind -> path (``seg_<role>``, ``sr``, ``pdf``).
 
@@ -94,6 +96,8 @@ def write_results(
     (:meth:`pipelines.segment.quality.Quality.as_dict`): the SR and the PDF
     show its score and whether a person should review the mask.
     ``comparison`` (the study against its prior) adds the change to both.
+    ``segs`` are the SEGs made ahead (:func:`make_segs`, same inputs): only
+    written here; without them (or made from other inputs) they are made here.
     """
     out.mkdir(parents=True, exist_ok=True)
     algorithm = Algorithm(segmentation_card.id, segmentation_card.version)
@@ -102,7 +106,7 @@ def write_results(
         for c in ({"clinical_use": segmentation_card.clinical_use}, *_scored(scores))
     )
     written, sources_by_role = _write_segs(
-        out, series, masks, algorithm, job_key, uid_root, not_clinical
+        out, series, masks, algorithm, job_key, uid_root, not_clinical, segs
     )
     if primary not in sources_by_role:
         return written
@@ -199,17 +203,52 @@ def _scored(scores: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [s for s in scores if "skipped" not in s]
 
 
-def _write_segs(
-    out: Path,
+@dataclass(frozen=True)
+class Segs:
+    """A study's SEGs made ahead: role -> SEG and its source datasets, before they are written.
+
+    Only the SEG's SeriesDescription waits for the scores (the clinical-use
+    warning follows the cards that scored), so the SEGs can be made while the
+    features are extracted and written by :func:`write_results` later.
+    ``made_for`` says from what (:func:`segs_key`): ``write_results`` makes
+    them again rather than write SEGs of other inputs.
+    """
+
+    made_for: tuple[str, ...]
+    segs: dict[str, Dataset]
+    sources: dict[str, list[Dataset]]
+
+
+def segs_key(
     series: Mapping[str, SeriesRef],
     masks: Mapping[str, sitk.Image],
     algorithm: Algorithm,
     job_key: str,
     uid_root: str | None,
-    not_clinical: bool,
-) -> tuple[dict[str, Path], dict[str, list[Dataset]]]:
-    """A SEG per role with a mask, numbered by role name: (kind -> path, role -> sources)."""
-    written: dict[str, Path] = {}
+) -> tuple[str, ...]:
+    """What a study's SEGs are made from, short of the masks' voxels (their roles, sizes)."""
+    roles = [r for r in sorted(series) if r in masks]
+    shapes = [f"{r}:{series[r].series_instance_uid}:{masks[r].GetSize()}" for r in roles]
+    return (algorithm.name, algorithm.version, job_key, uid_root or "", *shapes)
+
+
+def make_segs(
+    series: Mapping[str, SeriesRef],
+    masks: Mapping[str, sitk.Image],
+    algorithm: Algorithm,
+    job_key: str,
+    uid_root: str | None = None,
+) -> Segs:
+    """A SEG per role in ``series`` with a mask, numbered by role name; not written yet.
+
+    Raises
+    ------
+    pipelines.encode.seg.EncodeError
+        A source series the SEG cannot describe (multi-frame), a mask off its grid.
+    ValueError
+        More segmented series than SeriesNumbers below the SR's.
+    """
+    segs: dict[str, Dataset] = {}
     sources_by_role = {}
     for number, role in enumerate(sorted(series), start=1):
         if role not in masks:
@@ -218,7 +257,7 @@ def _write_segs(
             raise ValueError(f"too many segmented series for distinct SeriesNumbers: {number}")
         sources = source_datasets(series[role].files)
         sources_by_role[role] = sources
-        seg = encode_seg(
+        segs[role] = encode_seg(
             sources,
             {"tumour": masks[role]},
             algorithm=algorithm,
@@ -226,11 +265,29 @@ def _write_segs(
             series_number=SEG_SERIES_BASE + number,
             uid_root=uid_root,
         )
-        source = str(sources[0].get("SeriesDescription") or "").strip()
+    return Segs(segs_key(series, masks, algorithm, job_key, uid_root), segs, sources_by_role)
+
+
+def _write_segs(
+    out: Path,
+    series: Mapping[str, SeriesRef],
+    masks: Mapping[str, sitk.Image],
+    algorithm: Algorithm,
+    job_key: str,
+    uid_root: str | None,
+    not_clinical: bool,
+    ahead: Segs | None = None,
+) -> tuple[dict[str, Path], dict[str, list[Dataset]]]:
+    """Each role's SEG written (``ahead``'s if made from these inputs): (kind -> path, sources)."""
+    if ahead is None or ahead.made_for != segs_key(series, masks, algorithm, job_key, uid_root):
+        ahead = make_segs(series, masks, algorithm, job_key, uid_root)
+    written: dict[str, Path] = {}
+    for role, seg in ahead.segs.items():
+        source = str(ahead.sources[role][0].get("SeriesDescription") or "").strip()
         seg.SeriesDescription = series_description(
             f"Tumour SEG on {role}" + (f" ({source})" if source else ""), not_clinical
         )
         path = out / f"seg_{role}.dcm"
         seg.save_as(path, enforce_file_format=True)
         written[f"seg_{role}"] = path
-    return written, sources_by_role
+    return written, ahead.sources

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 from pydicom.uid import generate_uid
@@ -23,7 +25,9 @@ from pydicom.uid import generate_uid
 from node import stages
 from node.stages import JobContext
 from pipelines import chain
+from pipelines.encode.results import Segs
 from pipelines.scoring.cards import SignatureCard
+from pipelines.segment.card import SegModelCard
 from tests.dicomgen import mr_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +59,7 @@ def _phantom(size: int, slices: int, spacing: float, step: float) -> tuple[np.nd
 
 def _series(
     folder: Path, study: str, role: str, size: int, slices: int, spacing: float, step: float
-):
+) -> tuple[str, list[Path], np.ndarray]:
     """Write one phantom series; return its files and its tumour mask's voxels."""
     image, tumour = _phantom(size, slices, spacing, step)
     series, frame = generate_uid(), "1.2.826.0.1.3680043.8.498.77"
@@ -167,3 +171,75 @@ def test_later_stages_read_the_series_from_the_job_folder_not_the_files(job: Job
 
     stages.drop_volumes(job)  # a finished job keeps its headers, not its decoded voxels
     assert sorted(p.name for p in (job.folder / stages.INPUTS).iterdir()) == ["series.json"]
+
+
+#: What differs between two SEGs of the same inputs made at different moments: when they
+#: were made, and the DimensionOrganizationUID (highdicom draws a new one for each SEG).
+VARIES = {
+    "ContentDate",
+    "ContentTime",
+    "InstanceCreationDate",
+    "InstanceCreationTime",
+    "ContributionDateTime",
+    "DimensionOrganizationUID",
+}
+
+
+def _seg_content(path: Path) -> dict[str, object]:
+    """A written SEG's elements and pixel data, save for what :data:`VARIES` names."""
+    ds = pydicom.dcmread(path)
+
+    def blank(dataset: pydicom.Dataset, element: pydicom.DataElement) -> None:
+        if element.keyword in VARIES:
+            element.value = None
+
+    ds.walk(blank)
+    return {"file_meta": ds.file_meta.to_json_dict(), "dataset": ds.to_json_dict()}
+
+
+def test_the_segs_made_beside_the_radiomics_stage_are_the_ones_the_encode_stage_makes(
+    job: JobContext, tmp_path: Path
+) -> None:
+    series = stages._series(job)
+    masks = chain.Masks.from_json(stages._checkpoint(job, "segment"), stages._volumes(job, series))
+    stages._segs_ahead(job, series, masks)  # what the radiomics stage starts in its thread
+    ahead = stages._SEGS[job.folder].result()
+    assert sorted(ahead.segs) == ["T1", "T2FS"]
+
+    early = stages.encode(job)["files"]
+    assert job.folder not in stages._SEGS  # taken by the encode stage
+    # The datasets made ahead are the ones written: the stage named them after their series.
+    assert ahead.segs["T2FS"].SeriesDescription == "Tumour SEG on T2FS (T2FS) NOT FOR CLINICAL USE"
+    kept = {kind: _seg_content(Path(path)) for kind, path in early.items() if "seg_" in kind}
+    assert sorted(kept) == ["seg_T1", "seg_T2FS"]
+
+    late = stages.encode(job)["files"]  # nothing made ahead: the stage makes them itself
+    assert late == early  # the same files, overwritten
+    for kind, content in kept.items():
+        assert _seg_content(Path(late[kind])) == content
+
+
+def test_segs_made_ahead_for_other_inputs_are_not_written(job: JobContext) -> None:
+    series = stages._series(job)
+    masks = chain.Masks.from_json(stages._checkpoint(job, "segment"), stages._volumes(job, series))
+    model = SegModelCard.from_folder(job.segmentation_model)
+    wrong = chain.make_segs(series, masks, model, "another-job", job.uid_root)
+    future: Future[Segs] = Future()
+    future.set_result(wrong)
+    stages._SEGS[job.folder] = future
+
+    files = stages.encode(job)["files"]
+    written = pydicom.dcmread(files["seg_T2FS"])
+    assert written.SOPInstanceUID != wrong.segs["T2FS"].SOPInstanceUID  # this job's UIDs
+    again = chain.make_segs(series, masks, model, job.job_key, job.uid_root)
+    assert written.SOPInstanceUID == again.segs["T2FS"].SOPInstanceUID
+
+
+def test_segs_that_failed_ahead_are_made_by_the_encode_stage(job: JobContext) -> None:
+    future: Future[Segs] = Future()
+    future.set_exception(OSError("the thread could not read a source file"))
+    stages._SEGS[job.folder] = future
+
+    files = stages.encode(job)["files"]
+    assert sorted(files) == ["pdf", "seg_T1", "seg_T2FS", "sr"]
+    assert pydicom.dcmread(files["seg_T1"]).Modality == "SEG"
