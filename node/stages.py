@@ -351,14 +351,15 @@ def radiomics_pool(workers: int) -> ProcessPoolExecutor | None:
     """The warm extraction pool of ``workers`` processes in this process; None for one.
 
     Started on first use (or by :func:`warm_up`) and kept: the next job's
-    radiomics stage finds PyRadiomics imported and its processes running.
+    radiomics stage finds PyRadiomics imported and its processes running,
+    and its encode stage the encoders loaded (the PDF is made in the pool).
     """
     if workers <= 1:
         return None
     if workers not in _POOLS:
         from pipelines.radiomics.extract import worker_pool
 
-        _POOLS[workers] = worker_pool(workers)
+        _POOLS[workers] = worker_pool(workers, also=_warm_encoders)  # encode uses it too
     return _POOLS[workers]
 
 
@@ -475,6 +476,9 @@ def _comparison(ctx: JobContext) -> Comparison | None:
 def encode(ctx: JobContext) -> dict[str, Any]:
     """SEG per series, TID 1500 SR and the PDF report, UIDs derived from the job key.
 
+    The SEGs made during the radiomics stage in this worker are written as
+    they are; the PDF is made in the warm pool while this process makes the SR.
+
     Outputs: :meth:`pipelines.chain.Encoded.to_json`.
     """
     from pipelines.segment.card import SegModelCard
@@ -497,6 +501,7 @@ def encode(ctx: JobContext) -> dict[str, Any]:
         uid_root=ctx.uid_root,
         comparison=_comparison(ctx),
         segs=_segs_made(ctx),
+        pool=radiomics_pool(ctx.radiomics_workers),
     ).to_json()
 
 

@@ -443,12 +443,15 @@ def encode(
     uid_root: str | None = None,
     comparison: Comparison | None = None,
     segs: Segs | None = None,
+    pool: Executor | None = None,
 ) -> Encoded:
     """A SEG per segmented series, the TID 1500 SR and the PDF report, UIDs from ``job_key``.
 
     ``comparison`` (the study against its prior, :mod:`pipelines.compare`)
     adds the change to the SR and the PDF. ``segs``: the SEGs made ahead by
-    :func:`make_segs` (they need no scores), only written here.
+    :func:`make_segs` (they need no scores), only written here. ``pool``
+    makes the PDF while this process makes the SR (its processes warm:
+    :func:`pipelines.encode.results.warm`).
     """
     from pipelines.encode.results import write_results
 
@@ -467,6 +470,7 @@ def encode(
         quality=masks.quality,
         comparison=comparison,
         segs=segs,
+        pool=pool,
     )
     return Encoded(written)
 

@@ -16,6 +16,7 @@ the first 25 characters or so) and end with the clinical-use warning.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import BrokenExecutor, Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ def write_results(
     quality: Mapping[str, Any] | None = None,
     comparison: Comparison | None = None,
     segs: Segs | None = None,
+    pool: Executor | None = None,
 ) -> dict[str, Path]:
     """Write the objects under ``out``; return kind -> path (``seg_<role>``, ``sr``, ``pdf``).
 
@@ -98,6 +100,8 @@ def write_results(
     ``comparison`` (the study against its prior) adds the change to both.
     ``segs`` are the SEGs made ahead (:func:`make_segs`, same inputs): only
     written here; without them (or made from other inputs) they are made here.
+    ``pool`` (processes that ran :func:`warm`) makes the PDF while this
+    process makes the SR; the same files as without it.
     """
     out.mkdir(parents=True, exist_ok=True)
     algorithm = Algorithm(segmentation_card.id, segmentation_card.version)
@@ -112,6 +116,21 @@ def write_results(
         return written
     sources = sources_by_role[primary]
     previous = pydicom.dcmread(out / "sr.dcm") if (out / "sr.dcm").is_file() else None
+    pdf_args = (out, images[primary], mask_array(masks[primary], sources), sources)
+    pdf_options: dict[str, Any] = {
+        "role": primary,
+        "algorithm": algorithm,
+        "job_key": job_key,
+        "scores": scores,
+        "cards": cards or {},
+        "clinical": clinical,
+        "uid_root": uid_root,
+        "not_clinical": not_clinical,
+        "quality": quality,
+        "comparison": comparison,
+    }
+    # The PDF (the longer of the two) in a pool process while this one makes the SR.
+    pdf = pool.submit(_write_pdf, *pdf_args, **pdf_options) if pool is not None else None
     sr = encode_sr(
         sources,
         images[primary],
@@ -128,22 +147,10 @@ def write_results(
     )
     sr.save_as(out / "sr.dcm", enforce_file_format=True)
     written["sr"] = out / "sr.dcm"
-    written["pdf"] = _write_pdf(
-        out,
-        images[primary],
-        mask_array(masks[primary], sources),
-        sources,
-        role=primary,
-        algorithm=algorithm,
-        job_key=job_key,
-        scores=scores,
-        cards=cards or {},
-        clinical=clinical,
-        uid_root=uid_root,
-        not_clinical=not_clinical,
-        quality=quality,
-        comparison=comparison,
-    )
+    try:
+        written["pdf"] = pdf.result() if pdf is not None else _write_pdf(*pdf_args, **pdf_options)
+    except BrokenExecutor:  # the pool lost a process: the PDF is made here
+        written["pdf"] = _write_pdf(*pdf_args, **pdf_options)
     return written
 
 

@@ -28,7 +28,7 @@ import json
 import logging
 import multiprocessing
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -214,8 +214,11 @@ def _watch_owner(owner: int) -> None:
     threading.Thread(target=watch, name="pool-owner-watchdog", daemon=True).start()
 
 
-def _warm_worker(owner: int | None = None) -> None:
-    """Pool initialiser: import PyRadiomics and load the compiled GLCM steps once per worker."""
+def _warm_worker(owner: int | None = None, also: Callable[[], None] | None = None) -> None:
+    """Pool initialiser: import PyRadiomics and load the compiled GLCM steps once per worker.
+
+    ``also`` warms what else the pool's owner runs in it (the node's encoders).
+    """
     import numpy as np
 
     from pipelines.radiomics import fast
@@ -230,20 +233,26 @@ def _warm_worker(owner: int | None = None) -> None:
     tiny = np.full((1, 2, 2, 1), 0.25)
     fast._q_matrix(tiny, tiny.sum(2, keepdims=True), tiny.sum(1, keepdims=True), 1e-16)
     fast._diagonal_sums(tiny, np.array([1, 2]), 2)
+    if also is not None:
+        also()
 
 
-def worker_pool(workers: int | None = None) -> ProcessPoolExecutor:
+def worker_pool(
+    workers: int | None = None, also: Callable[[], None] | None = None
+) -> ProcessPoolExecutor:
     """A process pool for :func:`extract`, started once and reused across studies.
 
     Workers are forkserver children (no inherited threads or locks), already
     holding PyRadiomics and the compiled GLCM steps: a service or a cohort run
     keeps one pool instead of paying the start-up on every study. Each worker
-    ends itself when the process that made the pool is gone.
+    ends itself when the process that made the pool is gone. ``also`` (a
+    module-level function) runs in each worker after that: what else its
+    owner will run in the pool loaded ahead too.
     """
     n = workers or len(os.sched_getaffinity(0))
     context = multiprocessing.get_context("forkserver")
     return ProcessPoolExecutor(
-        max_workers=n, mp_context=context, initializer=_warm_worker, initargs=(os.getpid(),)
+        max_workers=n, mp_context=context, initializer=_warm_worker, initargs=(os.getpid(), also)
     )
 
 

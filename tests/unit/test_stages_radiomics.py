@@ -12,8 +12,11 @@ a later stage reads headers and voxels from it, not from the instance files.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from concurrent.futures import Future
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +32,7 @@ from pipelines.encode.results import Segs
 from pipelines.scoring.cards import SignatureCard
 from pipelines.segment.card import SegModelCard
 from tests.dicomgen import mr_dataset
+from tests.pipelines.test_encode import pdf_pages, pdf_text
 
 REPO = Path(__file__).resolve().parents[2]
 CARDS = tuple(
@@ -243,3 +247,27 @@ def test_segs_that_failed_ahead_are_made_by_the_encode_stage(job: JobContext) ->
     files = stages.encode(job)["files"]
     assert sorted(files) == ["pdf", "seg_T1", "seg_T2FS", "sr"]
     assert pydicom.dcmread(files["seg_T1"]).Modality == "SEG"
+
+
+def _without_date(document: bytes) -> bytes:
+    """A PDF's bytes without its creation date (matplotlib writes the moment it was made)."""
+    return re.sub(rb"/CreationDate \(D:[0-9Z+'-]+\)", b"", document)
+
+
+def test_the_report_made_in_the_pool_is_the_one_made_in_the_stage(
+    job: JobContext, tmp_path: Path
+) -> None:
+    assert job.radiomics_workers == 2  # the stage makes the PDF in the warm pool
+    began = datetime.now().strftime("%H:%M")
+    pooled = stages.encode(job)["files"]
+    document = (job.folder / "encode" / "report.pdf").read_bytes()
+    wrapped = pydicom.dcmread(pooled["pdf"])
+    assert wrapped.EncapsulatedDocument[: len(document)] == document
+
+    alone = stages.encode(replace(job, radiomics_workers=1))["files"]  # made in this process
+    assert alone == pooled
+    again = (job.folder / "encode" / "report.pdf").read_bytes()
+    assert pdf_text(again) == pdf_text(document)
+    assert pdf_pages(again) == pdf_pages(document)
+    if datetime.now().strftime("%H:%M") == began:  # the header prints the minute it was made
+        assert _without_date(again) == _without_date(document)  # byte for byte
