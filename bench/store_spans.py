@@ -35,6 +35,7 @@ from typing import Any
 #: (label, module, attribute path): the functions timed in the serve child.
 TARGETS = [
     ("handler (scp)", "node.dicom.scp", "StorageSCP._handle_store"),
+    ("fast-lane handler", "node.dicom.scp", "StorageSCP._serve_fast"),
     ("store", "node.store.ingest", "Ingestor.store"),
     ("open spool", "node.store.ingest", "Ingestor.open_spool"),
     ("file meta encode", "node.store.ingest", "encode_meta"),

@@ -28,6 +28,20 @@ there, and :class:`InboundGuard` stands in front of it for each association:
   a Message ID or Affected SOP Class/Instance UID) stay in memory and may not
   pass :data:`MAX_IN_MEMORY_DATA_SET`.
 
+**The fast lane.** A plain C-STORE request (its command set read by
+:func:`~node.dicom.dimse_fast.parse_store_request`, valid UIDs, the SOP class
+the presentation context's) on an association whose reactor serves them
+(:class:`~node.dicom.reactor.NodeAssociation`) never reaches pynetdicom's
+DIMSE provider: the guard writes its data set fragments to the spool itself
+and, with the last one, queues a :class:`FastStore` in the provider's message
+queue, in order with pynetdicom's own messages. The reactor calls the store
+handler with it and sends a hand-encoded response
+(:func:`~node.dicom.dimse_fast.encode_store_response`). Everything else
+(C-ECHO, storage commitment, a command split over PDUs that pynetdicom already
+saw part of, anything odd) takes pynetdicom's path as before. Command
+fragments are held until their command set is complete, so the choice is
+made before pynetdicom sees any byte of the message.
+
 So an association holds at most one PDU (``dicom.max_pdu_size``) of a
 C-STORE and :data:`MAX_IN_MEMORY_DATA_SET` of anything else, however many
 send at once. Spools of an association that ended before the handler took
@@ -45,14 +59,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dsutils import decode
 from pynetdicom.pdu_primitives import P_DATA
 
+from node.dicom.dimse_fast import parse_store_request
 from node.dicom.status import DatasetTooLarge, ServiceError
+from node.dicom.validate import validate_uid
 from node.store.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -83,6 +99,31 @@ class _Violation(Exception):
     """What a peer sent cannot be served; the reason names it (no values)."""
 
 
+#: A presentation data value as pynetdicom's P-DATA primitive lists it.
+_PDV = tuple[int, bytes]
+
+
+@dataclass
+class FastStore:
+    """A C-STORE request the guard received whole (the fast lane, see the module docstring).
+
+    Queued in the association's DIMSE message queue in place of pynetdicom's
+    C-STORE primitive; :class:`~node.dicom.reactor.NodeAssociation` serves it
+    with :attr:`serve` and answers with the status it returns.
+    """
+
+    context_id: int
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    #: The presentation context's abstract and transfer syntax.
+    context_sop_class_uid: str
+    transfer_syntax_uid: str
+    spool: Spool
+    #: ``serve(association, request) -> (status, error comment or None)``.
+    serve: Callable[[PynetAssociation, FastStore], tuple[int, str | None]]
+
+
 @dataclass
 class _Message:
     """The DIMSE message arriving on an association."""
@@ -94,6 +135,10 @@ class _Message:
     spool: Spool | None = None
     sop_instance_uid: str = ""
     data_bytes: int = 0
+    #: Command fragments not yet given to pynetdicom (until the command set is complete).
+    held: list[_PDV] = field(default_factory=list)
+    #: Received by the guard alone (:class:`FastStore`), none of it given to pynetdicom.
+    fast: FastStore | None = None
 
 
 @dataclass
@@ -143,6 +188,15 @@ def decode_command(raw: bytes) -> Command:
         element's value does not, the Command Field is missing or unknown, or
         the Command Data Set Type is missing.
     """
+    quick = parse_store_request(raw)
+    if quick is not None:  # a plain C-STORE-RQ: the same answer without pydicom
+        return Command(
+            C_STORE_RQ,
+            quick.data_set_type,
+            quick.sop_class_uid,
+            quick.sop_instance_uid,
+            quick.message_id,
+        )
     _check_structure(raw)
     try:
         command = decode(BytesIO(raw), True, True)
@@ -173,6 +227,14 @@ def decode_command(raw: bytes) -> Command:
     )
 
 
+def _p_data(values: list[_PDV]) -> P_DATA:
+    """A P-DATA primitive carrying ``values`` (a part of one received from the peer)."""
+    primitive = P_DATA()
+    # pynetdicom's setter wants [id, bytes] lists (its annotation says tuples).
+    primitive.presentation_data_value_list = cast(Any, [[cid, data] for cid, data in values])
+    return primitive
+
+
 class InboundGuard:
     """Stands in front of each association's DIMSE provider (see the module docstring)."""
 
@@ -184,13 +246,18 @@ class InboundGuard:
         open_spool: SpoolFactory,
         on_refused: RefusalHook,
         on_aborted: AbortHook,
+        serve_fast: Callable[[PynetAssociation, FastStore], tuple[int, str | None]] | None = None,
     ) -> None:
+        """``serve_fast`` stores a :class:`FastStore`; None turns the fast lane off."""
         self.max_dataset_bytes = max_dataset_bytes
         #: Abstract syntaxes whose C-STORE requests reach the handler (and are spooled).
         self.storage_classes = storage_classes
         self.open_spool = open_spool
         self.on_refused = on_refused
         self.on_aborted = on_aborted
+        self.serve_fast = serve_fast
+        #: C-STORE requests received by the fast lane since start (for tests and benches).
+        self.fast_stores = 0
         self._state: weakref.WeakKeyDictionary[PynetAssociation, _Inbound] = (
             weakref.WeakKeyDictionary()
         )
@@ -242,26 +309,45 @@ class InboundGuard:
     ) -> None:
         if state.aborted:
             return  # the A-ABORT is on its way: nothing more is decoded
+        pdvs = primitive.presentation_data_value_list
+        #: The values pynetdicom gets, in order (given to it before any fast-lane store).
+        forward: list[_PDV] = []
         try:
-            for context_id, data in primitive.presentation_data_value_list:
-                self._fragment(assoc, state, context_id, data)
+            for context_id, data in pdvs:
+                self._fragment(assoc, state, context_id, data, forward, original)
+            if len(forward) == len(pdvs):  # the usual case: pass the primitive on as it is
+                self._forward(original, primitive)
+            elif forward:
+                self._forward(original, _p_data(forward))
         except _Violation as exc:
             self._abort(assoc, state, str(exc))
-            return
         except DatasetTooLarge as exc:
             sop_uid = state.message.sop_instance_uid
             self._abort(assoc, state, None)
             self.on_refused(assoc, sop_uid, exc)
-            return
+
+    @staticmethod
+    def _forward(original: Callable[[P_DATA], None], primitive: P_DATA) -> None:
+        """Give pynetdicom's DIMSE provider ``primitive``; what it cannot decode aborts."""
         try:
             original(primitive)
         except Exception as exc:  # what pynetdicom still cannot decode: abort, never hang
-            self._abort(assoc, state, f"DIMSE message cannot be decoded ({type(exc).__name__})")
+            raise _Violation(f"DIMSE message cannot be decoded ({type(exc).__name__})") from None
 
     def _fragment(
-        self, assoc: PynetAssociation, state: _Inbound, context_id: int, data: bytes
+        self,
+        assoc: PynetAssociation,
+        state: _Inbound,
+        context_id: int,
+        data: bytes,
+        forward: list[_PDV],
+        original: Callable[[P_DATA], None],
     ) -> None:
-        """Follow one presentation data value (PS3.8 E.2) of the message arriving."""
+        """Follow one presentation data value (PS3.8 E.2) of the message arriving.
+
+        What pynetdicom is to decode goes to ``forward``; command fragments
+        wait in the message until its command set is complete.
+        """
         if not data:
             raise _Violation("empty presentation data value")
         message = state.message
@@ -270,10 +356,19 @@ class InboundGuard:
             if message.command_done:
                 raise _Violation("command fragment inside a data set")
             message.command += data[1:]
+            message.held.append((context_id, data))
             if len(message.command) > MAX_COMMAND_BYTES:
                 raise _Violation(f"command set longer than {MAX_COMMAND_BYTES} bytes")
             if last:
+                # pynetdicom gets the messages before this one first: its current
+                # message is then this one's, and a fast-lane store queues after them.
+                if forward:
+                    self._forward(original, _p_data(forward))
+                    forward.clear()
                 self._command_done(assoc, state, context_id)
+                if message.fast is None:
+                    forward.extend(message.held)
+                message.held = []
             return
         if not message.command_done:
             raise _Violation("data set fragment before its command set")
@@ -289,14 +384,28 @@ class InboundGuard:
                 f"data set over {MAX_IN_MEMORY_DATA_SET} bytes in a message that is not "
                 "a C-STORE the node can store"
             )
+        fast = message.fast
+        if fast is None:
+            forward.append((context_id, data))
+        elif context_id != fast.context_id:
+            raise _Violation("data set fragment on another presentation context than its command")
+        else:
+            fast.spool.write(data[1:])
         if last:
             if message.spool is not None:
                 with self._lock:
                     state.waiting[message.spool.path] = message.spool
             state.message = _Message()
+            if fast is not None:
+                self.fast_stores += 1
+                assoc.dimse.msg_queue.put((fast.context_id, fast))  # type: ignore[arg-type]
 
     def _command_done(self, assoc: PynetAssociation, state: _Inbound, context_id: int) -> None:
-        """The command set is complete: check it; spool the data set of a C-STORE request."""
+        """The command set is complete: check it; spool the data set of a C-STORE request.
+
+        A plain C-STORE request on an association that serves them becomes a
+        :class:`FastStore` (:attr:`_Message.fast`); pynetdicom never sees it.
+        """
         message = state.message
         command = decode_command(bytes(message.command))
         if command.data_set_type == NO_DATA_SET:
@@ -321,6 +430,25 @@ class InboundGuard:
         spool = self.open_spool(command.sop_class_uid, command.sop_instance_uid, syntax)
         message.spool = spool
         dimse = assoc.dimse
+        if (
+            self.serve_fast is not None
+            and getattr(assoc, "serves_fast_stores", False)
+            and dimse.message is None  # pynetdicom holds no part of any message
+            and command.sop_class_uid == str(context.abstract_syntax)
+            and spool.has_meta  # both command UIDs valid (see Ingestor.open_spool)
+            and validate_uid(command.sop_class_uid)[0]
+        ):
+            message.fast = FastStore(
+                context_id,
+                command.message_id,
+                command.sop_class_uid,
+                command.sop_instance_uid,
+                str(context.abstract_syntax),
+                syntax,
+                spool,
+                self.serve_fast,
+            )
+            return
         if dimse.message is None:  # pynetdicom makes one only when it has none
             dimse.message = DIMSEMessage()
         # Where pynetdicom's decode_msg writes data set fragments when set (its

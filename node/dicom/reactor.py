@@ -56,10 +56,15 @@ import pynetdicom
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.timer import Timer
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from node.dicom.dimse_fast import encode_store_response
+from node.dicom.inbound import FastStore
 
 if TYPE_CHECKING:
     from pynetdicom.ae import ApplicationEntity
@@ -106,6 +111,11 @@ PYNETDICOM_SOURCES: dict[str, str] = {
     "pynetdicom.transport.AssociationSocket.ready": "3eb58e3d39dc076d",
     "pynetdicom.transport.RequestHandler._create_association": "05c8d12b79863cdb",
     "pynetdicom.timer.Timer.remaining": "4556c335c34ee264",
+    # What the fast lane (NodeAssociation._serve_fast, node.dicom.inbound) stands in for.
+    "pynetdicom.association.Association._serve_request": "2f24c1759cdf6c8c",
+    "pynetdicom.service_class.StorageServiceClass.SCP": "63afca7fc6c6e7ee",
+    "pynetdicom.dimse.DIMSEServiceProvider.receive_primitive": "5f99c86b14a15cef",
+    "pynetdicom.dimse_messages.DIMSEMessage.encode_msg": "73000c902c52832d",
 }
 
 
@@ -337,7 +347,14 @@ class BlockingDUL(DULServiceProvider):
 
 
 class NodeAssociation(Association):
-    """An acceptor association whose reactor waits on an event instead of polling."""
+    """An acceptor association whose reactor waits on an event instead of polling.
+
+    It also serves the C-STORE requests the inbound guard received whole
+    (:class:`~node.dicom.inbound.FastStore`, the fast lane): see :meth:`_serve_fast`.
+    """
+
+    #: The inbound guard may queue :class:`~node.dicom.inbound.FastStore` requests here.
+    serves_fast_stores = True
 
     def __init__(self, ae: ApplicationEntity, mode: str) -> None:
         super().__init__(ae, mode)
@@ -378,7 +395,9 @@ class NodeAssociation(Association):
             self._reactor_wake.clear()
 
             context_id, msg = self.dimse.get_msg(block=False)
-            if msg:
+            if isinstance(msg, FastStore):
+                self._serve_fast(msg)
+            elif msg:
                 self._serve_request(msg, cast(int, context_id))
                 # The network timeout is the peer's silence while we wait for it:
                 # time spent serving (a slow store, a busy disk) is not the peer's.
@@ -389,6 +408,57 @@ class NodeAssociation(Association):
             if not msg:
                 self._is_paused = True
                 self._reactor_wake.wait(_wait_s(_time_left(self.dul._idle_timer)))
+
+    def _serve_fast(self, request: FastStore) -> None:
+        """Store a fast-lane C-STORE request and answer it with a hand-encoded response.
+
+        What pynetdicom's ``_serve_request`` and storage service class do for
+        a C-STORE, without the pydicom work: ignored during a release we sent;
+        the handler's exception answered 0xC211; no answer once the
+        association is no longer established. The response is one P-DATA-TF
+        through the DUL's state machine, or pynetdicom's encoder when the
+        peer's maximum PDU is too small for it in one.
+        """
+        if self._sent_release:
+            logging.getLogger("pynetdicom.association").warning(
+                "C-STORE message received during association release, ignoring"
+            )
+            return
+        self.dimse.cancel_req = {}
+        self._is_paused = True
+        try:
+            status, comment = request.serve(self, request)
+        except Exception:
+            log.exception("the C-STORE handler failed")
+            status, comment = 0xC211, None
+        finally:
+            self._is_paused = False
+            self.dimse.cancel_req = {}
+        if not self.is_established:
+            return
+        payload = encode_store_response(
+            request.message_id,
+            request.sop_class_uid,
+            request.sop_instance_uid,
+            status,
+            comment,
+        )
+        peer_max = self.requestor.maximum_length or 0  # 0: no limit (PS3.8 D.1)
+        if peer_max and len(payload) + 6 > peer_max:
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = request.message_id
+            rsp.AffectedSOPClassUID = request.sop_class_uid
+            rsp.AffectedSOPInstanceUID = request.sop_instance_uid
+            rsp.Status = status
+            if comment is not None:
+                rsp.ErrorComment = comment  # type: ignore[assignment]
+            self.dimse.send_msg(rsp, request.context_id)
+            return
+        primitive = P_DATA()
+        # Command, last fragment (PS3.8 E.2); pynetdicom's setter wants [id, bytes] lists.
+        pdv: Any = [request.context_id, b"\x03" + payload]
+        primitive.presentation_data_value_list = [pdv]
+        self.dul.send_pdu(primitive)
 
     def _reactor_pass_ends(self) -> bool:
         """The end-of-pass checks of pynetdicom's ``_run_reactor``; True: the reactor ends."""

@@ -29,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association as PynetAssociation
 from pynetdicom.dimse_primitives import C_STORE
@@ -46,7 +46,7 @@ from node.config import DicomSettings
 from node.db.session import Database
 from node.dicom.associations import record_end, write_association
 from node.dicom.guards import StoreGuard, drop_library_event_loggers
-from node.dicom.inbound import InboundGuard
+from node.dicom.inbound import FastStore, InboundGuard
 from node.dicom.status import (
     DUPLICATE_KEPT_FIRST,
     SUCCESS,
@@ -121,6 +121,7 @@ class StorageSCP:
             open_spool=ingestor.open_spool,
             on_refused=self._on_store_guard_refusal,
             on_aborted=self._on_inbound_abort,
+            serve_fast=self._serve_fast if settings.fast_store else None,
         )
         self.ae = self._build_ae()
         #: The server class and its extra arguments: a receiver process
@@ -406,55 +407,91 @@ class StorageSCP:
         return SUCCESS
 
     def _handle_store(self, event: Event) -> Dataset:
-        """C-STORE: store and index, or answer a failure status with its reason.
+        """C-STORE through pynetdicom's service class: store and index, or a failure status.
 
         The data set is the spool it was received into (:mod:`node.dicom.inbound`),
-        or the bytes pynetdicom holds when there is none. A re-sent instance with
-        other content is answered with the warning
-        :data:`~node.dicom.status.DUPLICATE_KEPT_FIRST` (the first copy kept).
+        or the bytes pynetdicom holds when there is none. The fast lane's
+        requests come to :meth:`_serve_fast` instead; both end in :meth:`_store`.
         """
         req = cast(C_STORE, event.request)
-        peer = self._peer(event.assoc)
-        status = Dataset()
         spool = self._inbound.take_spool(event.assoc, req._dataset_path)  # type: ignore[arg-type]
+        dataset: bytes | memoryview | Spool | None = spool
+        if spool is None and req._dataset_path is None:
+            assert req.DataSet is not None  # pynetdicom only calls us with a data set
+            dataset = req.DataSet.getbuffer()
+        code, comment = self._store(
+            event.assoc,
+            sop_class_uid=str(req.AffectedSOPClassUID),
+            sop_instance_uid=str(req.AffectedSOPInstanceUID),
+            context_sop_class_uid=str(event.context.abstract_syntax),
+            dataset=dataset,
+            file_meta=event.file_meta,
+        )
+        status = Dataset()
+        status.Status = code
+        if comment is not None:
+            status.ErrorComment = comment
+        return status
+
+    def _serve_fast(self, assoc: PynetAssociation, request: FastStore) -> tuple[int, str | None]:
+        """A C-STORE the inbound guard received whole (the fast lane): status, Error Comment."""
+        return self._store(
+            assoc,
+            sop_class_uid=request.sop_class_uid,
+            sop_instance_uid=request.sop_instance_uid,
+            context_sop_class_uid=request.context_sop_class_uid,
+            dataset=self._inbound.take_spool(assoc, request.spool.path),
+            transfer_syntax_uid=request.transfer_syntax_uid,
+        )
+
+    def _store(
+        self,
+        assoc: PynetAssociation,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        context_sop_class_uid: str,
+        dataset: bytes | memoryview | Spool | None,
+        file_meta: FileMetaDataset | None = None,
+        transfer_syntax_uid: str | None = None,
+    ) -> tuple[int, str | None]:
+        """Store and index one instance: (status, Error Comment or None), refusals audited.
+
+        ``dataset`` None: its spool was removed when its association ended. A
+        re-sent instance with other content is answered with the warning
+        :data:`~node.dicom.status.DUPLICATE_KEPT_FIRST` (the first copy kept).
+        """
+        peer = self._peer(assoc)
         try:
-            if spool is not None:
-                dataset: bytes | memoryview | Spool = spool
-            elif req._dataset_path is not None:  # removed when its association ended
+            if dataset is None:
                 raise OutOfResources("the received data set is no longer available")
-            else:
-                assert req.DataSet is not None  # pynetdicom only calls us with a data set
-                dataset = req.DataSet.getbuffer()
             outcome = self.ingestor.store(
-                command_sop_class_uid=str(req.AffectedSOPClassUID),
-                command_sop_instance_uid=str(req.AffectedSOPInstanceUID),
-                file_meta=event.file_meta,
+                command_sop_class_uid=sop_class_uid,
+                command_sop_instance_uid=sop_instance_uid,
+                file_meta=file_meta,
+                transfer_syntax_uid=transfer_syntax_uid,
                 dataset=dataset,
                 peer=peer,
-                context_sop_class_uid=str(event.context.abstract_syntax),
+                context_sop_class_uid=context_sop_class_uid,
             )
         except ServiceError as exc:
-            return self._refused(status, peer, str(req.AffectedSOPInstanceUID), exc)
+            return self._refused(peer, sop_instance_uid, exc)
         except Exception as exc:
             log.exception("unexpected error storing an instance from %s", peer.calling_ae)
             err = IndexFailure(f"internal error: {type(exc).__name__}")
-            return self._refused(status, peer, str(req.AffectedSOPInstanceUID), err)
+            return self._refused(peer, sop_instance_uid, err)
         finally:
-            if spool is not None:
-                spool.discard()  # nothing left once placed; else the refused data set
+            if isinstance(dataset, Spool):
+                dataset.discard()  # nothing left once placed; else the refused data set
         if outcome is StoreOutcome.CONFLICT:
-            status.Status = DUPLICATE_KEPT_FIRST
-            status.ErrorComment = "SOP Instance UID stored before with other content: first kept"
-            return status
-        status.Status = SUCCESS
-        return status
+            comment = "SOP Instance UID stored before with other content: first kept"
+            return DUPLICATE_KEPT_FIRST, comment
+        return SUCCESS, None
 
-    def _refused(self, status: Dataset, peer: Peer, sop_uid: str, exc: ServiceError) -> Dataset:
-        """``status`` set to ``exc``'s failure status and Error Comment, audited."""
-        status.Status = exc.status
-        status.ErrorComment = exc.error_comment
+    def _refused(self, peer: Peer, sop_uid: str, exc: ServiceError) -> tuple[int, str]:
+        """``exc``'s failure status and Error Comment, audited."""
         self._audit_failure(peer, sop_uid, exc)
-        return status
+        return exc.status, exc.error_comment
 
     def _on_inbound_abort(self, assoc: PynetAssociation, reason: str) -> None:
         """An association aborted for what it sent (:mod:`node.dicom.inbound`): audit it.

@@ -220,10 +220,11 @@ class Ingestor:
         *,
         command_sop_class_uid: str,
         command_sop_instance_uid: str,
-        file_meta: FileMetaDataset,
+        file_meta: FileMetaDataset | None = None,
         dataset: bytes | memoryview | Spool,
         peer: Peer,
         context_sop_class_uid: str | None = None,
+        transfer_syntax_uid: str | None = None,
     ) -> StoreOutcome:
         """Store one instance received in a C-STORE request.
 
@@ -231,7 +232,9 @@ class Ingestor:
         it was received into (then written nowhere else: checked in place,
         fsynced and renamed). ``context_sop_class_uid`` is the abstract syntax
         of the presentation context the request came on (None outside an
-        association).
+        association). The transfer syntax is ``transfer_syntax_uid`` or
+        ``file_meta``'s (pynetdicom's ``Event.file_meta``); a data set in
+        memory needs ``file_meta``, a spool carries its own.
 
         Returns
         -------
@@ -273,7 +276,12 @@ class Ingestor:
                 f"free disk {free:.0f} MiB is under the {self.min_free_mb} MiB floor"
             )
         self._check_sop_class(command_sop_class_uid, context_sop_class_uid)
-        ts_uid = str(file_meta.TransferSyntaxUID)
+        if transfer_syntax_uid is not None:
+            ts_uid = transfer_syntax_uid
+        elif file_meta is not None:
+            ts_uid = str(file_meta.TransferSyntaxUID)
+        else:
+            raise TypeError("store() needs file_meta or transfer_syntax_uid")
         parsed = self._read(dataset, ts_uid)
         header = parsed.header
         _check_command(header, command_sop_class_uid, command_sop_instance_uid)
@@ -285,6 +293,8 @@ class Ingestor:
                 raise CannotUnderstand("no File Meta Information for this presentation context")
             staged = dataset.finish(fsync=False)  # fsynced once placed, with its folder
         else:
+            if file_meta is None:
+                raise TypeError("a data set in memory needs its file_meta")
             staged = self.files.stage([encode_meta(file_meta), dataset], sync=False)
         outcome = self._commit(parsed, rel, staged, ts_uid, peer)
         if outcome is StoreOutcome.CONFLICT and self.policy.duplicate_conflict == "refuse":
