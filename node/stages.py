@@ -308,9 +308,19 @@ def radiomics(ctx: JobContext) -> dict[str, Any]:
 
 
 #: The SEGs of the job (its folder) whose radiomics stage this worker runs, being made in
-#: :data:`_SEG_THREAD` meanwhile for its encode stage (one job at a time in a worker).
+#: :func:`_seg_thread` meanwhile for its encode stage (one job at a time in a worker).
 _SEGS: dict[Path, Future[Segs]] = {}
-_SEG_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segs-ahead")
+_SEG_THREADS: dict[int, ThreadPoolExecutor] = {}  # by process id
+
+
+def _seg_thread() -> ThreadPoolExecutor:
+    """The SEGs' thread of this process (made anew in a forked child: the parent's is not there)."""
+    pid = os.getpid()
+    if pid not in _SEG_THREADS:
+        _SEG_THREADS.clear()
+        _SEGS.clear()  # a parent's futures would never complete here
+        _SEG_THREADS[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segs-ahead")
+    return _SEG_THREADS[pid]
 
 
 def _segs_ahead(ctx: JobContext, series: chain.StudySeries, masks: chain.Masks) -> None:
@@ -327,14 +337,15 @@ def _segs_ahead(ctx: JobContext, series: chain.StudySeries, masks: chain.Masks) 
         model = SegModelCard.from_folder(ctx.segmentation_model)  # checks the weights: 0.1 s
         return chain.make_segs(series, masks, model, ctx.job_key, ctx.uid_root)
 
+    thread = _seg_thread()
     _SEGS.clear()
-    _SEGS[ctx.folder] = _SEG_THREAD.submit(make)
+    _SEGS[ctx.folder] = thread.submit(make)
 
 
 def _segs_made(ctx: JobContext) -> Segs | None:
     """The job's SEGs made during its radiomics stage in this worker, if they were made."""
     future = _SEGS.pop(ctx.folder, None)
-    if future is None:
+    if future is None or os.getpid() not in _SEG_THREADS:  # none, or a parent's (forked)
         return None
     try:
         return future.result()
