@@ -46,21 +46,24 @@ SR_SERIES_NUMBER = 9190
 PDF_SERIES_NUMBER = 9191
 
 
-def warm() -> None:
+def warm(tables: bool = True) -> None:
     """Load what the encoders read from disk on their first use in a process.
 
     Nothing here depends on a study: highdicom's tables of the standard
-    (JSON files it parses on first use; 0.5-0.8 s), and the report's fonts
-    (matplotlib loads and caches each face when it first measures text).
-    With the imports of this module that comes to 1.5-2 s a job worker would
-    otherwise spend inside its first job's encode stage.
+    (JSON files it parses on first use; 0.5-0.8 s; only the SEG and the SR
+    need them, and they take ~0.1 GiB: ``tables=False`` leaves them out for
+    a process that only makes PDFs), and the report's fonts (matplotlib loads
+    and caches each face when it first measures text). With the imports of
+    this module that comes to 1.5-2 s a job worker would otherwise spend
+    inside its first job's encode stage.
     """
-    from highdicom import _standard_utils as standard  # private: missing ones are skipped
+    if tables:
+        from highdicom import _standard_utils as standard  # private: missing ones are skipped
 
-    for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
-        load = getattr(standard, name, None)
-        if callable(load):
-            load()
+        for name in ("get_sop_class_iod_map", "get_iod_module_map", "get_module_attribute_map"):
+            load = getattr(standard, name, None)
+            if callable(load):
+                load()
     from pipelines.encode.layout import text_width
 
     for weight in ("normal", "bold"):
@@ -100,7 +103,7 @@ def write_results(
     ``comparison`` (the study against its prior) adds the change to both.
     ``segs`` are the SEGs made ahead (:func:`make_segs`, same inputs): only
     written here; without them (or made from other inputs) they are made here.
-    ``pool`` (processes that ran :func:`warm`) makes the PDF while this
+    ``pool`` (processes that ran :func:`warm`, tables or not) makes the PDF while this
     process makes the SR; the same files as without it.
     """
     out.mkdir(parents=True, exist_ok=True)
