@@ -22,6 +22,7 @@ import logging
 import socket
 import socketserver
 import ssl
+import sys
 import threading
 import time
 import weakref
@@ -67,6 +68,14 @@ from node.store.ingest import Ingestor, Peer, StoreOutcome, bump_association_cou
 from node.store.spool import Spool
 
 log = logging.getLogger(__name__)
+
+#: The interpreter's thread switch interval in a process that receives (default 0.005 s).
+#: Each association has two threads; with eight associations sixteen threads take the
+#: GIL from each other every 5 ms, and the hand-overs cost more than they give: at 0.02 s
+#: eight storescu associations stored 600 instances in 3.56-3.59 s instead of 3.77-4.04 s
+#: (serve's CPU 6.8 -> 6.3 ms per instance), one association unchanged (2026-12-03,
+#: 2-core VM). A thread waiting on I/O still gets the GIL back at once when it is free.
+GIL_SWITCH_INTERVAL_S = 0.02
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 _RJ_CALLING_AE = (0x01, 0x01, 0x03)
@@ -164,6 +173,7 @@ class StorageSCP:
             (evt.EVT_N_EVENT_REPORT, self._handle_event_report),
         ]
         drop_library_event_loggers()  # they would keep the store guard from running
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # process-wide: see the constant
         server = cast(
             GuardedAssociationServer,
             self.ae.make_server(
