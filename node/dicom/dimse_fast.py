@@ -15,7 +15,7 @@ case is read and written here directly:
   decode (:func:`node.dicom.inbound.decode_command`), so what is unusual is
   still judged exactly as before.
 - :func:`encode_store_response` writes the C-STORE-RSP command set byte for
-  byte as pynetdicom 3.0.4 encodes it (tests/unit/test_dimse_fast.py compares
+  byte as pynetdicom 3.0.4 encodes it (tests/unit/test_fast_lane.py compares
   the two for Success, warnings and failures with an Error Comment).
 """
 
@@ -63,8 +63,8 @@ def parse_store_request(raw: bytes) -> StoreRequest | None:
 
     ``None`` means "not read here", not "invalid": the caller decodes such a
     command set the slow way, which judges it. A returned request has a
-    Message ID, a Command Data Set Type and both UIDs (stripped of the
-    padding pydicom would strip: NUL and spaces), and each element appears
+    Message ID, a Command Data Set Type and both UIDs (without the trailing
+    NUL or space padding pydicom strips), and each element appears
     once, in ascending order, as PS3.5 7.1 requires.
     """
     values: dict[int, int | str] = {}
@@ -84,7 +84,7 @@ def parse_store_request(raw: bytes) -> StoreRequest | None:
             values[element] = struct.unpack_from("<H" if kind == _US else "<L", raw, pos)[0]
         else:
             try:
-                values[element] = raw[pos : pos + length].decode("ascii").strip("\0 ")
+                values[element] = raw[pos : pos + length].decode("ascii").rstrip("\0 ")
             except UnicodeDecodeError:
                 return None
         pos += length

@@ -235,6 +235,13 @@ def _p_data(values: list[_PDV]) -> P_DATA:
     return primitive
 
 
+def _same_values(forward: list[_PDV], pdvs: list[tuple[int, bytes]]) -> bool:
+    """``forward`` is exactly the primitive's own values (none held back, none carried over)."""
+    return len(forward) == len(pdvs) and all(
+        f[1] is p[1] for f, p in zip(forward, pdvs, strict=True)
+    )
+
+
 class InboundGuard:
     """Stands in front of each association's DIMSE provider (see the module docstring)."""
 
@@ -315,7 +322,7 @@ class InboundGuard:
         try:
             for context_id, data in pdvs:
                 self._fragment(assoc, state, context_id, data, forward, original)
-            if len(forward) == len(pdvs):  # the usual case: pass the primitive on as it is
+            if _same_values(forward, pdvs):  # the usual case: pass the primitive on as it is
                 self._forward(original, primitive)
             elif forward:
                 self._forward(original, _p_data(forward))
@@ -387,9 +394,7 @@ class InboundGuard:
         fast = message.fast
         if fast is None:
             forward.append((context_id, data))
-        elif context_id != fast.context_id:
-            raise _Violation("data set fragment on another presentation context than its command")
-        else:
+        else:  # on whatever context it came, as pynetdicom's decode_msg takes it
             fast.spool.write(data[1:])
         if last:
             if message.spool is not None:
@@ -397,7 +402,8 @@ class InboundGuard:
                     state.waiting[message.spool.path] = message.spool
             state.message = _Message()
             if fast is not None:
-                self.fast_stores += 1
+                with self._lock:
+                    self.fast_stores += 1
                 assoc.dimse.msg_queue.put((fast.context_id, fast))  # type: ignore[arg-type]
 
     def _command_done(self, assoc: PynetAssociation, state: _Inbound, context_id: int) -> None:

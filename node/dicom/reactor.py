@@ -399,6 +399,7 @@ class NodeAssociation(Association):
                 self._serve_fast(msg)
             elif msg:
                 self._serve_request(msg, cast(int, context_id))
+            if msg:
                 # The network timeout is the peer's silence while we wait for it:
                 # time spent serving (a slow store, a busy disk) is not the peer's.
                 self.dul._idle_timer.restart()

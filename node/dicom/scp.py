@@ -159,7 +159,13 @@ class StorageSCP:
     # -- lifecycle -----------------------------------------------------------
 
     def start(self) -> None:
-        """Start listening (non-blocking): the server runs in its own thread."""
+        """Start listening (non-blocking): the server runs in its own thread.
+
+        A C-STORE that takes the fast lane (:mod:`node.dicom.inbound`) fires
+        none of pynetdicom's ``EVT_C_STORE``, ``EVT_DIMSE_RECV`` or
+        ``EVT_DIMSE_SENT``: a handler bound to those sees only the requests
+        pynetdicom's path serves.
+        """
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -471,7 +477,12 @@ class StorageSCP:
         re-sent instance with other content is answered with the warning
         :data:`~node.dicom.status.DUPLICATE_KEPT_FIRST` (the first copy kept).
         """
-        peer = self._peer(assoc)
+        try:
+            peer = self._peer(assoc)
+        except Exception:
+            if isinstance(dataset, Spool):
+                dataset.discard()
+            raise
         try:
             if dataset is None:
                 raise OutOfResources("the received data set is no longer available")
