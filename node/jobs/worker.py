@@ -20,7 +20,6 @@ import fcntl
 import json
 import logging
 import os
-import threading
 import time
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ from node.stages import (
 )
 from node.testing import Fault, fault_hook
 from pipelines.errors import BadInput
+from pipelines.owner import watch_owner
 
 log = logging.getLogger("node.jobs")
 
@@ -77,21 +77,7 @@ def init_worker(
     _LOCK_DIR = lock_dir
     setup_logging(log_level, log_file)
 
-    def watch() -> None:
-        import signal
-
-        while True:
-            time.sleep(0.5)
-            try:
-                os.kill(owner, 0)
-            except ProcessLookupError:
-                parent = os.getppid()
-                if parent not in (1, owner):
-                    with contextlib.suppress(OSError):
-                        os.kill(parent, signal.SIGKILL)  # the orphaned forkserver
-                os._exit(70)
-
-    threading.Thread(target=watch, name="owner-watchdog", daemon=True).start()
+    watch_owner(owner, end_forkserver=True)
     if warm is not None:
         try:
             warm_up(warm)

@@ -37,6 +37,7 @@ import pandas as pd
 import SimpleITK as sitk
 import yaml
 
+from pipelines.owner import watch_owner
 from pipelines.radiomics import ibsi
 from pipelines.share import config_dir
 
@@ -193,27 +194,6 @@ def _shifted(settings: Mapping[str, Any]) -> bool:
     return any(shift != 0 for shift in shifts)
 
 
-def _watch_owner(owner: int) -> None:
-    """End this worker when ``owner`` (the process that made the pool) is gone.
-
-    Pool workers are children of a forkserver, not of their owner: after
-    ``kill -9`` of the owner (a job worker killed for a time-out, or ``serve``
-    itself) they would otherwise wait on their queue for ever.
-    """
-    import threading
-    import time
-
-    def watch() -> None:
-        while True:
-            time.sleep(0.5)
-            try:
-                os.kill(owner, 0)
-            except ProcessLookupError:
-                os._exit(70)
-
-    threading.Thread(target=watch, name="pool-owner-watchdog", daemon=True).start()
-
-
 def _warm_worker(owner: int | None = None, also: Callable[[], None] | None = None) -> None:
     """Pool initialiser: import PyRadiomics and load the compiled GLCM steps once per worker.
 
@@ -224,7 +204,7 @@ def _warm_worker(owner: int | None = None, also: Callable[[], None] | None = Non
     from pipelines.radiomics import fast
 
     if owner is not None:
-        _watch_owner(owner)
+        watch_owner(owner, name="pool-owner-watchdog")
     logging.getLogger("radiomics").setLevel(logging.ERROR)
     import radiomics.featureextractor  # noqa: F401
 
