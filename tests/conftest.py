@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.peers import postgres_bindir
+from tests.peers import free_port, postgres_bindir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -36,13 +35,6 @@ def shared_data(*parts: str) -> Path:
             pytest.fail(f"test data missing: {path}")
         pytest.skip(f"test data missing: {path}")
     return path
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_cli(config: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

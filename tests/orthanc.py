@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.error
@@ -30,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.peers import require
+from tests.peers import free_port, require
 
 ORTHANC_BIN = "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -41,12 +40,6 @@ _SERIES_UID = "0020000E"
 _SERIES_DESCRIPTION = "0008103E"
 _SERIES_NUMBER = "00200011"
 _NUM_INSTANCES = "00201209"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _dicom_json_value(item: dict[str, Any], tag: str) -> Any:
@@ -73,10 +66,10 @@ class Orthanc:
         self.folder = Path(folder)
         self._aet = aet
         self.modalities = dict(modalities or {})
-        self.http_port = _free_port()
-        self._dicom_port = _free_port()
+        self.http_port = free_port()
+        self._dicom_port = free_port()
         while self._dicom_port == self.http_port:
-            self._dicom_port = _free_port()
+            self._dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.folder / "orthanc.log"
 

@@ -69,6 +69,7 @@ from tests.fuzz.dimse import (
     store_rq_elements,
 )
 from tests.fuzz.generator import CLASSES, generate
+from tests.peers import free_port
 
 SARCNODE = str(Path(sys.executable).parent / "sarcnode")
 FUZZ_AE = b"FUZZER"
@@ -97,13 +98,6 @@ MiB = 1024 * 1024
 
 
 # -- the node ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def proc_status_kb(pid: int, key: str) -> int:
