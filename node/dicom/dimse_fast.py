@@ -24,6 +24,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from node.store.spool import ui_value
+
 __all__ = ["StoreRequest", "encode_store_response", "parse_store_request"]
 
 #: Command Field of a C-STORE-RQ / C-STORE-RSP (PS3.7 E.1).
@@ -103,11 +105,6 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
 
-def _ui(uid: str) -> bytes:
-    raw = uid.encode("ascii")
-    return raw + b"\0" if len(raw) % 2 else raw
-
-
 def encode_store_response(
     message_id: int,
     sop_class_uid: str,
@@ -124,7 +121,7 @@ def encode_store_response(
     :func:`parse_store_request` read as ASCII).
     """
     body = [
-        _element(0x0002, _ui(sop_class_uid)),
+        _element(0x0002, ui_value(sop_class_uid)),
         _element(0x0100, struct.pack("<H", C_STORE_RSP)),
         _element(0x0120, struct.pack("<H", message_id)),
         _element(0x0800, struct.pack("<H", NO_DATA_SET)),
@@ -133,6 +130,6 @@ def encode_store_response(
     if error_comment is not None:
         comment = error_comment.encode("ascii", "replace")
         body.append(_element(0x0902, comment + b" " if len(comment) % 2 else comment))
-    body.append(_element(0x1000, _ui(sop_instance_uid)))
+    body.append(_element(0x1000, ui_value(sop_instance_uid)))
     payload = b"".join(body)
     return _element(0x0000, struct.pack("<L", len(payload))) + payload

@@ -47,7 +47,8 @@ def _element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
-def _ui(uid: str) -> bytes:
+def ui_value(uid: str) -> bytes:
+    """A UID's value as DICOM stores it: ASCII, NUL-padded to even length (PS3.5 9.1)."""
     raw = uid.encode("ascii")
     return raw + b"\x00" if len(raw) % 2 else raw
 
@@ -70,10 +71,10 @@ def file_meta_bytes(
     elements = b"".join(
         (
             _element(0x0001, b"OB", b"\x00\x01"),
-            _element(0x0002, b"UI", _ui(sop_class_uid)),
-            _element(0x0003, b"UI", _ui(sop_instance_uid)),
-            _element(0x0010, b"UI", _ui(transfer_syntax_uid)),
-            _element(0x0012, b"UI", _ui(implementation_uid)),
+            _element(0x0002, b"UI", ui_value(sop_class_uid)),
+            _element(0x0003, b"UI", ui_value(sop_instance_uid)),
+            _element(0x0010, b"UI", ui_value(transfer_syntax_uid)),
+            _element(0x0012, b"UI", ui_value(implementation_uid)),
             _element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
         )
     )
