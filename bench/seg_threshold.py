@@ -216,12 +216,9 @@ def load_avg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def git_head() -> str:
-    """Short hash of the checked-out commit (the code measured)."""
-    out = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    )
-    return out.stdout.strip()
+def git(*args: str) -> str:
+    """Output of one ``git`` command in the repository (the code measured)."""
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
 def main() -> int:
@@ -325,7 +322,8 @@ def main() -> int:
         "fold's inner validation, scored out-of-fold on the real T1 patients "
         "(bench/seg_threshold.py)",
         "model": card["id"] + " " + str(card["version"]),
-        "code": git_head(),
+        "code": git("rev-parse", "--short", "HEAD"),
+        "code_uncommitted": git("status", "--porcelain", "--", "pipelines", "bench").splitlines(),
         "grid": {"thresholds": list(THRESHOLDS), "keep_fraction": list(cv.POSTPROCESS_CHOICES)},
         "tie_rule": "best inner-validation mean Dice rounded to 4 decimals; ties to the threshold "
         "nearer 0.5, then the smaller keep_fraction, then the lower threshold",
