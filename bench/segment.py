@@ -66,7 +66,7 @@ def one_run(segmenter: Segmenter, folder: Path) -> dict[str, float]:
     times = {"load": time.perf_counter() - t0}
     if segmenter.device.type == "cuda":
         torch.cuda.synchronize()
-    result = segmenter.segment(t2)
+    result = segmenter.segment(t2, "T2FS")
     times.update(result.seconds)
     t3 = time.perf_counter()
     registration = register_rigid(t1, t2)

@@ -186,7 +186,7 @@ def segment(
     primary = volumes.images[volumes.primary]
     ahead = registrations or {}
     try:
-        result = segmenter.segment(primary)
+        result = segmenter.segment(primary, volumes.primary)
     except InputRejected as exc:
         raise ImplausibleImageError(f"{volumes.primary} series: {exc}") from exc
     if not sitk.GetArrayViewFromImage(result.mask).any():

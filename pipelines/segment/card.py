@@ -119,8 +119,9 @@ def check_inference_card(card: dict[str, Any], where: Path) -> None:
     Checks what inference reads: ``id`` and ``version``, both architectures
     (``architecture.coarse`` and ``.fine``: name, channels, strides,
     num_res_units, norm, spacing_mm, patch; ``fine.margin_mm``), and that the
-    locator and every ensemble member have a ``weights`` entry. One line per
-    problem, so ``config check`` and ``serve`` print it instead of a traceback.
+    locator and every ensemble member (``ensemble.by_sequence``'s too) have a
+    ``weights`` entry. One line per problem, so ``config check`` and ``serve``
+    print it instead of a traceback.
 
     Raises
     ------
@@ -156,8 +157,20 @@ def check_inference_card(card: dict[str, Any], where: Path) -> None:
     listed = ensemble.get("members")
     if listed is not None and (not isinstance(listed, list) or not listed):
         raise fail("ensemble.members", "must be a non-empty list of weights entries")
+    named = ["coarse", *(str(m) for m in listed or ["fine"])]
+    by_sequence = ensemble.get("by_sequence") or {}
+    if not isinstance(by_sequence, dict):
+        raise fail("ensemble.by_sequence", "must be a mapping of sequence to its own members")
+    for sequence, own in by_sequence.items():
+        own_members = own.get("members") if isinstance(own, dict) else None
+        if not isinstance(own_members, list) or not own_members:
+            raise fail(
+                f"ensemble.by_sequence.{sequence}.members",
+                "must be a non-empty list of weights entries",
+            )
+        named += [str(m) for m in own_members]
     weights = card.get("weights") or {}
-    for member in ["coarse", *(str(m) for m in listed or ["fine"])]:
+    for member in named:
         if member not in weights:
             raise fail(f"weights.{member}", "is missing (named by the architecture or ensemble)")
 

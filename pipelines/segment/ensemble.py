@@ -188,10 +188,54 @@ def end_to_end(model: Path, check_study: Path, rules: Path) -> dict[str, Any]:
     cases = dicom_cases(check_study, load_role_rules(rules), "GTV_Mass")
     return {
         "study": check_study.name,
-        "what": "full field of view, locator + ensemble, against the expert GTV_Mass; "
-        "never trained on",
+        "what": "full field of view, locator + each sequence's fine path (the ensemble, or "
+        "its own in ensemble.by_sequence), against the expert GTV_Mass; never trained on",
         "rows": score(Segmenter(model, "cpu"), cases),
     }
+
+
+def add_sequence_path(
+    model: Path,
+    sequence: str,
+    weights: Path,
+    *,
+    views: list[str],
+    source: str,
+    chosen_by: str,
+) -> dict[str, Any]:
+    """Give ``sequence`` its own fine path in the model folder ``model``; returns the card.
+
+    ``weights`` (a state dict of the card's fine architecture) is stored in
+    half precision as ``fine_<sequence>.pt`` and named in ``weights`` and in
+    ``ensemble.by_sequence.<sequence>`` with its test-time ``views`` (the
+    first view set's agreement is that path's quality estimate), where it
+    came from (``source``) and the rule that chose it (``chosen_by``).
+    :class:`~pipelines.segment.infer.Segmenter` then segments that sequence
+    with it; every other sequence keeps the default ensemble.
+    """
+    import torch
+
+    from pipelines.segment import network
+    from pipelines.segment.infer import TTA_VIEWS, load_weights
+
+    card = load_card(model)
+    unknown = [v for v in views if v not in TTA_VIEWS]
+    if unknown or not views:
+        raise ValueError(f"unknown or no test-time views {unknown or views}")
+    net = load_weights(network.build(card["architecture"]["fine"]), weights)  # refuses a mismatch
+    name = f"fine_{sequence.lower()}"
+    state = {k: v.half() if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    torch.save(state, model / f"{name}.pt")
+    card["weights"][name] = {"file": f"{name}.pt"}
+    ensemble = card.setdefault("ensemble", {})
+    ensemble.setdefault("by_sequence", {})[sequence] = {
+        "members": [name],
+        "tta": list(views),
+        "source": source,
+        "chosen_by": chosen_by,
+    }
+    write_card(model, card)
+    return card
 
 
 def assemble(

@@ -74,7 +74,7 @@ def score(segmenter: Segmenter, cases: list[EvalCase]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     masks: dict[str, sitk.Image] = {}
     for case in cases:
-        result = segmenter.segment(case.image)
+        result = segmenter.segment(case.image, case.sequence)
         masks[case.case_id] = result.mask
         rows.append(_row(case, result.mask, sum(result.seconds.values())))
     by_id = {c.case_id: c for c in cases}

@@ -4,7 +4,8 @@
 then for each image: input checks (:mod:`.quality`: a constant or noise-like
 image is refused before any network runs), coarse pass on the whole field of
 view at 5 mm, box ``margin_mm`` around the tumour it finds, fine pass in that
-box by every ensemble member under mirror test-time augmentation
+box by every ensemble member (or the sequence's own path, ``ensemble.by_sequence``)
+under mirror test-time augmentation
 (sliding-window inference), the mean probability resampled back onto the
 input grid, post-processing (components kept by the rule the card's
 cross-validation chose, holes filled), and a quality estimate: the agreement
@@ -80,6 +81,7 @@ class Result:
     box: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
     located: bool = True
     quality: Quality | None = None
+    members: tuple[str, ...] = ()  # the card's weights entries that drew the mask
 
     @property
     def volume_ml(self) -> float:
@@ -234,6 +236,29 @@ def members(card: dict[str, Any]) -> list[str]:
     return [str(m) for m in listed] if listed else ["fine"]
 
 
+def sequence_path(card: dict[str, Any], sequence: str | None) -> tuple[list[str], list[str]]:
+    """(members, test-time views) that segment ``sequence``.
+
+    A card may give a sequence its own fine path (``ensemble.by_sequence``):
+    sarcnode-seg-demo 2.x keeps the 1.0.0 fine model on FS-T2, for which no
+    real training or validation data exists beyond the end-to-end case (see
+    its card). Any other sequence, or none named, gets the default ensemble.
+    """
+    ensemble = card.get("ensemble") or {}
+    own = (ensemble.get("by_sequence") or {}).get(sequence) if sequence else None
+    if own:
+        return [str(m) for m in own["members"]], list(own.get("tta") or ["none"])
+    return members(card), list(ensemble.get("tta") or ["none"])
+
+
+def all_members(card: dict[str, Any]) -> list[str]:
+    """Every fine weight entry a card names: the default ensemble, then each sequence's own."""
+    names = members(card)
+    for own in ((card.get("ensemble") or {}).get("by_sequence") or {}).values():
+        names += [str(m) for m in own["members"] if str(m) not in names]
+    return names
+
+
 class Segmenter:
     """A loaded model: :meth:`segment` turns an image into a tumour mask with a quality estimate."""
 
@@ -245,17 +270,17 @@ class Segmenter:
         self.device = pick_device(device)
         self.nets: dict[str, torch.nn.Module] = {}
         try:
-            for name in ["coarse", *members(self.card)]:
+            for name in ["coarse", *all_members(self.card)]:
                 arch = self.card["architecture"]["coarse" if name == "coarse" else "fine"]
                 path = model_dir / self.card["weights"][name]["file"]
                 self.nets[name] = load_weights(network.build(arch), path).to(self.device).eval()
         except KeyError as exc:
             raise ModelError(f"model {model_dir}: card.yaml lacks {exc}") from exc
-        ensemble = self.card.get("ensemble") or {}
-        self.views: list[str] = list(ensemble.get("tta") or ["none"])
-        unknown = [v for v in self.views if v not in TTA_VIEWS]
-        if unknown:
-            raise ModelError(f"model {model_dir}: unknown test-time views {unknown}")
+        by_sequence = (self.card.get("ensemble") or {}).get("by_sequence") or {}
+        for sequence in [None, *by_sequence]:
+            unknown = [v for v in sequence_path(self.card, sequence)[1] if v not in TTA_VIEWS]
+            if unknown:
+                raise ModelError(f"model {model_dir}: unknown test-time views {unknown}")
         self.post: dict[str, Any] = dict(self.card.get("postprocess") or {"keep_fraction": 0.1})
 
     @property
@@ -263,11 +288,14 @@ class Segmenter:
         """``id`` and ``version`` from the card, e.g. ``sarcnode-seg 1.0.0``."""
         return f"{self.card.get('id')} {self.card.get('version')}"
 
-    def fine_probability(self, array: np.ndarray) -> tuple[np.ndarray, float | None]:
-        """Ensemble probability and quality estimate: :func:`ensemble_probability`."""
-        nets = [self.nets[name] for name in members(self.card)]
+    def fine_probability(
+        self, array: np.ndarray, sequence: str | None = None
+    ) -> tuple[np.ndarray, float | None]:
+        """Probability and quality estimate of ``sequence``'s path: :func:`ensemble_probability`."""
+        names, views = sequence_path(self.card, sequence)
+        nets = [self.nets[name] for name in names]
         return ensemble_probability(
-            nets, array, self.card["architecture"]["fine"], self.device, self.views
+            nets, array, self.card["architecture"]["fine"], self.device, views
         )
 
     def locate(
@@ -300,8 +328,11 @@ class Segmenter:
         seconds["inference"] = time.perf_counter() - t1
         return fine_img, box, located
 
-    def segment(self, image: sitk.Image) -> Result:
+    def segment(self, image: sitk.Image, sequence: str | None = None) -> Result:
         """Tumour mask (uint8 0/1) on ``image``'s grid, with per-step seconds and quality.
+
+        ``sequence`` (``T2FS``, ``T1``) picks the card's fine path for that
+        sequence (:func:`sequence_path`); ``None`` gets the default ensemble.
 
         Raises :class:`~.quality.InputRejected` when the image fails the input
         checks (constant, or noise rather than anatomy).
@@ -314,7 +345,9 @@ class Segmenter:
         fine_img, box, located = self.locate(image, seconds)
         seconds["preprocess"] += checked
         t1 = time.perf_counter()
-        fine_prob, agreed = self.fine_probability(normalise(sitk.GetArrayFromImage(fine_img)))
+        fine_prob, agreed = self.fine_probability(
+            normalise(sitk.GetArrayFromImage(fine_img)), sequence
+        )
         seconds["inference"] += time.perf_counter() - t1
 
         t2 = time.perf_counter()
@@ -330,4 +363,5 @@ class Segmenter:
             box=box,
             located=located,
             quality=quality,
+            members=tuple(sequence_path(self.card, sequence)[0]),
         )

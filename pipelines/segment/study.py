@@ -96,11 +96,11 @@ def segment_input(
     """Segment a NIfTI/NRRD file, a series folder or a study folder (carried to the other role)."""
     if is_volume_file(path):
         image = load_image(path)
-        result = segmenter.segment(image)
+        result = segmenter.segment(image, sequence)
         return StudySegmentation(sequence, {sequence: image}, {}, {sequence: result.mask}, result)
     role, chosen = study_roles(path, rules, sequence)
     image = load_series(chosen[role])
-    result = segmenter.segment(image)
+    result = segmenter.segment(image, role)
     seg = StudySegmentation(role, {role: image}, {role: chosen[role]}, {role: result.mask}, result)
     for other in ROLES:
         if other == role or other not in chosen:

@@ -127,6 +127,8 @@ def _cv_recipe(recipe: str, *, steps: int | None, synthetic: bool, inference: st
         raise typer.Exit(2)
     chosen = CANDIDATES[recipe]
     changes: dict[str, Any] = {"synthetic": synthetic}
+    if chosen.synthetic and not synthetic:  # its own name in the card's candidates table
+        changes["name"] = f"{recipe}+real-only"
     if steps is not None:
         changes |= {"steps": steps, "val_every": max(1, min(chosen.val_every, steps))}
     chosen = dataclasses.replace(chosen, **changes)
@@ -326,6 +328,7 @@ def segment_cmd(
         "model": segmenter.model_id,
         "device": str(segmenter.device),
         "segmented": seg.sequence,
+        "members": list(seg.result.members),
         "located": seg.result.located,
         "volume_ml": round(seg.result.volume_ml, 2),
         "seconds": {k: round(v, 2) for k, v in seg.result.seconds.items()},
