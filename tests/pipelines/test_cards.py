@@ -86,7 +86,7 @@ def _copy_card(source: Path, folder: Path, **changes: object) -> Path:
 
 
 def test_a_model_card_without_a_version_is_refused_naming_the_card(tmp_path: Path) -> None:
-    assert SegModelCard.from_folder(SEG).name == "sarcnode-seg-demo 2.0.0"
+    assert SegModelCard.from_folder(SEG).name == "sarcnode-seg-demo 2.1.0"
     folder = _copy_card(SEG, tmp_path / "seg", version=None)
     with pytest.raises(ModelError, match=r"seg/card.yaml: field 'version' is missing"):
         SegModelCard.from_folder(folder)

@@ -141,12 +141,16 @@ def test_demo_model_card_is_honest_and_its_weights_small() -> None:
     assert yaml.safe_load((model / "card.yaml").read_text()) == card
 
 
-def test_fs_t2_candidates_on_the_card_follow_their_rule_and_describe_the_shipped_model() -> None:
-    """The FS-T2 choice (issue 11): seeds outside training, the rule applied, STS_001 as shipped.
+def test_fs_t2_path_follows_its_rule_and_keeps_sts001_above_the_issue_floor() -> None:
+    """The FS-T2 choice (issue 11): seeds outside training, the rule applied, the floor held.
 
-    The card's row for the shipped path must give STS_001 the same Dice as the
-    card's end-to-end rows (computed by eval-seg's code, not the bench's), and
-    the shipped ensemble has no FS-T2 override unless a candidate passed.
+    The rule (bench/seg_t2fs.py): the incumbent (the 1.0.0 model, FS-T2's
+    path before issue 11) keeps FS-T2 unless a challenger is better on the
+    synthetic selection seeds (CI above 0), not worse on the confirmation
+    seeds and passes the issue's floor on STS_001. The card's end-to-end
+    rows are computed by eval-seg's code through the model as shipped, so
+    they check both the installed path and the floor (issue 11: FS-T2 and
+    carried-T1 Dice against GTV_Mass not below 0.90).
     """
     model = Path(__file__).resolve().parents[2] / "models" / "sarcnode-seg-demo"
     card = load_card(model)
@@ -156,21 +160,68 @@ def test_fs_t2_candidates_on_the_card_follow_their_rule_and_describe_the_shipped
     training_cohort = set(range(7 * 100_000, 7 * 100_000 + 32))  # synth cohort --n 32 --seed 7
     assert seeds and not seeds & training_cohort
     rows = {r["candidate"]: r for r in block["candidates"]}
+    incumbent = block["incumbent"]
+    assert rows[incumbent]["gain_over_incumbent"] == 0
     passed = [
         k
         for k, r in rows.items()
-        if r["gain_ci95"][0] > 0 and r["confirmation_gain"] >= 0 and k != "ship@0.5"
+        if k != incumbent
+        and r["gain_ci95"][0] > 0
+        and r["confirmation_gain"] >= 0
+        and min(r["sts001"]["T2FS"], r["sts001"]["T1_carried"]) >= 0.90
     ]
     assert block["chosen"] == (
-        max(passed, key=lambda k: rows[k]["gain_over_shipped"]) if passed else "ship@0.5"
+        max(passed, key=lambda k: rows[k]["gain_over_incumbent"]) if passed else incumbent
     )
+    own = card["ensemble"].get("by_sequence", {}).get("T2FS")
     if block["chosen"] == "ship@0.5":
-        assert "by_sequence" not in card["ensemble"]
+        assert own is None
+    else:
+        assert own["members"] == ["fine_t2fs"] and "fine_t2fs" in card["weights"]
+        assert len(own["tta"]) == (4 if block["chosen"] == "v1_tta@0.5" else 1)
     e2e = {r["case"]: r["dice"] for r in card["validation"]["end_to_end_case"]["rows"]}
-    shipped = rows["ship@0.5"]["sts001"]
-    assert shipped["T2FS"] == pytest.approx(e2e["STS_001/T2FS"], abs=2e-3)
-    assert shipped["T1_carried"] == pytest.approx(e2e["STS_001/T1 (carried from T2FS)"], abs=2e-3)
+    chosen = rows[block["chosen"]]["sts001"]
+    assert chosen["T2FS"] == pytest.approx(e2e["STS_001/T2FS"], abs=5e-3)
+    assert chosen["T1_carried"] == pytest.approx(e2e["STS_001/T1 (carried from T2FS)"], abs=5e-3)
+    assert e2e["STS_001/T2FS"] >= 0.90 and e2e["STS_001/T1 (carried from T2FS)"] >= 0.90
     assert json_figures(model / "cv" / block["figures"])["chosen"] == block["chosen"]
+
+
+def test_a_sequence_gets_its_own_path_and_a_card_naming_missing_weights_is_refused(
+    tmp_path: Path,
+) -> None:
+    """ensemble.by_sequence: T2FS runs its own members, T1 the default ones; bad cards refused."""
+    from pipelines.segment.infer import Segmenter, all_members, sequence_path
+
+    model = Path(__file__).resolve().parents[2] / "models" / "sarcnode-seg-demo"
+    card = load_card(model)
+    default = card["ensemble"]["members"]
+    assert sequence_path(card, "T1")[0] == default and sequence_path(card, None)[0] == default
+    work = tmp_path / "model"
+    shutil.copytree(model, work)
+    changed = load_card(work)
+    changed["ensemble"]["by_sequence"] = {"T2FS": {"members": ["fine_3"], "tta": ["none", "x"]}}
+    write_card(work, changed)
+    assert sequence_path(changed, "T2FS") == (["fine_3"], ["none", "x"])
+    assert all_members(changed) == default  # fine_3 is loaded once
+    write_study(tmp_path / "s", 3)
+    image, _ = next(c for c in discover([tmp_path / "s"]) if c.sequence == "T2FS").load()
+    segmenter = Segmenter(work, "cpu")
+    t2 = segmenter.segment(image, "T2FS")
+    t1 = segmenter.segment(image, "T1")
+    assert t2.members == ("fine_3",) and t1.members == tuple(default)
+    assert t2.quality is not None and t2.quality.score is not None  # two views: an agreement
+    assert not np.array_equal(
+        sitk.GetArrayFromImage(t2.probability), sitk.GetArrayFromImage(t1.probability)
+    )
+    changed["ensemble"]["by_sequence"]["T2FS"]["members"] = ["fine_9"]
+    (work / "card.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    with pytest.raises(ModelError, match=r"weights\.fine_9"):
+        Segmenter(work, "cpu")
+    changed["ensemble"]["by_sequence"]["T2FS"] = {"members": []}
+    (work / "card.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    with pytest.raises(ModelError, match=r"ensemble\.by_sequence\.T2FS\.members"):
+        Segmenter(work, "cpu")
 
 
 def json_figures(path: Path) -> dict[str, object]:
@@ -192,9 +243,9 @@ def test_locate_and_to_mask_are_the_steps_segment_runs(tmp_path: Path) -> None:
     (ref,) = [c for c in discover([tmp_path / "s"]) if c.sequence == "T2FS"]
     image, truth = ref.load()
     segmenter = Segmenter(model, "cpu")
-    result = segmenter.segment(image)
+    result = segmenter.segment(image, "T2FS")
     fine_img, box, located = segmenter.locate(sitk.Cast(image, sitk.sitkFloat32))
-    prob, _ = segmenter.fine_probability(normalise(sitk.GetArrayFromImage(fine_img)))
+    prob, _ = segmenter.fine_probability(normalise(sitk.GetArrayFromImage(fine_img)), "T2FS")
     _, mask = to_mask(prob, fine_img, image, keep_fraction=float(segmenter.post["keep_fraction"]))
     assert located and box == result.box
     assert np.array_equal(sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(result.mask))
